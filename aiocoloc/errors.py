@@ -1,0 +1,33 @@
+"""Exceptions raised by aiocoloc."""
+
+from __future__ import annotations
+
+__all__ = [
+    "AiocolocError",
+    "RingError",
+    "RingAttachError",
+    "RingCorrupted",
+    "RingClosed",
+]
+
+
+class AiocolocError(Exception):
+    """Base class of every error aiocoloc raises."""
+
+
+class RingError(AiocolocError):
+    """A shared-memory ring cannot be used."""
+
+
+class RingAttachError(RingError, ValueError):
+    """A buffer cannot hold a ring: too small, read-only, unaligned, or its
+    header is not a ring header of a layout this version understands."""
+
+
+class RingCorrupted(RingError):
+    """The other side left positions in shared memory that break the ring's
+    invariants.  The ring end that saw it refuses every further operation."""
+
+
+class RingClosed(RingError, BrokenPipeError):
+    """Writing to a ring whose consumer has gone, or using an end after close."""

@@ -1,0 +1,67 @@
+"""The shared-memory byte ring, compiled or pure Python.
+
+``AIOCOLOC_NO_EXTENSIONS=1`` selects the pure-Python reference; otherwise the
+Cython core is used and the reference only stands in (with a warning in the
+log) when the extension was not built.  Both have the same API and raise the
+same exceptions (``aiocoloc.errors``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+from aiocoloc.errors import RingAttachError, RingClosed, RingCorrupted, RingError
+
+__all__ = [
+    "HEADER_SIZE",
+    "MIN_CAPACITY",
+    "LAYOUT_VERSION",
+    "LAYOUT",
+    "IMPLEMENTATION",
+    "RingProducer",
+    "RingConsumer",
+    "ring_size",
+    "format_ring",
+    "RingError",
+    "RingAttachError",
+    "RingCorrupted",
+    "RingClosed",
+]
+
+_log = logging.getLogger("aiocoloc.ring")
+
+
+def extensions_disabled() -> bool:
+    """True when ``AIOCOLOC_NO_EXTENSIONS`` asks for the pure-Python code."""
+    return os.environ.get("AIOCOLOC_NO_EXTENSIONS", "") not in ("", "0")
+
+
+def _select() -> ModuleType:
+    if extensions_disabled():
+        return importlib.import_module("aiocoloc._ring_py")
+    try:
+        return importlib.import_module("aiocoloc._ring")
+    except ImportError as exc:
+        _log.warning("Cython ring not built (%s); using the slow pure-Python ring", exc)
+        return importlib.import_module("aiocoloc._ring_py")
+
+
+if TYPE_CHECKING:
+    from aiocoloc._ring_py import (
+        HEADER_SIZE,
+        IMPLEMENTATION,
+        LAYOUT,
+        LAYOUT_VERSION,
+        MIN_CAPACITY,
+        RingConsumer,
+        RingProducer,
+        format_ring,
+        ring_size,
+    )
+else:
+    _impl = _select()
+    globals().update({name: getattr(_impl, name) for name in __all__ if hasattr(_impl, name)})
