@@ -12,10 +12,10 @@ from aiocoloc.errors import (
 
 __all__ = [
     "AiocolocError",
-    "RingError",
     "RingAttachError",
-    "RingCorrupted",
     "RingClosed",
+    "RingCorrupted",
+    "RingError",
 ]
 
 __version__ = "0.1.0"

@@ -133,5 +133,5 @@ cdef class RingConsumer(_RingEnd):
     cdef uint64_t _load_tail(self) except? 0xFFFFFFFFFFFFFFFF
     cdef void _copy_out(self, uint8_t *dst, uint64_t n) noexcept nogil
     cdef void _advance(self, uint64_t n) noexcept
-    cdef uint64_t _available(self) except? 0xFFFFFFFFFFFFFFFF
+    cdef uint64_t _available(self, uint64_t wanted) except? 0xFFFFFFFFFFFFFFFF
     cdef bint _at_eof(self) except -1

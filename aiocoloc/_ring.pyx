@@ -272,7 +272,11 @@ cdef class RingProducer(_RingEnd):
             raise RingClosed("write to a ring after its producer closed it")
         if acl_load_acquire_u32(self._consumer_closed_p):
             raise RingClosed("the ring's consumer has closed")
-        free = self._capacity - (self._tail - self._load_head())
+        # The cached head is a lower bound of the real one: reload (a cache
+        # miss on the consumer's line) only when it does not leave room.
+        free = self._capacity - (self._tail - self._last_head)
+        if free < <uint64_t>n:
+            free = self._capacity - (self._tail - self._load_head())
         if all_or_nothing and <uint64_t>n > free:
             return 0
         k = <uint64_t>n if <uint64_t>n < free else free
@@ -412,10 +416,19 @@ cdef class RingConsumer(_RingEnd):
         self._head += n
         acl_store_release_u64(self._head_p, self._head)
 
-    cdef uint64_t _available(self) except? 0xFFFFFFFFFFFFFFFF:
-        """Readable bytes; 0 means empty (check ``_at_eof`` for EOF)."""
+    cdef uint64_t _available(self, uint64_t wanted) except? 0xFFFFFFFFFFFFFFFF:
+        """Readable bytes, at least ``wanted`` if there are that many.
+
+        The cached tail is a lower bound of the real one: reload (a cache miss
+        on the producer's line) only when it does not cover ``wanted``.
+        0 means empty (check ``_at_eof`` for EOF).
+        """
+        cdef uint64_t avail
         self._check_usable()
-        return self._load_tail() - self._head
+        avail = self._last_tail - self._head
+        if avail < wanted or avail == 0:
+            avail = self._load_tail() - self._head
+        return avail
 
     cdef bint _at_eof(self) except -1:
         # The producer stores its data and tail before the closed flag, so
@@ -431,21 +444,21 @@ cdef class RingConsumer(_RingEnd):
         """
         cdef Py_buffer view
         cdef uint64_t avail, k
-        avail = self._available()
-        if avail == 0:
-            return 0 if self._at_eof() else None
         PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE)
         try:
+            avail = self._available(<uint64_t>view.len)
+            if avail == 0:
+                return 0 if self._at_eof() else None
             k = <uint64_t>view.len if <uint64_t>view.len < avail else avail
             if k >= NOGIL_COPY_THRESHOLD:
                 with nogil:
                     self._copy_out(<uint8_t *>view.buf, k)
             else:
                 self._copy_out(<uint8_t *>view.buf, k)
+            self._advance(k)
+            return k
         finally:
             PyBuffer_Release(&view)
-        self._advance(k)
-        return k
 
     def read(self, Py_ssize_t n=-1):
         """Read up to ``n`` bytes (all available if negative) as ``bytes``.
@@ -455,7 +468,7 @@ cdef class RingConsumer(_RingEnd):
         cdef uint64_t avail, k
         cdef bytes out
         cdef uint8_t *dst
-        avail = self._available()
+        avail = self._available(<uint64_t>n if n >= 0 else <uint64_t>-1)
         if avail == 0:
             return b"" if self._at_eof() else None
         k = avail if n < 0 or <uint64_t>n > avail else <uint64_t>n
@@ -478,7 +491,7 @@ cdef class RingConsumer(_RingEnd):
         hostile peer could: treat the contents as untrusted input.
         """
         cdef uint64_t avail, k, off
-        avail = self._available()
+        avail = self._available(<uint64_t>n if n >= 0 else <uint64_t>-1)
         if avail == 0:
             return self._view[:0] if self._at_eof() else None
         off = self._head & self._mask
@@ -491,18 +504,18 @@ cdef class RingConsumer(_RingEnd):
 
     def consume(self, Py_ssize_t n) -> None:
         """Mark ``n`` readable bytes as consumed (after ``peek``)."""
-        cdef uint64_t avail = self._available()
+        cdef uint64_t avail = self._available(<uint64_t>n if n >= 0 else 0)
         if n < 0 or <uint64_t>n > avail:
             raise ValueError(f"cannot consume {n} bytes: {avail} are readable")
         self._advance(<uint64_t>n)
 
     def free(self) -> int:
         """Bytes the producer could write now."""
-        return self._capacity - self._available()
+        return self._capacity - self._available(<uint64_t>-1)
 
     def used(self) -> int:
         """Bytes readable now."""
-        return self._available()
+        return self._available(<uint64_t>-1)
 
     @property
     def position(self) -> int:

@@ -19,14 +19,14 @@ from aiocoloc.errors import RingAttachError, RingClosed, RingCorrupted
 
 __all__ = [
     "HEADER_SIZE",
-    "MIN_CAPACITY",
+    "LAYOUT",
     "LAYOUT_VERSION",
     "MAGIC",
-    "LAYOUT",
-    "ring_size",
-    "format_ring",
-    "RingProducer",
+    "MIN_CAPACITY",
     "RingConsumer",
+    "RingProducer",
+    "format_ring",
+    "ring_size",
 ]
 
 IMPLEMENTATION = "python"
@@ -108,7 +108,9 @@ def _region(buffer: Any) -> memoryview:
 def ring_size(capacity: int) -> int:
     """Bytes a ring with ``capacity`` data bytes occupies (header included)."""
     if capacity < MIN_CAPACITY or not _is_pow2(capacity):
-        raise ValueError(f"ring capacity must be a power of two >= {MIN_CAPACITY}, got {capacity!r}")
+        raise ValueError(
+            f"ring capacity must be a power of two >= {MIN_CAPACITY}, got {capacity!r}"
+        )
     return HEADER_SIZE + capacity
 
 
@@ -281,7 +283,11 @@ class RingProducer(_RingEnd):
             raise RingClosed("write to a ring after its producer closed it")
         if self._get32(_OFF_CONSUMER_CLOSED):
             raise RingClosed("the ring's consumer has closed")
-        free = self._capacity - (self._tail - self._load_head())
+        # The cached head is a lower bound of the real one: reload only when
+        # it does not leave room (as the Cython ring does).
+        free = self._capacity - (self._tail - self._last_head)
+        if free < n:
+            free = self._capacity - (self._tail - self._load_head())
         if all_or_nothing and n > free:
             return 0
         k = min(n, free)
@@ -373,9 +379,14 @@ class RingConsumer(_RingEnd):
         self._last_tail = tail
         return tail
 
-    def _available(self) -> int:
+    def _available(self, wanted: int = -1) -> int:
+        """Readable bytes; the cached tail is reloaded only when it does not
+        cover ``wanted`` (negative: everything) or shows an empty ring."""
         self._check_usable()
-        return self._load_tail() - self._head
+        avail = self._last_tail - self._head
+        if wanted < 0 or avail < wanted or avail == 0:
+            avail = self._load_tail() - self._head
+        return avail
 
     def _at_eof(self) -> bool:
         if not self._get32(_OFF_PRODUCER_CLOSED):
@@ -394,12 +405,12 @@ class RingConsumer(_RingEnd):
 
     def readinto(self, buffer: Any) -> int | None:
         """Read up to ``len(buffer)`` bytes; count, ``None`` if empty, 0 at EOF."""
-        avail = self._available()
-        if avail == 0:
-            return 0 if self._at_eof() else None
         dst = memoryview(buffer).cast("B")
         if dst.readonly:
             raise BufferError("Object is not writable.")
+        avail = self._available(len(dst))
+        if avail == 0:
+            return 0 if self._at_eof() else None
         k = min(len(dst), avail)
         self._copy_out(dst, k)
         self._advance(k)
@@ -407,7 +418,7 @@ class RingConsumer(_RingEnd):
 
     def read(self, n: int = -1) -> bytes | None:
         """Read up to ``n`` bytes (all if negative); ``None`` if empty, ``b""`` at EOF."""
-        avail = self._available()
+        avail = self._available(n)
         if avail == 0:
             return b"" if self._at_eof() else None
         k = avail if n < 0 or n > avail else n
@@ -418,7 +429,7 @@ class RingConsumer(_RingEnd):
 
     def peek(self, n: int = -1) -> memoryview | None:
         """A zero-copy view of readable bytes up to the wrap point; see ``_ring``."""
-        avail = self._available()
+        avail = self._available(n)
         assert self._view is not None
         if avail == 0:
             return self._view[:0] if self._at_eof() else None
@@ -430,7 +441,7 @@ class RingConsumer(_RingEnd):
 
     def consume(self, n: int) -> None:
         """Mark ``n`` readable bytes as consumed (after ``peek``)."""
-        avail = self._available()
+        avail = self._available(max(n, 0))
         if n < 0 or n > avail:
             raise ValueError(f"cannot consume {n} bytes: {avail} are readable")
         self._advance(n)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 __all__ = [
     "AiocolocError",
-    "RingError",
     "RingAttachError",
-    "RingCorrupted",
     "RingClosed",
+    "RingCorrupted",
+    "RingError",
 ]
 
 

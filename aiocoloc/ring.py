@@ -18,18 +18,18 @@ from aiocoloc.errors import RingAttachError, RingClosed, RingCorrupted, RingErro
 
 __all__ = [
     "HEADER_SIZE",
-    "MIN_CAPACITY",
-    "LAYOUT_VERSION",
-    "LAYOUT",
     "IMPLEMENTATION",
-    "RingProducer",
-    "RingConsumer",
-    "ring_size",
-    "format_ring",
-    "RingError",
+    "LAYOUT",
+    "LAYOUT_VERSION",
+    "MIN_CAPACITY",
     "RingAttachError",
-    "RingCorrupted",
     "RingClosed",
+    "RingConsumer",
+    "RingCorrupted",
+    "RingError",
+    "RingProducer",
+    "format_ring",
+    "ring_size",
 ]
 
 _log = logging.getLogger("aiocoloc.ring")

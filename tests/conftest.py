@@ -19,8 +19,11 @@ SHM_DIR = "/dev/shm"
 SHM_PREFIX = "aiocoloc"
 
 RING_IMPLEMENTATIONS = [
-    pytest.param(_ring_c, id="cython", marks=pytest.mark.skipif(
-        _ring_c is None, reason="Cython ring not built")),
+    pytest.param(
+        _ring_c,
+        id="cython",
+        marks=pytest.mark.skipif(_ring_c is None, reason="Cython ring not built"),
+    ),
     pytest.param(_ring_py, id="python"),
 ]
 

@@ -35,7 +35,9 @@ def test_attach_too_small(ring_impl: ModuleType) -> None:
 def test_attach_capacity_larger_than_buffer(ring_impl: ModuleType) -> None:
     region = make_ring(ring_impl, 2048)
     view = memoryview(region)[: ring_impl.HEADER_SIZE + 1024]
-    with pytest.raises(RingAttachError, match="header says capacity 2048 but the buffer holds only 1024"):
+    with pytest.raises(
+        RingAttachError, match="header says capacity 2048 but the buffer holds only 1024"
+    ):
         ring_impl.RingConsumer(view)
     view.release()
     region.close()
@@ -70,7 +72,9 @@ def test_attach_bad_capacity_in_header(ring_impl: ModuleType) -> None:
 def test_attach_unaligned(ring_impl: ModuleType) -> None:
     region = make_ring(ring_impl, 1024)
     view = memoryview(region)[3:]
-    with pytest.raises(RingAttachError, match="unaligned: address 0x[0-9a-f]+ is not a multiple of 8"):
+    with pytest.raises(
+        RingAttachError, match=r"unaligned: address 0x[0-9a-f]+ is not a multiple of 8"
+    ):
         ring_impl.RingProducer(view)
     with pytest.raises(RingAttachError, match="unaligned"):
         ring_impl.format_ring(view)
@@ -312,8 +316,9 @@ def test_producer_detects_bad_head(ring_impl: ModuleType) -> None:
     producer, consumer = ends(ring_impl, region)
     producer.write(b"abcdef")
     struct.pack_into("<Q", region, ring_impl.LAYOUT["head_offset"], 50)
-    with pytest.raises(RingCorrupted, match="head 50 is past the producer tail 6"):
-        producer.write(b"x")
+    producer.write(b"x")  # room by the cached head: the shared one is not read
+    with pytest.raises(RingCorrupted, match="head 50 is past the producer tail 7"):
+        producer.write(b"y" * 60)  # needs more room: reads the head, rejects it
     other = make_ring(ring_impl, 64)
     p2, c2 = ends(ring_impl, other)
     p2.write(b"abcdef")

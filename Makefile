@@ -1,0 +1,49 @@
+# Quick start: `make demo` and `make test`.  Both create .venv on first use,
+# install aiocoloc (editable) with its test, bench and uvloop extras, and
+# build the Cython extension in place.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+EXT_SOURCES := aiocoloc/_ring.pyx aiocoloc/_ring.pxd aiocoloc/includes/atomics.h
+PYTEST_ARGS ?=
+
+.PHONY: all venv build demo test lint typecheck pytest bench clean
+
+all: build
+
+$(INSTALLED): pyproject.toml setup.cfg setup.py
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "aiocoloc needs Python >= 3.11 (PYTHON=$(PYTHON))"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet 'setuptools>=64' wheel 'Cython>=3.0'
+	$(PY) -m pip install --quiet --no-build-isolation -e '.[test,bench,uvloop]'
+	touch $@
+
+venv: $(INSTALLED)
+
+# Rebuilds the extension whenever its sources changed (a no-op otherwise).
+build: $(INSTALLED) $(EXT_SOURCES)
+	$(PY) setup.py --quiet build_ext --inplace
+
+demo: build
+	$(PY) examples/demo.py
+
+lint: $(INSTALLED)
+	$(PY) -m ruff check aiocoloc tests bench examples
+	$(PY) -m ruff format --check aiocoloc tests bench examples
+
+typecheck: $(INSTALLED)
+	$(PY) -m mypy
+
+pytest: build
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+bench: build
+	$(PY) bench/ring.py
+
+clean:
+	rm -rf build $(VENV) aiocoloc/*.so aiocoloc/_ring.c *.egg-info .pytest_cache .mypy_cache .hypothesis
