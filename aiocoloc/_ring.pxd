@@ -1,64 +1,104 @@
 # cython: language_level=3
 #
-# The shared-memory byte ring: layout, memory ordering and the classes that
-# implement it.  This file is the one place where the ring's shared layout is
-# defined; the pure-Python reference (_ring_py.py) mirrors these numbers and a
-# test checks that both export the same LAYOUT.
+# Shared-memory byte channels: the layouts, the memory ordering and the
+# classes that implement them.  This file is the one place where the
+# layouts of rings and pipes are defined; the pure-Python reference
+# (_ring_py.py) mirrors these numbers and a test checks that both export the
+# same LAYOUT.  (The pool that holds pipes is laid out in aiocoloc/pool.py.)
 #
-# Layout (all integers little-endian, as on every host and guest we target)
-# ------------------------------------------------------------------------
+# Position cells (shared by rings and pipes)
+# ------------------------------------------
+# Every channel has a 192-byte block of cells; all integers little-endian.
 #
 #   offset size  field               written by   notes
+#   64     8     tail                producer     total bytes ever written
+#   72     4     producer_closed     producer     nonzero: no more data (EOF)
+#   76     4     producer_waiting    producer     "wake me when space frees"
+#   128    8     head                consumer     total bytes ever consumed
+#   136    4     consumer_closed     consumer     nonzero: reader gone
+#   140    4     consumer_sleeping   consumer     "wake me when data arrives"
+#   144    8     layout_ack          consumer     pipes: layout seq in use
+#
+# Positions are 64-bit and only ever grow.  Offsets 0..63 belong to the kind
+# of channel (below); tail and head sit on separate cache lines.
+#
+# Ring (contiguous): RingProducer / RingConsumer
+# ----------------------------------------------
 #   0      8     magic "ACOLRING"    creator      checked once at attach
 #   8      4     layout version      creator      RING_VERSION
 #   12     4     header size         creator      RING_HEADER_SIZE
 #   16     8     capacity            creator      power of two, >= RING_MIN_CAPACITY
-#   24     40    reserved (zero)
-#   64     8     tail                producer     total bytes ever written
-#   72     4     producer_closed     producer     nonzero: no more data (EOF)
-#   76     4     producer_waiting    producer     "wake me when space frees"
-#   80     48    reserved            (tail and head on separate cache lines)
-#   128    8     head                consumer     total bytes ever consumed
-#   136    4     consumer_closed     consumer     nonzero: reader gone
-#   140    4     consumer_sleeping   consumer     "wake me when data arrives"
-#   144    112   reserved
-#   256    cap   data                             byte i lives at data[i & (cap-1)]
+#   64..191      position cells
+#   256    cap   data                             byte p lives at data[p & (cap-1)]
 #
-# Positions are 64-bit and only ever grow; 0 <= tail - head <= capacity.
+# Pipe (elastic, made of pool slices): PipeProducer / PipeConsumer
+# ----------------------------------------------------------------
+# A pipe entry lives in a pool's pipe table; its bytes live in the pool's
+# slices (all of size S, a power of two).  The pool owns offsets 0..47.
+#
+#   0      48    pool bookkeeping    pool         state, members, demand (pool.py)
+#   48     8     layout_seq          producer     seq of the newest layout
+#   64..191      position cells
+#   192    L     layout slot 0       producer     L = 16 + 4 * max_slices, 8-aligned
+#   192+L  L     layout slot 1       producer
+#
+#   layout slot: 8 start position E, 4 slice count n, 4 reserved,
+#                n x u32 slice indices.
+#
+# Layout seq s lives in slot s & 1.  Under layout (E, n, slices) byte p >= E
+# lives in slice slices[((p - E) / S) % n] at offset (p - E) % S.
+#
+# Resizing (grow or shrink) is a new layout that takes effect at position P:
+#   - if the pipe is empty, P = tail; otherwise P = the next slice boundary
+#     at or after tail, and the new slice list starts with the old list
+#     rotated so that bytes [P, P + min(n, n') * S) land in the same slices
+#     under both layouts;
+#   - while head < P the producer's limit is min(head + n*S, P + n'*S), so it
+#     never writes a slice that still holds unread bytes of the old layout;
+#     once head >= P the limit is head + n'*S and the slices the new layout
+#     dropped hold no unread byte: the pool may take them back;
+#   - the producer publishes the new layout (slot, then store-release of
+#     layout_seq) before it writes any byte at or past P; the consumer
+#     load-acquires tail, then layout_seq, so it knows the layout of every
+#     byte it can see;
+#   - at most one layout is pending: the producer publishes seq s+1 only
+#     after the consumer acknowledged seq s (layout_ack), so the slot it
+#     overwrites is one the consumer has copied and no longer reads.
 #
 # Trust
 # -----
 # The other side may be buggy or hostile and may write anything anywhere in
-# the region.  Each end therefore keeps its own position and the capacity in
-# local memory (the shared copy of its own position is only published, never
-# read back) and checks every position it reads from the peer before use:
+# the region.  Each end therefore keeps its own position, the geometry
+# (capacity, slice size and count) and its copy of the layouts in local
+# memory (the shared copy of its own position is only published, never read
+# back) and checks everything it reads from the peer before use:
 #
-#   consumer reading tail:  last_tail <= tail <= head + capacity
-#   producer reading head:  last_head <= head <= tail
+#   consumer reading tail:   last_tail <= tail <= limit(head)
+#   producer reading head:   last_head <= head <= tail
+#   consumer reading layout: seq is current or current+1, slice count in
+#                            1..max_slices, every index < slice count,
+#                            start position >= head
 #
 # A violation raises RingCorrupted and poisons that end: every later call
-# raises too, so a caller can never loop on a corrupted ring.  All copies are
-# bounded by the local capacity, so no access leaves the mapping.
+# raises too, so a caller can never loop on a corrupted channel.  All copies
+# are bounded by the locally known geometry, so no access leaves the mapping.
 #
 # Memory ordering (C11, see includes/atomics.h)
 # --------------------------------------------
-# 1. Data before tail: the producer copies bytes into the ring with plain
-#    stores, then store-releases the new tail.  The consumer load-acquires
-#    tail, then reads the bytes below it: the acquire synchronises with the
-#    release, so those bytes are visible.
-# 2. Reads before head: the consumer finishes reading bytes, then
-#    store-releases head.  The producer load-acquires head before reusing
-#    that space, so it never overwrites bytes the consumer still reads.
+# 1. Data before tail: the producer copies bytes with plain stores, then
+#    store-releases the new tail.  The consumer load-acquires tail, then reads
+#    the bytes below it: the acquire synchronises with the release.
+# 2. Reads before head: the consumer finishes reading, then store-releases
+#    head.  The producer load-acquires head before reusing that space.
 # 3. Sleep flags (Dekker): a consumer about to sleep stores
 #    consumer_sleeping=1, issues a seq_cst fence, then re-reads tail; a
 #    producer stores tail, issues a seq_cst fence, then reads
-#    consumer_sleeping.  With a full fence on both sides at least one of
-#    them sees the other's store: either the consumer sees the new data and
-#    does not sleep, or the producer sees the flag and rings the doorbell
-#    (and clears the flag with an atomic exchange so only one ring is sent
-#    per sleep).  producer_waiting/head work the same way in the other
-#    direction.  Without the fences (a store followed by a load is the one
-#    reordering x86-TSO allows) both could miss each other: a lost wake-up.
+#    consumer_sleeping.  With a full fence on both sides at least one sees
+#    the other's store: either the consumer sees the data and does not sleep,
+#    or the producer sees the flag and rings (clearing it with an atomic
+#    exchange so one sleep gets one ring).  producer_waiting/head work the
+#    same way in the other direction.  Without the fences (store then load is
+#    the one reordering x86-TSO allows) both could miss: a lost wake-up.
 
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from cpython.buffer cimport Py_buffer
@@ -83,26 +123,41 @@ cdef enum:
     OFF_VERSION = 8
     OFF_HEADER_SIZE = 12
     OFF_CAPACITY = 16
+    OFF_LAYOUT_SEQ = 48
     OFF_TAIL = 64
     OFF_PRODUCER_CLOSED = 72
     OFF_PRODUCER_WAITING = 76
     OFF_HEAD = 128
     OFF_CONSUMER_CLOSED = 136
     OFF_CONSUMER_SLEEPING = 140
+    OFF_LAYOUT_ACK = 144
+    OFF_LAYOUT_SLOTS = 192
+    LAYOUT_SLOT_HEADER = 16
     # Copies at least this large run without the GIL.
     NOGIL_COPY_THRESHOLD = 16384
 
 
-cdef class _RingEnd:
+# Where a byte position lives: an offset into the exported buffer, and how
+# many bytes from there are contiguous in the channel.
+cdef struct Span:
+    uint64_t offset
+    uint64_t length
+
+
+# A pipe layout, copied into local memory.
+cdef struct Layout:
+    uint64_t start
+    uint64_t count
+    uint32_t *slices
+
+
+cdef class _End:
     # The exported buffer of the region; held until release() so the mapping
     # cannot be closed under us (mmap.close() raises while it is exported).
     cdef Py_buffer _buf
     cdef bint _has_buf
     cdef object _view            # memoryview over the region, for peek()
     cdef uint8_t *_base
-    cdef uint8_t *_data
-    cdef uint64_t _capacity      # local copy, validated once at attach
-    cdef uint64_t _mask
     cdef uint64_t *_tail_p
     cdef uint64_t *_head_p
     cdef uint32_t *_producer_closed_p
@@ -112,26 +167,85 @@ cdef class _RingEnd:
     cdef bint _corrupted
     cdef bint _closed
 
+    cdef int _export(self, object buffer) except -1
+    cdef void _bind_cells(self, uint64_t offset) noexcept
     cdef void _drop_buffer(self) noexcept
     cdef int _check_usable(self) except -1
     cdef int _corrupt(self, str what) except -1
+    # Placement: where position ``pos`` lives (both ends).
+    cdef Span _locate(self, uint64_t pos) noexcept nogil
+    # The highest tail allowed when the consumer is at ``head``.
+    cdef uint64_t _limit(self, uint64_t head) noexcept nogil
 
 
-cdef class RingProducer(_RingEnd):
+cdef class _Producer(_End):
     cdef uint64_t _tail          # ours: the only true copy
     cdef uint64_t _last_head     # peer's, last validated value
 
+    cdef int _start_positions(self) except -1
     cdef uint64_t _load_head(self) except? 0xFFFFFFFFFFFFFFFF
     cdef Py_ssize_t _put(self, const uint8_t *src, Py_ssize_t n, bint all_or_nothing) except -1
     cdef Py_ssize_t _write(self, object data, bint all_or_nothing) except -1
+    cdef void _copy_in(self, const uint8_t *src, uint64_t n) noexcept nogil
 
 
-cdef class RingConsumer(_RingEnd):
+cdef class _Consumer(_End):
     cdef uint64_t _head          # ours: the only true copy
     cdef uint64_t _last_tail     # peer's, last validated value
 
+    cdef int _start_positions(self) except -1
+    cdef int _before_tail_check(self) except -1
+    cdef int _after_advance(self) except -1
     cdef uint64_t _load_tail(self) except? 0xFFFFFFFFFFFFFFFF
     cdef void _copy_out(self, uint8_t *dst, uint64_t n) noexcept nogil
-    cdef void _advance(self, uint64_t n) noexcept
+    cdef int _advance(self, uint64_t n) except -1
     cdef uint64_t _available(self, uint64_t wanted) except? 0xFFFFFFFFFFFFFFFF
     cdef bint _at_eof(self) except -1
+
+
+cdef class RingProducer(_Producer):
+    cdef uint64_t _capacity
+    cdef uint64_t _mask
+
+
+cdef class RingConsumer(_Consumer):
+    cdef uint64_t _capacity
+    cdef uint64_t _mask
+
+
+# Geometry of the pool a pipe lives in, validated by the caller (the pool)
+# and kept locally by the pipe end.
+cdef class _PipeGeometry:
+    cdef uint64_t entry_offset
+    cdef uint64_t data_offset
+    cdef uint64_t slice_size
+    cdef uint64_t slice_shift
+    cdef uint64_t slice_count
+    cdef uint64_t max_slices
+
+
+cdef class PipeProducer(_Producer):
+    cdef _PipeGeometry _geo
+    cdef uint64_t *_layout_seq_p
+    cdef uint64_t *_layout_ack_p
+    cdef uint64_t _seq           # newest layout we published
+    cdef Layout _cur             # layout of bytes below _switch
+    cdef Layout _next            # layout of bytes at and after _switch
+    cdef uint64_t _switch        # P of the pending layout
+    cdef bint _pending           # _next is published and head < P may hold
+
+    cdef int _read_layout_slot(self, uint64_t seq, Layout *into) except -1
+    cdef int _publish(self, uint64_t start, list slices) except -1
+
+
+cdef class PipeConsumer(_Consumer):
+    cdef _PipeGeometry _geo
+    cdef uint64_t *_layout_seq_p
+    cdef uint64_t *_layout_ack_p
+    cdef uint64_t _seq           # layout seq in use (acknowledged)
+    cdef Layout _cur
+    cdef Layout _next
+    cdef uint64_t _switch
+    cdef bint _pending
+
+    cdef int _read_layout_slot(self, uint64_t seq, Layout *into) except -1

@@ -1,11 +1,15 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Single-producer/single-consumer byte ring over shared memory (Cython core).
+"""Single-producer/single-consumer byte channels over shared memory (Cython core).
 
-The layout, the trust rules and the memory-ordering argument are in
-``_ring.pxd``.  ``_ring_py.py`` is the readable reference with the same API.
+Two placements share one producer and one consumer implementation: the
+contiguous ring (``RingProducer``/``RingConsumer``) and the elastic pipe made
+of pool slices (``PipeProducer``/``PipeConsumer``).  Layouts, trust rules and
+the memory-ordering argument are in ``_ring.pxd``; ``_ring_py.py`` is the
+readable reference with the same API.
 """
 
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
+from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset
 from cpython.buffer cimport (
     PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE,
@@ -17,6 +21,7 @@ from aiocoloc.errors import RingAttachError, RingClosed, RingCorrupted
 __all__ = [
     "HEADER_SIZE", "MIN_CAPACITY", "LAYOUT_VERSION", "MAGIC", "LAYOUT", "IMPLEMENTATION",
     "ring_size", "format_ring", "RingProducer", "RingConsumer",
+    "pipe_entry_size", "format_pipe", "PipeProducer", "PipeConsumer",
 ]
 
 IMPLEMENTATION = "cython"
@@ -36,28 +41,30 @@ LAYOUT = {
     "version_offset": OFF_VERSION,
     "header_size_offset": OFF_HEADER_SIZE,
     "capacity_offset": OFF_CAPACITY,
+    "layout_seq_offset": OFF_LAYOUT_SEQ,
     "tail_offset": OFF_TAIL,
     "producer_closed_offset": OFF_PRODUCER_CLOSED,
     "producer_waiting_offset": OFF_PRODUCER_WAITING,
     "head_offset": OFF_HEAD,
     "consumer_closed_offset": OFF_CONSUMER_CLOSED,
     "consumer_sleeping_offset": OFF_CONSUMER_SLEEPING,
+    "layout_ack_offset": OFF_LAYOUT_ACK,
+    "layout_slots_offset": OFF_LAYOUT_SLOTS,
+    "layout_slot_header": LAYOUT_SLOT_HEADER,
 }
+
+cdef uint64_t _NO_LIMIT = <uint64_t>-1
 
 
 cdef inline bint _is_pow2(uint64_t n) noexcept nogil:
     return n != 0 and (n & (n - 1)) == 0
 
 
-cdef inline void _copy(void *dst, const void *src, size_t n) noexcept:
-    if n >= NOGIL_COPY_THRESHOLD:
-        with nogil:
-            memcpy(dst, src, n)
-    else:
-        memcpy(dst, src, n)
+cdef inline uint64_t _min(uint64_t a, uint64_t b) noexcept nogil:
+    return a if a < b else b
 
 
-cdef int _get_region(object buffer, Py_buffer *view) except -1:
+cdef int _get_region(object buffer, Py_buffer *view, Py_ssize_t minimum) except -1:
     """Export ``buffer`` writable and check its size and alignment."""
     try:
         PyObject_GetBuffer(buffer, view, PyBUF_WRITABLE)
@@ -67,7 +74,7 @@ cdef int _get_region(object buffer, Py_buffer *view) except -1:
         raise RingAttachError(
             f"ring buffer must support the buffer protocol, not {type(buffer).__name__}"
         ) from None
-    if view.len < RING_HEADER_SIZE + RING_MIN_CAPACITY:
+    if view.len < minimum:
         n = view.len
         PyBuffer_Release(view)
         raise RingAttachError(
@@ -84,105 +91,29 @@ cdef int _get_region(object buffer, Py_buffer *view) except -1:
     return 0
 
 
-def ring_size(capacity: int) -> int:
-    """Bytes a ring with ``capacity`` data bytes occupies (header included)."""
-    if capacity < RING_MIN_CAPACITY or not _is_pow2(capacity):
-        raise ValueError(
-            f"ring capacity must be a power of two >= {RING_MIN_CAPACITY}, got {capacity!r}"
-        )
-    return RING_HEADER_SIZE + capacity
+# ---------------------------------------------------------------------------
+# Both ends
+# ---------------------------------------------------------------------------
 
+cdef class _End:
+    """What both ends share: the exported region, the flags, closing, releasing."""
 
-def format_ring(buffer, capacity=None) -> int:
-    """Write a fresh ring header into ``buffer`` and return the capacity.
-
-    ``capacity`` defaults to the largest power of two that fits.  Positions
-    start at zero; nothing must be attached to the region while it is
-    formatted.
-    """
-    cdef Py_buffer view
-    cdef uint64_t cap
-    cdef uint8_t *base
-    _get_region(buffer, &view)
-    try:
-        room = view.len - RING_HEADER_SIZE
-        if capacity is None:
-            cap = 1
-            while cap * 2 <= <uint64_t>room:
-                cap *= 2
-        else:
-            if capacity < RING_MIN_CAPACITY or not _is_pow2(capacity):
-                raise ValueError(
-                    f"ring capacity must be a power of two >= {RING_MIN_CAPACITY}, "
-                    f"got {capacity!r}"
-                )
-            if capacity > room:
-                raise RingAttachError(
-                    f"ring buffer too small: {view.len} bytes cannot hold a "
-                    f"{RING_HEADER_SIZE}-byte header and {capacity} data bytes"
-                )
-            cap = capacity
-        base = <uint8_t *>view.buf
-        memset(base, 0, RING_HEADER_SIZE)
-        (<uint32_t *>(base + OFF_VERSION))[0] = RING_VERSION
-        (<uint32_t *>(base + OFF_HEADER_SIZE))[0] = RING_HEADER_SIZE
-        (<uint64_t *>(base + OFF_CAPACITY))[0] = cap
-        # Magic last, with release: whoever sees it sees a whole header.
-        acl_store_release_u64(<uint64_t *>(base + OFF_MAGIC), _MAGIC_U64)
-        return cap
-    finally:
-        PyBuffer_Release(&view)
-
-
-cdef class _RingEnd:
-    """What both ends share: attaching, validation, closing, releasing."""
-
-    def __cinit__(self, buffer):
-        cdef uint64_t cap
-        _get_region(buffer, &self._buf)
+    cdef int _export(self, object buffer) except -1:
+        if self._has_buf:
+            raise RuntimeError("this end is already attached")
+        _get_region(buffer, &self._buf, RING_HEADER_SIZE + RING_MIN_CAPACITY)
         self._has_buf = True
         self._base = <uint8_t *>self._buf.buf
-        magic = acl_load_acquire_u64(<uint64_t *>(self._base + OFF_MAGIC))
-        if magic != _MAGIC_U64:
-            found = (<bytes>(<char *>self._base)[:8])
-            self._drop_buffer()
-            raise RingAttachError(f"not a ring: magic is {found!r}, expected {MAGIC!r}")
-        version = (<uint32_t *>(self._base + OFF_VERSION))[0]
-        if version != RING_VERSION:
-            self._drop_buffer()
-            raise RingAttachError(
-                f"ring layout version {version} is not supported "
-                f"(this aiocoloc speaks version {RING_VERSION})"
-            )
-        header_size = (<uint32_t *>(self._base + OFF_HEADER_SIZE))[0]
-        if header_size != RING_HEADER_SIZE:
-            self._drop_buffer()
-            raise RingAttachError(
-                f"ring header size {header_size} is wrong (expected {RING_HEADER_SIZE})"
-            )
-        cap = (<uint64_t *>(self._base + OFF_CAPACITY))[0]
-        if cap < RING_MIN_CAPACITY or not _is_pow2(cap):
-            self._drop_buffer()
-            raise RingAttachError(
-                f"ring capacity {cap} is not a power of two >= {RING_MIN_CAPACITY}"
-            )
-        if cap > <uint64_t>(self._buf.len - RING_HEADER_SIZE):
-            n = self._buf.len
-            self._drop_buffer()
-            raise RingAttachError(
-                f"ring buffer too small: header says capacity {cap} but the "
-                f"buffer holds only {n - RING_HEADER_SIZE} data bytes"
-            )
-        self._capacity = cap
-        self._mask = cap - 1
-        self._data = self._base + RING_HEADER_SIZE
-        self._tail_p = <uint64_t *>(self._base + OFF_TAIL)
-        self._head_p = <uint64_t *>(self._base + OFF_HEAD)
-        self._producer_closed_p = <uint32_t *>(self._base + OFF_PRODUCER_CLOSED)
-        self._producer_waiting_p = <uint32_t *>(self._base + OFF_PRODUCER_WAITING)
-        self._consumer_closed_p = <uint32_t *>(self._base + OFF_CONSUMER_CLOSED)
-        self._consumer_sleeping_p = <uint32_t *>(self._base + OFF_CONSUMER_SLEEPING)
-        self._view = memoryview(buffer).cast("B")
+        return 0
+
+    cdef void _bind_cells(self, uint64_t offset) noexcept:
+        cdef uint8_t *cells = self._base + offset
+        self._tail_p = <uint64_t *>(cells + OFF_TAIL)
+        self._head_p = <uint64_t *>(cells + OFF_HEAD)
+        self._producer_closed_p = <uint32_t *>(cells + OFF_PRODUCER_CLOSED)
+        self._producer_waiting_p = <uint32_t *>(cells + OFF_PRODUCER_WAITING)
+        self._consumer_closed_p = <uint32_t *>(cells + OFF_CONSUMER_CLOSED)
+        self._consumer_sleeping_p = <uint32_t *>(cells + OFF_CONSUMER_SLEEPING)
 
     def __dealloc__(self):
         self._drop_buffer()
@@ -191,7 +122,6 @@ cdef class _RingEnd:
         if self._has_buf:
             self._has_buf = False
             self._base = NULL
-            self._data = NULL
             PyBuffer_Release(&self._buf)
 
     cdef int _check_usable(self) except -1:
@@ -205,10 +135,14 @@ cdef class _RingEnd:
         self._corrupted = True
         raise RingCorrupted(what)
 
-    @property
-    def capacity(self) -> int:
-        """Data bytes the ring holds (fixed at attach)."""
-        return self._capacity
+    cdef Span _locate(self, uint64_t pos) noexcept nogil:
+        cdef Span none
+        none.offset = 0
+        none.length = 0
+        return none
+
+    cdef uint64_t _limit(self, uint64_t head) noexcept nogil:
+        return head
 
     @property
     def closed(self) -> bool:
@@ -217,7 +151,7 @@ cdef class _RingEnd:
 
     @property
     def corrupted(self) -> bool:
-        """True once this end saw the peer break the ring's invariants."""
+        """True once this end saw the peer break the channel's invariants."""
         return self._corrupted
 
     @property
@@ -241,20 +175,22 @@ cdef class _RingEnd:
         self.release()
 
 
-cdef class RingProducer(_RingEnd):
-    """The writing end of a ring.  One producer per ring, ever at a time."""
+# ---------------------------------------------------------------------------
+# The producer: one implementation for every placement
+# ---------------------------------------------------------------------------
 
-    def __cinit__(self, buffer):
+cdef class _Producer(_End):
+    """The writing end.  One producer per channel, ever at a time."""
+
+    cdef int _start_positions(self) except -1:
         cdef uint64_t t = acl_load_acquire_u64(self._tail_p)
         cdef uint64_t h = acl_load_acquire_u64(self._head_p)
-        if h > t or t - h > self._capacity:
+        if h > t or t > self._limit(h):
             self._corrupted = True
-            raise RingCorrupted(
-                f"ring positions invalid at attach: head {h}, tail {t}, "
-                f"capacity {self._capacity}"
-            )
+            raise RingCorrupted(f"ring positions invalid at attach: head {h}, tail {t}")
         self._tail = t
         self._last_head = h
+        return 0
 
     cdef uint64_t _load_head(self) except? 0xFFFFFFFFFFFFFFFF:
         cdef uint64_t h = acl_load_acquire_u64(self._head_p)
@@ -265,8 +201,19 @@ cdef class RingProducer(_RingEnd):
         self._last_head = h
         return h
 
+    cdef void _copy_in(self, const uint8_t *src, uint64_t n) noexcept nogil:
+        cdef uint64_t pos = self._tail
+        cdef Span span
+        while n:
+            span = self._locate(pos)
+            span.length = _min(span.length, n)
+            memcpy(self._base + span.offset, src, span.length)
+            src += span.length
+            pos += span.length
+            n -= span.length
+
     cdef Py_ssize_t _put(self, const uint8_t *src, Py_ssize_t n, bint all_or_nothing) except -1:
-        cdef uint64_t free, k, off, first
+        cdef uint64_t free, k
         self._check_usable()
         if self._closed:
             raise RingClosed("write to a ring after its producer closed it")
@@ -274,21 +221,19 @@ cdef class RingProducer(_RingEnd):
             raise RingClosed("the ring's consumer has closed")
         # The cached head is a lower bound of the real one: reload (a cache
         # miss on the consumer's line) only when it does not leave room.
-        free = self._capacity - (self._tail - self._last_head)
+        free = self._limit(self._last_head) - self._tail
         if free < <uint64_t>n:
-            free = self._capacity - (self._tail - self._load_head())
+            free = self._limit(self._load_head()) - self._tail
         if all_or_nothing and <uint64_t>n > free:
             return 0
-        k = <uint64_t>n if <uint64_t>n < free else free
+        k = _min(<uint64_t>n, free)
         if k == 0:
             return 0
-        off = self._tail & self._mask
-        first = self._capacity - off
-        if first >= k:
-            _copy(self._data + off, src, k)
+        if k >= NOGIL_COPY_THRESHOLD:
+            with nogil:
+                self._copy_in(src, k)
         else:
-            _copy(self._data + off, src, first)
-            _copy(self._data, src + first, k - first)
+            self._copy_in(src, k)
         self._tail += k
         acl_store_release_u64(self._tail_p, self._tail)
         return k
@@ -296,17 +241,16 @@ cdef class RingProducer(_RingEnd):
     cdef Py_ssize_t _write(self, object data, bint all_or_nothing) except -1:
         cdef Py_buffer view
         cdef Py_ssize_t n
+        cdef uint64_t capacity = self._limit(self._last_head) - self._last_head
         if type(data) is bytes:
             n = PyBytes_GET_SIZE(data)
-            if all_or_nothing and <uint64_t>n > self._capacity:
-                raise ValueError(f"{n} bytes can never fit a ring of capacity {self._capacity}")
+            if all_or_nothing and <uint64_t>n > capacity:
+                raise ValueError(f"{n} bytes can never fit a ring of capacity {capacity}")
             return self._put(<const uint8_t *>PyBytes_AS_STRING(data), n, all_or_nothing)
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
-            if all_or_nothing and <uint64_t>view.len > self._capacity:
-                raise ValueError(
-                    f"{view.len} bytes can never fit a ring of capacity {self._capacity}"
-                )
+            if all_or_nothing and <uint64_t>view.len > capacity:
+                raise ValueError(f"{view.len} bytes can never fit a ring of capacity {capacity}")
             return self._put(<const uint8_t *>view.buf, view.len, all_or_nothing)
         finally:
             PyBuffer_Release(&view)
@@ -322,7 +266,7 @@ cdef class RingProducer(_RingEnd):
     def free(self) -> int:
         """Bytes that can be written now."""
         self._check_usable()
-        return self._capacity - (self._tail - self._load_head())
+        return self._limit(self._load_head()) - self._tail
 
     def used(self) -> int:
         """Bytes written and not yet consumed."""
@@ -364,7 +308,7 @@ cdef class RingProducer(_RingEnd):
         self._check_usable()
         acl_store_relaxed_u32(self._producer_waiting_p, 1)
         acl_fence_seq_cst()
-        if (self._capacity - (self._tail - self._load_head()) >= <uint64_t>nbytes
+        if (self._limit(self._load_head()) - self._tail >= <uint64_t>nbytes
                 or acl_load_acquire_u32(self._consumer_closed_p)):
             acl_store_relaxed_u32(self._producer_waiting_p, 0)
             return False
@@ -376,45 +320,58 @@ cdef class RingProducer(_RingEnd):
         acl_store_relaxed_u32(self._producer_waiting_p, 0)
 
 
-cdef class RingConsumer(_RingEnd):
-    """The reading end of a ring.  One consumer per ring, ever at a time."""
+# ---------------------------------------------------------------------------
+# The consumer: one implementation for every placement
+# ---------------------------------------------------------------------------
 
-    def __cinit__(self, buffer):
+cdef class _Consumer(_End):
+    """The reading end.  One consumer per channel, ever at a time."""
+
+    cdef int _start_positions(self) except -1:
         cdef uint64_t h = acl_load_acquire_u64(self._head_p)
         cdef uint64_t t = acl_load_acquire_u64(self._tail_p)
-        if h > t or t - h > self._capacity:
+        if h > t or t > self._limit(h):
             self._corrupted = True
-            raise RingCorrupted(
-                f"ring positions invalid at attach: head {h}, tail {t}, "
-                f"capacity {self._capacity}"
-            )
+            raise RingCorrupted(f"ring positions invalid at attach: head {h}, tail {t}")
         self._head = h
         self._last_tail = t
+        return 0
+
+    cdef int _before_tail_check(self) except -1:
+        return 0
+
+    cdef int _after_advance(self) except -1:
+        return 0
 
     cdef uint64_t _load_tail(self) except? 0xFFFFFFFFFFFFFFFF:
         cdef uint64_t t = acl_load_acquire_u64(self._tail_p)
+        self._before_tail_check()
         if t < self._last_tail:
             self._corrupt(f"producer tail moved backwards: {t} < {self._last_tail}")
-        if t - self._head > self._capacity:
+        if t > self._limit(self._head):
             self._corrupt(
-                f"producer tail {t} is more than capacity {self._capacity} "
-                f"ahead of the consumer head {self._head}"
+                f"producer tail {t} is more than capacity "
+                f"{self._limit(self._head) - self._head} ahead of the consumer head {self._head}"
             )
         self._last_tail = t
         return t
 
     cdef void _copy_out(self, uint8_t *dst, uint64_t n) noexcept nogil:
-        cdef uint64_t off = self._head & self._mask
-        cdef uint64_t first = self._capacity - off
-        if first >= n:
-            memcpy(dst, self._data + off, n)
-        else:
-            memcpy(dst, self._data + off, first)
-            memcpy(dst + first, self._data, n - first)
+        cdef uint64_t pos = self._head
+        cdef Span span
+        while n:
+            span = self._locate(pos)
+            span.length = _min(span.length, n)
+            memcpy(dst, self._base + span.offset, span.length)
+            dst += span.length
+            pos += span.length
+            n -= span.length
 
-    cdef void _advance(self, uint64_t n) noexcept:
+    cdef int _advance(self, uint64_t n) except -1:
         self._head += n
         acl_store_release_u64(self._head_p, self._head)
+        self._after_advance()
+        return 0
 
     cdef uint64_t _available(self, uint64_t wanted) except? 0xFFFFFFFFFFFFFFFF:
         """Readable bytes, at least ``wanted`` if there are that many.
@@ -440,7 +397,7 @@ cdef class RingConsumer(_RingEnd):
     def readinto(self, buffer):
         """Read up to ``len(buffer)`` bytes into it.
 
-        Returns the count, ``None`` if the ring is empty, or 0 at EOF.
+        Returns the count, ``None`` if the channel is empty, or 0 at EOF.
         """
         cdef Py_buffer view
         cdef uint64_t avail, k
@@ -449,7 +406,7 @@ cdef class RingConsumer(_RingEnd):
             avail = self._available(<uint64_t>view.len)
             if avail == 0:
                 return 0 if self._at_eof() else None
-            k = <uint64_t>view.len if <uint64_t>view.len < avail else avail
+            k = _min(<uint64_t>view.len, avail)
             if k >= NOGIL_COPY_THRESHOLD:
                 with nogil:
                     self._copy_out(<uint8_t *>view.buf, k)
@@ -463,12 +420,12 @@ cdef class RingConsumer(_RingEnd):
     def read(self, Py_ssize_t n=-1):
         """Read up to ``n`` bytes (all available if negative) as ``bytes``.
 
-        Returns ``None`` if the ring is empty, ``b""`` at EOF.
+        Returns ``None`` if the channel is empty, ``b""`` at EOF.
         """
         cdef uint64_t avail, k
         cdef bytes out
         cdef uint8_t *dst
-        avail = self._available(<uint64_t>n if n >= 0 else <uint64_t>-1)
+        avail = self._available(<uint64_t>n if n >= 0 else _NO_LIMIT)
         if avail == 0:
             return b"" if self._at_eof() else None
         k = avail if n < 0 or <uint64_t>n > avail else <uint64_t>n
@@ -483,24 +440,24 @@ cdef class RingConsumer(_RingEnd):
         return out
 
     def peek(self, Py_ssize_t n=-1):
-        """A zero-copy view of up to ``n`` readable bytes, up to the wrap point.
+        """A zero-copy view of up to ``n`` readable bytes that are contiguous
+        in memory (up to the wrap point, or the end of a slice).
 
         Nothing is consumed: call ``consume()`` when done with the view.
-        Returns ``None`` if the ring is empty, an empty view at EOF.  The
+        Returns ``None`` if the channel is empty, an empty view at EOF.  The
         peer may not overwrite viewed bytes until they are consumed, but a
         hostile peer could: treat the contents as untrusted input.
         """
-        cdef uint64_t avail, k, off
-        avail = self._available(<uint64_t>n if n >= 0 else <uint64_t>-1)
+        cdef uint64_t avail, k
+        cdef Span span
+        avail = self._available(<uint64_t>n if n >= 0 else _NO_LIMIT)
         if avail == 0:
             return self._view[:0] if self._at_eof() else None
-        off = self._head & self._mask
-        k = self._capacity - off
-        if avail < k:
-            k = avail
+        span = self._locate(self._head)
+        k = _min(span.length, avail)
         if 0 <= n < <Py_ssize_t>k:
             k = <uint64_t>n
-        return self._view[RING_HEADER_SIZE + off:RING_HEADER_SIZE + off + k]
+        return self._view[span.offset:span.offset + k]
 
     def consume(self, Py_ssize_t n) -> None:
         """Mark ``n`` readable bytes as consumed (after ``peek``)."""
@@ -511,11 +468,12 @@ cdef class RingConsumer(_RingEnd):
 
     def free(self) -> int:
         """Bytes the producer could write now."""
-        return self._capacity - self._available(<uint64_t>-1)
+        cdef uint64_t used = self._available(_NO_LIMIT)
+        return self._limit(self._head) - self._head - used
 
     def used(self) -> int:
         """Bytes readable now."""
-        return self._available(<uint64_t>-1)
+        return self._available(_NO_LIMIT)
 
     @property
     def position(self) -> int:
@@ -566,3 +524,483 @@ cdef class RingConsumer(_RingEnd):
         """Withdraw a ``prepare_sleep`` announcement."""
         self._check_usable()
         acl_store_relaxed_u32(self._consumer_sleeping_p, 0)
+
+
+# ---------------------------------------------------------------------------
+# Contiguous ring
+# ---------------------------------------------------------------------------
+
+def ring_size(capacity: int) -> int:
+    """Bytes a ring with ``capacity`` data bytes occupies (header included)."""
+    if capacity < RING_MIN_CAPACITY or not _is_pow2(capacity):
+        raise ValueError(
+            f"ring capacity must be a power of two >= {RING_MIN_CAPACITY}, got {capacity!r}"
+        )
+    return RING_HEADER_SIZE + capacity
+
+
+def format_ring(buffer, capacity=None) -> int:
+    """Write a fresh ring header into ``buffer`` and return the capacity.
+
+    ``capacity`` defaults to the largest power of two that fits.  Positions
+    start at zero; nothing must be attached to the region while it is
+    formatted.
+    """
+    cdef Py_buffer view
+    cdef uint64_t cap
+    cdef uint8_t *base
+    _get_region(buffer, &view, RING_HEADER_SIZE + RING_MIN_CAPACITY)
+    try:
+        room = view.len - RING_HEADER_SIZE
+        if capacity is None:
+            cap = 1
+            while cap * 2 <= <uint64_t>room:
+                cap *= 2
+        else:
+            if capacity < RING_MIN_CAPACITY or not _is_pow2(capacity):
+                raise ValueError(
+                    f"ring capacity must be a power of two >= {RING_MIN_CAPACITY}, "
+                    f"got {capacity!r}"
+                )
+            if capacity > room:
+                raise RingAttachError(
+                    f"ring buffer too small: {view.len} bytes cannot hold a "
+                    f"{RING_HEADER_SIZE}-byte header and {capacity} data bytes"
+                )
+            cap = capacity
+        base = <uint8_t *>view.buf
+        memset(base, 0, RING_HEADER_SIZE)
+        (<uint32_t *>(base + OFF_VERSION))[0] = RING_VERSION
+        (<uint32_t *>(base + OFF_HEADER_SIZE))[0] = RING_HEADER_SIZE
+        (<uint64_t *>(base + OFF_CAPACITY))[0] = cap
+        # Magic last, with release: whoever sees it sees a whole header.
+        acl_store_release_u64(<uint64_t *>(base + OFF_MAGIC), _MAGIC_U64)
+        return cap
+    finally:
+        PyBuffer_Release(&view)
+
+
+cdef uint64_t _attach_ring(_End end, object buffer) except 0:
+    """Export ``buffer``, validate its ring header, bind the cells; return capacity."""
+    cdef uint64_t cap
+    cdef uint8_t *base
+    end._export(buffer)
+    base = end._base
+    magic = acl_load_acquire_u64(<uint64_t *>(base + OFF_MAGIC))
+    problem = None
+    if magic != _MAGIC_U64:
+        problem = f"not a ring: magic is {(<char *>base)[:8]!r}, expected {MAGIC!r}"
+    else:
+        version = (<uint32_t *>(base + OFF_VERSION))[0]
+        header_size = (<uint32_t *>(base + OFF_HEADER_SIZE))[0]
+        cap = (<uint64_t *>(base + OFF_CAPACITY))[0]
+        if version != RING_VERSION:
+            problem = (f"ring layout version {version} is not supported "
+                       f"(this aiocoloc speaks version {RING_VERSION})")
+        elif header_size != RING_HEADER_SIZE:
+            problem = f"ring header size {header_size} is wrong (expected {RING_HEADER_SIZE})"
+        elif cap < RING_MIN_CAPACITY or not _is_pow2(cap):
+            problem = f"ring capacity {cap} is not a power of two >= {RING_MIN_CAPACITY}"
+        elif cap > <uint64_t>(end._buf.len - RING_HEADER_SIZE):
+            problem = (f"ring buffer too small: header says capacity {cap} but the "
+                       f"buffer holds only {end._buf.len - RING_HEADER_SIZE} data bytes")
+    if problem is not None:
+        end._drop_buffer()
+        raise RingAttachError(problem)
+    end._bind_cells(0)
+    end._view = memoryview(buffer).cast("B")
+    return cap
+
+
+cdef class RingProducer(_Producer):
+    """The writing end of a contiguous ring."""
+
+    def __init__(self, buffer):
+        self._capacity = _attach_ring(self, buffer)
+        self._mask = self._capacity - 1
+        self._start_positions()
+
+    cdef Span _locate(self, uint64_t pos) noexcept nogil:
+        cdef Span span
+        cdef uint64_t off = pos & self._mask
+        span.offset = RING_HEADER_SIZE + off
+        span.length = self._capacity - off
+        return span
+
+    cdef uint64_t _limit(self, uint64_t head) noexcept nogil:
+        return head + self._capacity
+
+    @property
+    def capacity(self) -> int:
+        """Data bytes the ring holds (fixed at attach)."""
+        return self._capacity
+
+
+cdef class RingConsumer(_Consumer):
+    """The reading end of a contiguous ring."""
+
+    def __init__(self, buffer):
+        self._capacity = _attach_ring(self, buffer)
+        self._mask = self._capacity - 1
+        self._start_positions()
+
+    cdef Span _locate(self, uint64_t pos) noexcept nogil:
+        cdef Span span
+        cdef uint64_t off = pos & self._mask
+        span.offset = RING_HEADER_SIZE + off
+        span.length = self._capacity - off
+        return span
+
+    cdef uint64_t _limit(self, uint64_t head) noexcept nogil:
+        return head + self._capacity
+
+    @property
+    def capacity(self) -> int:
+        """Data bytes the ring holds (fixed at attach)."""
+        return self._capacity
+
+
+# ---------------------------------------------------------------------------
+# Elastic pipe made of pool slices
+# ---------------------------------------------------------------------------
+
+cdef inline uint64_t _slot_size(uint64_t max_slices) noexcept nogil:
+    return (LAYOUT_SLOT_HEADER + 4 * max_slices + 7) & ~(<uint64_t>7)
+
+
+def pipe_entry_size(max_slices: int) -> int:
+    """Bytes of a pipe entry whose layouts hold up to ``max_slices`` slices."""
+    if max_slices < 1:
+        raise ValueError(f"max_slices must be >= 1, got {max_slices!r}")
+    return (OFF_LAYOUT_SLOTS + 2 * _slot_size(max_slices) + 63) & ~63
+
+
+cdef class _PipeGeometry:
+    """Where a pipe and its pool's slices are, checked against the region."""
+
+    def __init__(self, Py_ssize_t region_len, entry_offset, data_offset, slice_size,
+                 slice_count, max_slices):
+        if slice_size < 64 or not _is_pow2(slice_size):
+            raise ValueError(f"slice size must be a power of two >= 64, got {slice_size!r}")
+        if max_slices < 1 or slice_count < 1:
+            raise ValueError("a pipe needs max_slices >= 1 and a pool with slices")
+        if entry_offset % 64 or data_offset % 64:
+            raise RingAttachError("pipe entry and slices must be 64-byte aligned")
+        if entry_offset + pipe_entry_size(max_slices) > region_len:
+            raise RingAttachError(
+                f"pipe entry at {entry_offset} does not fit a region of {region_len} bytes")
+        if data_offset + slice_count * slice_size > region_len:
+            raise RingAttachError(
+                f"{slice_count} slices of {slice_size} bytes at {data_offset} do not fit "
+                f"a region of {region_len} bytes")
+        self.entry_offset = entry_offset
+        self.data_offset = data_offset
+        self.slice_size = slice_size
+        self.slice_shift = int(slice_size).bit_length() - 1
+        self.slice_count = slice_count
+        self.max_slices = max_slices
+
+
+def format_pipe(buffer, entry_offset, max_slices, slices, start=0) -> None:
+    """Initialise a pipe entry (offsets 48 and up) with its first layout.
+
+    The pool calls this while it owns the entry; nothing may be attached.
+    """
+    cdef Py_buffer view
+    cdef uint8_t *entry
+    cdef uint64_t i
+    if not 1 <= len(slices) <= max_slices:
+        raise ValueError(f"a pipe needs 1..{max_slices} slices, got {len(slices)}")
+    _get_region(buffer, &view, 0)
+    try:
+        if entry_offset % 64 or entry_offset + pipe_entry_size(max_slices) > view.len:
+            raise RingAttachError(f"pipe entry at {entry_offset} does not fit the region")
+        entry = <uint8_t *>view.buf + <uint64_t>entry_offset
+        memset(entry + OFF_LAYOUT_SEQ, 0, pipe_entry_size(max_slices) - OFF_LAYOUT_SEQ)
+        (<uint64_t *>(entry + OFF_TAIL))[0] = start
+        (<uint64_t *>(entry + OFF_HEAD))[0] = start
+        (<uint64_t *>(entry + OFF_LAYOUT_SLOTS))[0] = start
+        (<uint32_t *>(entry + OFF_LAYOUT_SLOTS + 8))[0] = len(slices)
+        for i in range(len(slices)):
+            (<uint32_t *>(entry + OFF_LAYOUT_SLOTS + LAYOUT_SLOT_HEADER))[i] = slices[i]
+        acl_store_release_u64(<uint64_t *>(entry + OFF_LAYOUT_SEQ), 0)
+    finally:
+        PyBuffer_Release(&view)
+
+
+cdef inline Span _pipe_locate(_PipeGeometry geo, Layout *layout, uint64_t pos) noexcept nogil:
+    cdef Span span
+    cdef uint64_t rel = pos - layout.start
+    cdef uint64_t off = rel & (geo.slice_size - 1)
+    # layout.count >= 1 and every index < slice_count: validated on copy-in.
+    cdef uint64_t index = layout.slices[(rel >> geo.slice_shift) % layout.count]
+    span.offset = geo.data_offset + (index << geo.slice_shift) + off
+    span.length = geo.slice_size - off
+    return span
+
+
+cdef inline uint64_t _pipe_limit(uint64_t head, Layout *cur, Layout *nxt, bint pending,
+                                 uint64_t switch, uint64_t slice_size) noexcept nogil:
+    if not pending:
+        return head + cur.count * slice_size
+    if head < switch:
+        return _min(head + cur.count * slice_size, switch + nxt.count * slice_size)
+    return head + nxt.count * slice_size
+
+
+cdef int _copy_layout(_End end, _PipeGeometry geo, uint64_t seq, Layout *into) except -1:
+    """Copy layout slot ``seq & 1`` into local memory, validating each value once."""
+    cdef uint8_t *slot = (end._base + geo.entry_offset + OFF_LAYOUT_SLOTS
+                          + (seq & 1) * _slot_size(geo.max_slices))
+    cdef uint64_t count = (<uint32_t *>(slot + 8))[0]
+    cdef uint64_t i, index
+    if count < 1 or count > geo.max_slices:
+        end._corrupt(f"pipe layout {seq} has {count} slices (allowed 1..{geo.max_slices})")
+    into.start = (<uint64_t *>slot)[0]
+    for i in range(count):
+        index = (<uint32_t *>(slot + LAYOUT_SLOT_HEADER))[i]
+        if index >= geo.slice_count:
+            end._corrupt(f"pipe layout {seq} names slice {index} of {geo.slice_count}")
+        into.slices[i] = <uint32_t>index
+    into.count = count
+    return 0
+
+
+cdef uint32_t *_alloc_slices(uint64_t n) except NULL:
+    cdef uint32_t *p = <uint32_t *>malloc(n * sizeof(uint32_t))
+    if p == NULL:
+        raise MemoryError()
+    return p
+
+
+cdef list _layout_list(Layout *layout):
+    return [layout.slices[i] for i in range(layout.count)]
+
+
+cdef class PipeProducer(_Producer):
+    """The writing end of an elastic pipe whose bytes live in pool slices.
+
+    ``region`` is the whole pool mapping; the geometry comes from the pool's
+    validated local copy.  Only the producer resizes (``resize``).
+    """
+
+    def __init__(self, region, entry_offset, data_offset, slice_size, slice_count, max_slices):
+        cdef uint64_t ack
+        self._export(region)
+        try:
+            self._geo = _PipeGeometry(self._buf.len, entry_offset, data_offset, slice_size,
+                                      slice_count, max_slices)
+        except BaseException:
+            self._drop_buffer()
+            raise
+        self._cur.slices = _alloc_slices(max_slices)
+        self._next.slices = _alloc_slices(max_slices)
+        self._bind_cells(self._geo.entry_offset)
+        self._layout_seq_p = <uint64_t *>(self._base + self._geo.entry_offset + OFF_LAYOUT_SEQ)
+        self._layout_ack_p = <uint64_t *>(self._base + self._geo.entry_offset + OFF_LAYOUT_ACK)
+        self._view = memoryview(region).cast("B")
+        self._seq = acl_load_acquire_u64(self._layout_seq_p)
+        ack = acl_load_acquire_u64(self._layout_ack_p)
+        if ack != self._seq and ack + 1 != self._seq:
+            self._corrupt(f"pipe layout ack {ack} does not match layout {self._seq}")
+        _copy_layout(self, self._geo, ack, &self._cur)
+        if ack != self._seq:
+            _copy_layout(self, self._geo, self._seq, &self._next)
+            self._switch = self._next.start
+            self._pending = True
+        self._start_positions()
+
+    def __dealloc__(self):
+        free(self._cur.slices)
+        free(self._next.slices)
+
+    cdef Span _locate(self, uint64_t pos) noexcept nogil:
+        if self._pending and pos >= self._switch:
+            return _pipe_locate(self._geo, &self._next, pos)
+        return _pipe_locate(self._geo, &self._cur, pos)
+
+    cdef uint64_t _limit(self, uint64_t head) noexcept nogil:
+        return _pipe_limit(head, &self._cur, &self._next, self._pending, self._switch,
+                           self._geo.slice_size)
+
+    cdef int _read_layout_slot(self, uint64_t seq, Layout *into) except -1:
+        return _copy_layout(self, self._geo, seq, into)
+
+    cdef int _publish(self, uint64_t start, list slices) except -1:
+        cdef uint8_t *slot = (self._base + self._geo.entry_offset + OFF_LAYOUT_SLOTS
+                              + ((self._seq + 1) & 1) * _slot_size(self._geo.max_slices))
+        cdef uint64_t i
+        (<uint64_t *>slot)[0] = start
+        (<uint32_t *>(slot + 8))[0] = len(slices)
+        for i in range(len(slices)):
+            (<uint32_t *>(slot + LAYOUT_SLOT_HEADER))[i] = slices[i]
+            self._next.slices[i] = slices[i]
+        self._next.count = len(slices)
+        self._next.start = start
+        self._switch = start
+        self._pending = True
+        self._seq += 1
+        acl_store_release_u64(self._layout_seq_p, self._seq)
+        return 0
+
+    def _settle(self) -> None:
+        """Adopt the pending layout locally once the consumer is past it."""
+        cdef Layout tmp
+        if self._pending and self._last_head >= self._switch:
+            tmp = self._cur
+            self._cur = self._next
+            self._next = tmp
+            self._pending = False
+
+    @property
+    def slice_size(self) -> int:
+        """Bytes in one slice of the pool."""
+        return self._geo.slice_size
+
+    @property
+    def slices(self) -> list:
+        """Slice indices of the newest layout, in order."""
+        return _layout_list(&self._next if self._pending else &self._cur)
+
+    @property
+    def capacity(self) -> int:
+        """Bytes the pipe holds under its newest layout."""
+        return (self._next.count if self._pending else self._cur.count) * self._geo.slice_size
+
+    def switch_complete(self) -> bool:
+        """True when no resize is in flight: slices a resize dropped hold no
+        unread byte and may go back to the pool."""
+        self._check_usable()
+        self._load_head()
+        self._settle()
+        return not self._pending
+
+    def can_resize(self) -> bool:
+        """True when the consumer has taken up the newest layout, so another
+        resize may be published."""
+        self._check_usable()
+        cdef uint64_t ack = acl_load_acquire_u64(self._layout_ack_p)
+        if ack != self._seq and ack + 1 != self._seq:
+            self._corrupt(f"pipe layout ack {ack} does not match layout {self._seq}")
+        return ack == self._seq and self.switch_complete()
+
+    def resize(self, Py_ssize_t keep, added=()) -> tuple:
+        """Publish a new layout: the first ``keep`` slices of the current one
+        (rotated to the switch point) followed by the ``added`` slice indices.
+
+        Returns ``(switch_position, dropped_slices)``; the dropped slices may
+        be reused once ``switch_complete()`` is true.  Bytes are never lost or
+        reordered: see the resizing rules in ``_ring.pxd``.
+        """
+        cdef uint64_t head, start, rotation, n, i
+        cdef list rotated, new
+        self._check_usable()
+        if not self.can_resize():
+            raise RuntimeError("a resize is still in flight (see can_resize())")
+        n = self._cur.count
+        added = [int(i) for i in added]
+        if keep < 0 or <uint64_t>keep > n:
+            raise ValueError(f"keep must be in 0..{n}, got {keep}")
+        if keep + len(added) < 1 or <uint64_t>(keep + len(added)) > self._geo.max_slices:
+            raise ValueError(
+                f"a pipe needs 1..{self._geo.max_slices} slices, got {keep + len(added)}")
+        for i in added:
+            if i >= self._geo.slice_count:
+                raise ValueError(f"slice {i} is not in the pool ({self._geo.slice_count} slices)")
+        head = self._load_head()
+        if head == self._tail:
+            start = self._tail   # empty: any position, any slices
+        else:
+            start = self._cur.start + (
+                (self._tail - self._cur.start + self._geo.slice_size - 1)
+                >> self._geo.slice_shift << self._geo.slice_shift)
+        rotation = ((start - self._cur.start) >> self._geo.slice_shift) % n
+        current = _layout_list(&self._cur)
+        rotated = current[rotation:] + current[:rotation]
+        new = rotated[:keep] + added
+        if len(set(new)) != len(new):
+            raise ValueError("a slice cannot appear twice in a pipe")
+        self._publish(start, new)
+        self._load_head()
+        self._settle()
+        return start, rotated[keep:]
+
+
+cdef class PipeConsumer(_Consumer):
+    """The reading end of an elastic pipe whose bytes live in pool slices."""
+
+    def __init__(self, region, entry_offset, data_offset, slice_size, slice_count, max_slices):
+        cdef uint64_t seq
+        self._export(region)
+        try:
+            self._geo = _PipeGeometry(self._buf.len, entry_offset, data_offset, slice_size,
+                                      slice_count, max_slices)
+        except BaseException:
+            self._drop_buffer()
+            raise
+        self._cur.slices = _alloc_slices(max_slices)
+        self._next.slices = _alloc_slices(max_slices)
+        self._bind_cells(self._geo.entry_offset)
+        self._layout_seq_p = <uint64_t *>(self._base + self._geo.entry_offset + OFF_LAYOUT_SEQ)
+        self._layout_ack_p = <uint64_t *>(self._base + self._geo.entry_offset + OFF_LAYOUT_ACK)
+        self._view = memoryview(region).cast("B")
+        self._seq = acl_load_acquire_u64(self._layout_ack_p)
+        _copy_layout(self, self._geo, self._seq, &self._cur)
+        self._head = acl_load_acquire_u64(self._head_p)
+        self._before_tail_check()
+        self._start_positions()
+
+    def __dealloc__(self):
+        free(self._cur.slices)
+        free(self._next.slices)
+
+    cdef Span _locate(self, uint64_t pos) noexcept nogil:
+        if self._pending and pos >= self._switch:
+            return _pipe_locate(self._geo, &self._next, pos)
+        return _pipe_locate(self._geo, &self._cur, pos)
+
+    cdef uint64_t _limit(self, uint64_t head) noexcept nogil:
+        return _pipe_limit(head, &self._cur, &self._next, self._pending, self._switch,
+                           self._geo.slice_size)
+
+    cdef int _read_layout_slot(self, uint64_t seq, Layout *into) except -1:
+        return _copy_layout(self, self._geo, seq, into)
+
+    cdef int _before_tail_check(self) except -1:
+        # Called right after tail was load-acquired: a layout published
+        # before that tail is visible now.
+        cdef uint64_t seq = acl_load_acquire_u64(self._layout_seq_p)
+        if seq == self._seq:
+            return 0
+        if seq != self._seq + 1:
+            self._corrupt(f"pipe layout jumped from {self._seq} to {seq}")
+        if not self._pending:
+            self._read_layout_slot(seq, &self._next)
+            if self._next.start < self._head:
+                self._corrupt(
+                    f"pipe layout {seq} starts at {self._next.start}, before the "
+                    f"consumer head {self._head}")
+            self._switch = self._next.start
+            self._pending = True
+        return self._after_advance()
+
+    cdef int _after_advance(self) except -1:
+        cdef Layout tmp
+        if self._pending and self._head >= self._switch:
+            tmp = self._cur
+            self._cur = self._next
+            self._next = tmp
+            self._pending = False
+            self._seq += 1
+            acl_store_release_u64(self._layout_ack_p, self._seq)
+        return 0
+
+    @property
+    def slices(self) -> list:
+        """Slice indices of the layout the consumer reads from now."""
+        return _layout_list(&self._cur)
+
+    @property
+    def capacity(self) -> int:
+        """Bytes the pipe holds under the newest layout this end knows."""
+        return (self._next.count if self._pending else self._cur.count) * self._geo.slice_size

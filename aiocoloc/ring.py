@@ -1,4 +1,4 @@
-"""The shared-memory byte ring, compiled or pure Python.
+"""The shared-memory byte channels (rings and pipes), compiled or pure Python.
 
 ``AIOCOLOC_NO_EXTENSIONS=1`` selects the pure-Python reference; otherwise the
 Cython core is used and the reference only stands in (with a warning in the

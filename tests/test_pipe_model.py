@@ -1,0 +1,358 @@
+"""Elastic pipes against a FIFO model, with random grows and shrinks while data
+is in flight.  Slices a resize drops are scribbled over as soon as they are
+handed back, as another pipe reusing them would: no unread byte may live there."""
+
+from __future__ import annotations
+
+import mmap
+from types import ModuleType
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from aiocoloc import _ring_py
+from aiocoloc.errors import RingAttachError, RingCorrupted
+
+from .conftest import _ring_c
+
+SLICE = 64
+SLICES = 16
+MAX_SLICES = 8
+
+
+class PipeRegion:
+    """An anonymous mapping holding one pipe entry and SLICES slices."""
+
+    def __init__(self, impl: ModuleType, first: list[int], max_slices: int = MAX_SLICES) -> None:
+        self.impl = impl
+        self.entry = 0
+        self.data = (impl.pipe_entry_size(max_slices) + 63) // 64 * 64
+        self.region = mmap.mmap(-1, self.data + SLICES * SLICE)
+        impl.format_pipe(self.region, self.entry, max_slices, first)
+        self.geometry = (self.entry, self.data, SLICE, SLICES, max_slices)
+
+    def producer(self) -> Any:
+        return self.impl.PipeProducer(self.region, *self.geometry)
+
+    def consumer(self) -> Any:
+        return self.impl.PipeConsumer(self.region, *self.geometry)
+
+    def scribble(self, index: int) -> None:
+        start = self.data + index * SLICE
+        self.region[start : start + SLICE] = b"\xee" * SLICE
+
+
+class PipeAgainstModel(RuleBasedStateMachine):
+    impl: ModuleType = _ring_py
+
+    @initialize(first=st.integers(1, 3))
+    def setup(self, first: int) -> None:
+        self.free = list(range(SLICES))
+        initial, self.free = self.free[:first], self.free[first:]
+        self.pipe = PipeRegion(self.impl, initial)
+        self.producer = self.pipe.producer()
+        self.consumer = self.pipe.consumer()
+        self.model = bytearray()
+        self.dropped: list[int] = []
+        self.counter = 0
+
+    def payload(self, n: int) -> bytes:
+        out = bytes((self.counter + i) % 251 for i in range(n))
+        return out
+
+    @rule(n=st.integers(0, 700))
+    def write(self, n: int) -> None:
+        room = self.producer.free()
+        data = self.payload(n)
+        written = self.producer.write(data)
+        assert written == min(n, room)
+        self.model += data[:written]
+        self.counter += written
+
+    @rule(n=st.integers(-1, 700))
+    def read(self, n: int) -> None:
+        got = self.consumer.read(n)
+        if not self.model:
+            assert got is None
+            return
+        k = len(self.model) if n < 0 else min(n, len(self.model))
+        assert got == bytes(self.model[:k])
+        del self.model[:k]
+
+    @rule(n=st.integers(-1, 700), fraction=st.floats(0, 1))
+    def peek_consume(self, n: int, fraction: float) -> None:
+        view = self.consumer.peek(n)
+        if not self.model:
+            assert view is None
+            return
+        assert view is not None
+        seen = bytes(view)
+        view.release()
+        assert 0 < len(seen) <= SLICE or n == 0 == len(seen)
+        if n >= 0:
+            assert len(seen) <= n
+        assert seen == bytes(self.model[: len(seen)])
+        k = int(len(seen) * fraction)
+        self.consumer.consume(k)
+        del self.model[:k]
+
+    @precondition(lambda self: hasattr(self, "producer"))
+    @rule(keep=st.integers(0, MAX_SLICES), add=st.integers(0, 4))
+    def resize(self, keep: int, add: int) -> None:
+        if not self.producer.can_resize():
+            with pytest.raises(RuntimeError, match="in flight"):
+                self.producer.resize(len(self.producer.slices))
+            return
+        current = len(self.producer.slices)
+        keep = min(keep, current)
+        add = min(add, len(self.free), MAX_SLICES - keep)
+        if keep + add == 0:
+            with pytest.raises(ValueError):
+                self.producer.resize(0)
+            return
+        added, self.free = self.free[:add], self.free[add:]
+        _, dropped = self.producer.resize(keep, added)
+        assert len(dropped) == current - keep
+        self.dropped += dropped
+        self.reclaim()
+
+    @rule()
+    def reclaim(self) -> None:
+        if self.dropped and self.producer.switch_complete():
+            for index in self.dropped:
+                self.pipe.scribble(index)  # as a new owner would
+            self.free += self.dropped
+            self.dropped = []
+
+    @invariant()
+    def accounting(self) -> None:
+        if not hasattr(self, "model"):
+            return
+        assert self.consumer.used() == len(self.model)
+        assert self.producer.used() == len(self.model)
+        assert self.producer.free() >= 0
+        in_pipe = set(self.producer.slices) | set(self.consumer.slices)
+        assert not in_pipe & set(self.free), "a slice is both free and in the pipe"
+        assert not set(self.dropped) & set(self.free)
+        assert len(self.free) + len(self.dropped) + len(set(self.producer.slices)) <= SLICES
+
+    def teardown(self) -> None:
+        if hasattr(self, "pipe"):
+            self.producer.release()
+            self.consumer.release()
+            self.pipe.region.close()
+
+
+class TestPythonPipeModel(PipeAgainstModel.TestCase):  # type: ignore[name-defined]
+    settings = settings(max_examples=150, stateful_step_count=80, deadline=None)
+
+
+if _ring_c is not None:
+
+    class CythonPipeAgainstModel(PipeAgainstModel):
+        impl = _ring_c
+
+    class TestCythonPipeModel(CythonPipeAgainstModel.TestCase):  # type: ignore[name-defined]
+        settings = settings(max_examples=200, stateful_step_count=80, deadline=None)
+
+
+# --- rules one at a time --------------------------------------------------------
+
+
+def test_grow_takes_effect_at_a_slice_boundary(ring_impl: ModuleType) -> None:
+    pipe = PipeRegion(ring_impl, [0])
+    producer, consumer = pipe.producer(), pipe.consumer()
+    assert producer.write(b"a" * 100) == SLICE  # one slice: full
+    assert producer.capacity == SLICE
+    switch, dropped = producer.resize(1, [1, 2])
+    assert (switch, dropped) == (SLICE, [])
+    assert producer.capacity == 3 * SLICE
+    assert producer.free() == 0  # consumer has not passed the switch yet
+    assert consumer.read(10) == b"a" * 10
+    assert producer.free() == 10  # old limit until the consumer reaches the switch
+    assert consumer.read() == b"a" * 54
+    assert producer.free() == 3 * SLICE
+    assert producer.write(b"b" * 200) == 3 * SLICE
+    assert consumer.read() == b"b" * 3 * SLICE
+    assert consumer.slices == [0, 1, 2]
+    assert producer.can_resize()
+    for end in (producer, consumer):
+        end.release()
+    pipe.region.close()
+
+
+def test_shrink_frees_slices_once_the_consumer_passed(ring_impl: ModuleType) -> None:
+    pipe = PipeRegion(ring_impl, [3, 4, 5])
+    producer, consumer = pipe.producer(), pipe.consumer()
+    producer.write(bytes(range(100)))
+    switch, dropped = producer.resize(1)
+    assert switch == 2 * SLICE  # next slice boundary after tail 100
+    assert dropped == [3, 4]  # rotated: slice 5, which holds byte 128, stays first
+    assert not producer.switch_complete()
+    assert consumer.read(64) == bytes(range(64))
+    assert not producer.switch_complete()
+    assert consumer.read() == bytes(range(64, 100))
+    assert not producer.switch_complete()  # head 100 < switch 128
+    producer.write(b"x" * 28)
+    assert consumer.read() == b"x" * 28
+    assert producer.switch_complete()
+    for index in dropped:
+        pipe.scribble(index)
+    producer.write(b"y" * 64)
+    assert consumer.read() == b"y" * 64
+    assert consumer.slices == producer.slices == [5]
+    for end in (producer, consumer):
+        end.release()
+    pipe.region.close()
+
+
+def test_empty_pipe_switches_at_once(ring_impl: ModuleType) -> None:
+    pipe = PipeRegion(ring_impl, [0, 1, 2, 3])
+    producer, consumer = pipe.producer(), pipe.consumer()
+    producer.write(b"z" * 70)
+    assert consumer.read() == b"z" * 70
+    switch, dropped = producer.resize(1)
+    assert switch == 70
+    assert len(dropped) == 3
+    assert producer.switch_complete()  # nothing in flight: slices free now
+    assert not producer.can_resize()  # until the consumer takes up the layout
+    assert consumer.read() is None
+    assert producer.can_resize()
+    for end in (producer, consumer):
+        end.release()
+    pipe.region.close()
+
+
+def test_resize_rejects_bad_requests(ring_impl: ModuleType) -> None:
+    pipe = PipeRegion(ring_impl, [0, 1])
+    producer, consumer = pipe.producer(), pipe.consumer()
+    with pytest.raises(ValueError, match=r"keep must be in 0\.\.2"):
+        producer.resize(3)
+    with pytest.raises(ValueError, match=r"1\.\.8 slices"):
+        producer.resize(0)
+    with pytest.raises(ValueError, match="not in the pool"):
+        producer.resize(1, [99])
+    with pytest.raises(ValueError, match="twice"):
+        producer.resize(2, [0])
+    for end in (producer, consumer):
+        end.release()
+    pipe.region.close()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("count", 0, "has 0 slices"),
+        ("count", MAX_SLICES + 1, "has 9 slices"),
+        ("index", SLICES, "names slice 16 of 16"),
+        ("seq", 5, "jumped from 0 to 5"),
+        ("start", 0, "before the consumer head"),
+    ],
+)
+def test_consumer_rejects_hostile_layouts(
+    ring_impl: ModuleType, field: str, value: int, message: str
+) -> None:
+    pipe = PipeRegion(ring_impl, [0, 1])
+    producer, consumer = pipe.producer(), pipe.consumer()
+    producer.write(b"q" * 10)
+    consumer.read(10)
+    layout = ring_impl.LAYOUT
+    slot1 = (
+        layout["layout_slots_offset"] + (layout["layout_slot_header"] + 4 * MAX_SLICES + 7) // 8 * 8
+    )
+    region = pipe.region
+    region[slot1 : slot1 + 8] = (10).to_bytes(8, "little")
+    region[slot1 + 8 : slot1 + 12] = (1).to_bytes(4, "little")
+    region[slot1 + 16 : slot1 + 20] = (1).to_bytes(4, "little")
+    if field == "count":
+        region[slot1 + 8 : slot1 + 12] = value.to_bytes(4, "little")
+    elif field == "index":
+        region[slot1 + 16 : slot1 + 20] = value.to_bytes(4, "little")
+    elif field == "start":
+        region[slot1 : slot1 + 8] = value.to_bytes(8, "little")
+    seq = value if field == "seq" else 1
+    off = layout["layout_seq_offset"]
+    region[off : off + 8] = seq.to_bytes(8, "little")
+    with pytest.raises(RingCorrupted, match=message):
+        consumer.read()
+    for end in (producer, consumer):
+        end.release()
+    region.close()
+
+
+def test_pipe_geometry_is_checked(ring_impl: ModuleType) -> None:
+    region = mmap.mmap(-1, 8192)
+    with pytest.raises(ValueError, match="power of two"):
+        ring_impl.PipeProducer(region, 0, 4096, 100, 4, 4)
+    with pytest.raises(RingAttachError, match="do not fit"):
+        ring_impl.PipeConsumer(region, 0, 4096, 1024, 8, 4)
+    with pytest.raises(RingAttachError, match="64-byte aligned"):
+        ring_impl.PipeConsumer(region, 8, 4096, 1024, 2, 4)
+    region.close()
+
+
+# --- differential: both implementations agree on pipes -----------------------------
+
+PIPE_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("write"), st.integers(0, 300)),
+        st.tuples(st.just("read"), st.integers(-1, 300)),
+        st.tuples(st.just("peek"), st.integers(-1, 100)),
+        st.tuples(st.just("consume"), st.integers(0, 100)),
+        st.tuples(st.just("resize"), st.integers(0, 12)),
+        st.tuples(st.just("state"), st.just(0)),
+    ),
+    max_size=60,
+)
+
+
+def run_pipe_ops(impl: ModuleType, ops: list[tuple[str, int]]) -> list[Any]:
+    pipe = PipeRegion(impl, [0, 1])
+    producer, consumer = pipe.producer(), pipe.consumer()
+    spare = list(range(2, SLICES))
+    results: list[Any] = []
+    for op, n in ops:
+        try:
+            if op == "write":
+                results.append(producer.write(bytes(i % 256 for i in range(n))))
+            elif op == "read":
+                results.append(consumer.read(n))
+            elif op == "peek":
+                view = consumer.peek(n)
+                results.append(None if view is None else bytes(view))
+                if view is not None:
+                    view.release()
+            elif op == "consume":
+                results.append(consumer.consume(n))
+            elif op == "resize":
+                keep, add = n % 4, n // 4
+                added, spare = spare[:add], spare[add:]
+                switch, dropped = producer.resize(keep, added)
+                results.append((switch, dropped))
+                spare += dropped
+            else:
+                results.append(
+                    (
+                        producer.free(),
+                        consumer.used(),
+                        producer.slices,
+                        consumer.slices,
+                        producer.switch_complete(),
+                    )
+                )
+        except Exception as exc:
+            results.append((type(exc), str(exc)))
+    for end in (producer, consumer):
+        end.release()
+    pipe.region.close()
+    return results
+
+
+@pytest.mark.skipif(_ring_c is None, reason="Cython ring not built")
+@settings(max_examples=300, deadline=None)
+@given(ops=PIPE_OPS)
+def test_pipe_implementations_agree(ops: list[tuple[str, int]]) -> None:
+    assert run_pipe_ops(_ring_c, ops) == run_pipe_ops(_ring_py, ops)
