@@ -11,11 +11,12 @@ if os.environ.get("AIOCOLOC_NO_EXTENSIONS", "") in ("", "0"):
     ext_modules = cythonize(
         [
             Extension(
-                "aiocoloc._ring",
-                ["aiocoloc/_ring.pyx"],
+                f"aiocoloc.{name}",
+                [f"aiocoloc/{name}.pyx"],
                 include_dirs=["aiocoloc"],
                 extra_compile_args=["-O2", "-std=c11"],
             )
+            for name in ("_ring", "_atomic")
         ],
         compiler_directives={"language_level": "3"},
     )

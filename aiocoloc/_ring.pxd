@@ -166,6 +166,7 @@ cdef class _End:
     cdef uint32_t *_consumer_sleeping_p
     cdef bint _corrupted
     cdef bint _closed
+    cdef object __weakref__      # pools track the ends they hand out
 
     cdef int _export(self, object buffer) except -1
     cdef void _bind_cells(self, uint64_t offset) noexcept

@@ -31,3 +31,19 @@ class RingCorrupted(RingError):
 
 class RingClosed(RingError, BrokenPipeError):
     """Writing to a ring whose consumer has gone, or using an end after close."""
+
+
+class SegmentError(AiocolocError):
+    """A shared-memory segment cannot be created, opened or mapped."""
+
+
+class PoolError(AiocolocError):
+    """A pool cannot be created, attached or used."""
+
+
+class PoolExhausted(PoolError):
+    """The pool has no free slice, pipe entry or member slot for the request."""
+
+
+class PoolCorrupted(PoolError):
+    """The pool's shared tables break their invariants (a buggy or hostile member)."""

@@ -22,13 +22,17 @@ __all__ = [
     "LAYOUT",
     "LAYOUT_VERSION",
     "MIN_CAPACITY",
+    "PipeConsumer",
+    "PipeProducer",
     "RingAttachError",
     "RingClosed",
     "RingConsumer",
     "RingCorrupted",
     "RingError",
     "RingProducer",
+    "format_pipe",
     "format_ring",
+    "pipe_entry_size",
     "ring_size",
 ]
 
@@ -57,9 +61,13 @@ if TYPE_CHECKING:
         LAYOUT,
         LAYOUT_VERSION,
         MIN_CAPACITY,
+        PipeConsumer,
+        PipeProducer,
         RingConsumer,
         RingProducer,
+        format_pipe,
         format_ring,
+        pipe_entry_size,
         ring_size,
     )
 else:

@@ -41,6 +41,22 @@ static inline uint32_t acl_exchange_u32(volatile uint32_t *p, uint32_t v) {
     return atomic_exchange_explicit((volatile _Atomic uint32_t *)p, v, memory_order_seq_cst);
 }
 
+static inline int acl_cas_u64(volatile uint64_t *p, uint64_t expected, uint64_t desired) {
+    return atomic_compare_exchange_strong_explicit(
+        (volatile _Atomic uint64_t *)p, &expected, desired,
+        memory_order_seq_cst, memory_order_seq_cst);
+}
+
+static inline uint64_t acl_fetch_add_u64(volatile uint64_t *p, uint64_t v) {
+    return atomic_fetch_add_explicit((volatile _Atomic uint64_t *)p, v, memory_order_seq_cst);
+}
+
+static inline int acl_cas_u32(volatile uint32_t *p, uint32_t expected, uint32_t desired) {
+    return atomic_compare_exchange_strong_explicit(
+        (volatile _Atomic uint32_t *)p, &expected, desired,
+        memory_order_seq_cst, memory_order_seq_cst);
+}
+
 /* Full (store-load) fence: the Dekker-style sleep flags need it. */
 static inline void acl_fence_seq_cst(void) {
     atomic_thread_fence(memory_order_seq_cst);

@@ -1,0 +1,157 @@
+"""The producer side of an elastic pipe: writes, demand, and resizing.
+
+An ``ElasticProducer`` wraps a pool pipe's producer end.  It counts the bytes
+it accepts and the time it spends blocked on a full pipe; every ``interval``
+(on a write, or when its owner calls ``tick()`` -- the transport does so from
+its event loop) it publishes those counters in the pool, reads every pipe's
+counters, computes the pool-wide proportional targets and moves its own pipe
+toward its target: growing with slices the pool can spare now, shrinking at
+the pipe's next safe point and handing the dropped slices back once the
+consumer has passed it.  Nothing here runs on a write that is not due.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiocoloc.allocation import demand_from, proportional_targets
+from aiocoloc.pool import PipeHandle, Pool
+
+__all__ = ["ElasticConfig", "ElasticProducer"]
+
+_log = logging.getLogger("aiocoloc.elastic")
+
+
+@dataclass(frozen=True)
+class ElasticConfig:
+    """Knobs of the resizing policy."""
+
+    #: Seconds between two looks at demand (and resize steps).
+    interval: float = 0.05
+    #: Weight of the newest interval in the smoothed demand (0 < a <= 1).
+    smoothing: float = 0.5
+
+
+@dataclass
+class _Seen:
+    offered: int
+    blocked_ns: int
+    demand: float = 0.0
+
+
+class ElasticProducer:
+    """Writes into a pool pipe and keeps its size proportional to demand."""
+
+    def __init__(self, pool: Pool, handle: PipeHandle, config: ElasticConfig | None = None) -> None:
+        self.pool = pool
+        self.handle = handle
+        self.config = config or ElasticConfig()
+        self.end: Any = pool.pipe_producer(handle)
+        self.offered = 0
+        self.blocked_ns = 0
+        self._blocked_since: int | None = None
+        self._pending_release: list[int] = []
+        self._seen: dict[tuple[int, int], _Seen] = {}
+        self._last_tick = time.monotonic()
+        self.resizes = 0
+
+    # -- the data path -------------------------------------------------------
+
+    def write(self, data: Any) -> int:
+        """As ``PipeProducer.write``, accounting demand (and ticking when due)."""
+        n = self.end.write(data)
+        self._account(n, n < len(data))
+        return n
+
+    def write_all(self, data: Any) -> bool:
+        """As ``PipeProducer.write_all``, accounting demand."""
+        ok = bool(self.end.write_all(data))
+        self._account(len(data) if ok else 0, not ok)
+        return ok
+
+    def _account(self, accepted: int, blocked: bool) -> None:
+        self.offered += accepted
+        now = time.monotonic_ns()
+        if blocked:
+            if self._blocked_since is None:
+                self._blocked_since = now
+        elif self._blocked_since is not None:
+            self.blocked_ns += now - self._blocked_since
+            self._blocked_since = None
+        if now / 1e9 - self._last_tick >= self.config.interval:
+            self.tick()
+
+    @property
+    def capacity(self) -> int:
+        """Bytes the pipe holds under its newest layout."""
+        return int(self.end.capacity)
+
+    # -- the policy -----------------------------------------------------------
+
+    def tick(self) -> None:
+        """Publish demand, compute targets, take one resize step."""
+        now = time.monotonic()
+        elapsed = now - self._last_tick
+        if elapsed <= 0:
+            return
+        self._last_tick = now
+        blocked = self.blocked_ns
+        if self._blocked_since is not None:
+            blocked += time.monotonic_ns() - self._blocked_since
+        pipes = self.pool.pipes()
+        demands, mins, maxs, mine = [], [], [], None
+        alive = set()
+        for info in pipes:
+            key = (info.handle.slot, info.handle.generation)
+            alive.add(key)
+            offered, blocked_ns = info.offered_bytes, info.blocked_ns
+            if info.handle == self.handle:
+                offered, blocked_ns, mine = self.offered, blocked, len(demands)
+            seen = self._seen.get(key)
+            if seen is None:
+                seen = self._seen[key] = _Seen(offered, blocked_ns)
+            rate = max(offered - seen.offered, 0) / elapsed
+            blocked_fraction = max(blocked_ns - seen.blocked_ns, 0) / (elapsed * 1e9)
+            a = self.config.smoothing
+            seen.demand = a * demand_from(rate, blocked_fraction) + (1 - a) * seen.demand
+            seen.offered, seen.blocked_ns = offered, blocked_ns
+            demands.append(seen.demand)
+            mins.append(info.min_slices)
+            maxs.append(info.max_slices)
+        for key in set(self._seen) - alive:
+            del self._seen[key]
+        if mine is None:
+            return  # our pipe is gone; the transport notices on its next write
+        target = proportional_targets(demands, mins, maxs, self.pool.geometry.slice_count)[mine]
+        self.pool.publish_demand(self.handle, self.offered, blocked, target)
+        self._step_toward(target)
+
+    def _step_toward(self, target: int) -> None:
+        end = self.end
+        if self._pending_release and end.switch_complete():
+            self.pool.release_slices(self.handle, self._pending_release)
+            self._pending_release = []
+        if self._pending_release or not end.can_resize():
+            return
+        current = len(end.slices)
+        if target > current:
+            added = self.pool.allocate_slices(self.handle, target - current)
+            if added:
+                end.resize(current, added)
+                self.resizes += 1
+        elif target < current:
+            _, dropped = end.resize(target)
+            self.resizes += 1
+            self._pending_release = dropped
+            if end.switch_complete():
+                self.pool.release_slices(self.handle, dropped)
+                self._pending_release = []
+
+    def close(self) -> None:
+        """Close the producer end (EOF for the consumer) and release it."""
+        if not self.end.released:
+            self.end.close()
+            self.end.release()
