@@ -57,7 +57,7 @@ _OFF_LAYOUT_ACK = 144
 _OFF_LAYOUT_SLOTS = 192
 _LAYOUT_SLOT_HEADER = 16
 
-LAYOUT = {
+LAYOUT: dict[str, Any] = {
     "version": LAYOUT_VERSION,
     "header_size": HEADER_SIZE,
     "min_capacity": MIN_CAPACITY,

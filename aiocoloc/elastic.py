@@ -62,7 +62,7 @@ class ElasticProducer:
 
     def write(self, data: Any) -> int:
         """As ``PipeProducer.write``, accounting demand (and ticking when due)."""
-        n = self.end.write(data)
+        n = int(self.end.write(data))
         self._account(n, n < len(data))
         return n
 
@@ -102,7 +102,10 @@ class ElasticProducer:
         if self._blocked_since is not None:
             blocked += time.monotonic_ns() - self._blocked_since
         pipes = self.pool.pipes()
-        demands, mins, maxs, mine = [], [], [], None
+        demands: list[float] = []
+        mins: list[int] = []
+        maxs: list[int] = []
+        mine: int | None = None
         alive = set()
         for info in pipes:
             key = (info.handle.slot, info.handle.generation)

@@ -133,8 +133,8 @@ _P_TARGET = 24
 _P_OFFERED = 32
 _P_BLOCKED_NS = 40
 # The channel cells the pool sets when it closes a pipe (see _ring.pxd).
-_PIPE_PRODUCER_CLOSED = ring.LAYOUT["producer_closed_offset"]
-_PIPE_CONSUMER_CLOSED = ring.LAYOUT["consumer_closed_offset"]
+_PIPE_PRODUCER_CLOSED: int = ring.LAYOUT["producer_closed_offset"]
+_PIPE_CONSUMER_CLOSED: int = ring.LAYOUT["consumer_closed_offset"]
 
 
 def _align(n: int, to: int) -> int:

@@ -50,7 +50,7 @@ class Segment(ABC):
             os.close(fd)
         self._after_close()
 
-    def _after_close(self) -> None:
+    def _after_close(self) -> None:  # noqa: B027 - a hook, empty by default
         """Backend clean-up after the descriptor is closed."""
 
     def __enter__(self) -> Segment:
