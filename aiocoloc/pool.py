@@ -200,7 +200,7 @@ class PoolGeometry:
             slice_count=count,
             max_members=config.max_members,
             max_pipes=config.max_pipes,
-            max_slices_per_pipe=min(config.max_slices_per_pipe, count),
+            max_slices_per_pipe=config.max_slices_per_pipe,
             pipe_entry_size=entry,
             member_offset=member_offset,
             pipe_offset=pipe_offset,
@@ -638,6 +638,9 @@ class Pool:
             if not 0 <= member < g.max_members:
                 raise ValueError(f"member slot {member} out of range")
         with self.locked():
+            for member in (producer, consumer):
+                if not self._member_active(member):
+                    raise PoolError(f"member {member} is not attached to pool {self.id}")
             slot = next(
                 (
                     p

@@ -107,11 +107,13 @@ def test_memfd_bad_size() -> None:
 
 
 def test_memfd_leaves_nothing_after_kill_9() -> None:
-    """A process holding a memfd pool dies by SIGKILL: nothing is named anywhere."""
+    """A process holding a memfd pool with a pipe in use dies by SIGKILL:
+    nothing is left named anywhere."""
     code = (
         "import os, time, sys; sys.path.insert(0, sys.argv[1]);"
-        "from aiocoloc.segments import MemfdSegment;"
-        "s = MemfdSegment.create(1 << 20); m = s.map(); m[:4] = b'live';"
+        "from aiocoloc.segments import MemfdSegment; from aiocoloc.pool import Pool;"
+        "s = MemfdSegment.create(1 << 20); p = Pool.create(s);"
+        "h = p.create_pipe(p.slot, p.slot); p.pipe_producer(h).write(b'live');"
         "print(os.getpid(), s.fd, flush=True); time.sleep(60)"
     )
     before = set(os.listdir("/dev/shm"))

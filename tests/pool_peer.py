@@ -1,0 +1,77 @@
+"""A pool member in its own process, for the multi-process pool tests.
+
+    pool_peer.py join NAME SIZE LEASE         open_posix, report, wait for EOF on stdin
+    pool_peer.py hold-slices NAME PIPES       attach, create self-pipes, report, sleep
+    pool_peer.py hold-lock NAME               attach, take the allocator lock, report, sleep
+    pool_peer.py consume NAME SLOT GENERATION consume a pipe until EOF, report sha256
+    pool_peer.py memfd FD                     attach a memfd pool from an inherited fd
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+
+from aiocoloc.pool import PipeHandle, Pool, PoolConfig
+from aiocoloc.segments import MemfdSegment, PosixShmSegment
+
+
+def report(**fields: object) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0]
+    if command == "join":
+        name, size, lease = argv[1], int(argv[2]), float(argv[3])
+        pool = Pool.open_posix(name, size, PoolConfig(lease=lease, slice_size=4096))
+        report(id=str(pool.id), slot=pool.slot, created=pool.segment.created)  # type: ignore[attr-defined]
+        sys.stdin.read()
+        report(members=len(pool.members()))
+        pool.close()
+        return 0
+    if command == "memfd":
+        pool = Pool.attach(MemfdSegment.from_fd(int(argv[1])))
+        report(id=str(pool.id), slot=pool.slot, members=len(pool.members()))
+        sys.stdin.read()
+        pool.close()
+        return 0
+    pool = Pool.attach(PosixShmSegment.attach(argv[1]))
+    if command == "hold-slices":
+        handles = [pool.create_pipe(pool.slot, pool.slot, min_slices=2) for _ in range(int(argv[2]))]
+        report(slot=pool.slot, pipes=[[h.slot, h.generation] for h in handles],
+               used=pool.stats()["slices_used"])
+        time.sleep(600)
+    elif command == "hold-lock":
+        with pool.locked():
+            report(slot=pool.slot, locked=True)
+            time.sleep(600)
+    elif command == "consume":
+        handle = PipeHandle(int(argv[2]), int(argv[3]))
+        consumer = pool.pipe_consumer(handle)
+        digest, total, idle = hashlib.sha256(), 0, 0
+        report(ready=True)
+        while True:
+            view = consumer.peek()
+            if view is None:
+                idle += 1
+                time.sleep(0) if idle < 1000 else time.sleep(0.0005)
+                continue
+            if not len(view):
+                break
+            idle = 0
+            digest.update(view)
+            n = len(view)
+            view.release()
+            consumer.consume(n)
+            total += n
+        report(sha256=digest.hexdigest(), bytes=total, slices=consumer.slices)
+        consumer.release()
+        pool.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
