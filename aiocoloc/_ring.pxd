@@ -49,18 +49,19 @@
 # lives in slice slices[((p - E) / S) % n] at offset (p - E) % S.
 #
 # Resizing (grow or shrink) is a new layout that takes effect at position P:
-#   - if the pipe is empty, P = tail; otherwise P = the next slice boundary
-#     at or after tail, and the new slice list starts with the old list
-#     rotated so that bytes [P, P + min(n, n') * S) land in the same slices
-#     under both layouts;
+#   - P is the slice boundary at or below tail, and the new slice list starts
+#     with the old list rotated so that bytes [P, P + min(n, n') * S) land in
+#     the same slices under both layouts.  The bytes [P, tail) already
+#     written are thus where both layouts put them, and tail < P + S, so
+#     they fit even a one-slice layout;
 #   - while head < P the producer's limit is min(head + n*S, P + n'*S), so it
 #     never writes a slice that still holds unread bytes of the old layout;
 #     once head >= P the limit is head + n'*S and the slices the new layout
-#     dropped hold no unread byte: the pool may take them back;
+#     dropped hold no unread byte: the pool may take them back.  P <= tail,
+#     so a pipe that goes idle completes its switch as soon as it drains;
 #   - the producer publishes the new layout (slot, then store-release of
-#     layout_seq) before it writes any byte at or past P; the consumer
-#     load-acquires tail, then layout_seq, so it knows the layout of every
-#     byte it can see;
+#     layout_seq) before it writes again; the consumer load-acquires tail,
+#     then layout_seq, so it knows the layout of every byte it can see;
 #   - at most one layout is pending: the producer publishes seq s+1 only
 #     after the consumer acknowledged seq s (layout_ack), so the slot it
 #     overwrites is one the consumer has copied and no longer reads.
@@ -77,7 +78,7 @@
 #   producer reading head:   last_head <= head <= tail
 #   consumer reading layout: seq is current or current+1, slice count in
 #                            1..max_slices, every index < slice count,
-#                            start position >= head
+#                            start >= the current layout's start
 #
 # A violation raises RingCorrupted and poisons that end: every later call
 # raises too, so a caller can never loop on a corrupted channel.  All copies

@@ -892,7 +892,7 @@ cdef class PipeProducer(_Producer):
         be reused once ``switch_complete()`` is true.  Bytes are never lost or
         reordered: see the resizing rules in ``_ring.pxd``.
         """
-        cdef uint64_t head, start, rotation, n, i
+        cdef uint64_t start, rotation, n, i
         cdef list rotated, new
         self._check_usable()
         if not self.can_resize():
@@ -907,13 +907,14 @@ cdef class PipeProducer(_Producer):
         for i in added:
             if i >= self._geo.slice_count:
                 raise ValueError(f"slice {i} is not in the pool ({self._geo.slice_count} slices)")
-        head = self._load_head()
-        if head == self._tail:
-            start = self._tail   # empty: any position, any slices
-        else:
-            start = self._cur.start + (
-                (self._tail - self._cur.start + self._geo.slice_size - 1)
-                >> self._geo.slice_shift << self._geo.slice_shift)
+        self._load_head()
+        # The slice boundary at or below tail: bytes already written from
+        # there on sit where both layouts put them (see _ring.pxd).
+        start = self._cur.start + (
+            (self._tail - self._cur.start) >> self._geo.slice_shift << self._geo.slice_shift)
+        if keep == 0 and start != self._tail:
+            raise ValueError("keep must be >= 1: the bytes written since the last slice "
+                             "boundary stay in the first slice")
         rotation = ((start - self._cur.start) >> self._geo.slice_shift) % n
         current = _layout_list(&self._cur)
         rotated = current[rotation:] + current[:rotation]
@@ -976,10 +977,10 @@ cdef class PipeConsumer(_Consumer):
             self._corrupt(f"pipe layout jumped from {self._seq} to {seq}")
         if not self._pending:
             self._read_layout_slot(seq, &self._next)
-            if self._next.start < self._head:
+            if self._next.start < self._cur.start:
                 self._corrupt(
-                    f"pipe layout {seq} starts at {self._next.start}, before the "
-                    f"consumer head {self._head}")
+                    f"pipe layout {seq} starts at {self._next.start}, before layout "
+                    f"{self._seq} (at {self._cur.start})")
             self._switch = self._next.start
             self._pending = True
         return self._after_advance()

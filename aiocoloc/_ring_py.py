@@ -812,10 +812,14 @@ class PipeProducer(_PipeEnd, _Producer):
             if i >= self._geo.slice_count:
                 raise ValueError(f"slice {i} is not in the pool ({self._geo.slice_count} slices)")
         size = self._geo.slice_size
-        if self._load_head() == self._tail:
-            start = self._tail
-        else:
-            start = self._cur.start + -(-(self._tail - self._cur.start) // size) * size
+        self._load_head()
+        # The slice boundary at or below tail (see _ring.pxd).
+        start = self._cur.start + (self._tail - self._cur.start) // size * size
+        if keep == 0 and start != self._tail:
+            raise ValueError(
+                "keep must be >= 1: the bytes written since the last slice "
+                "boundary stay in the first slice"
+            )
         rotation = ((start - self._cur.start) // size) % n
         rotated = current[rotation:] + current[:rotation]
         new = rotated[:keep] + added
@@ -862,10 +866,10 @@ class PipeConsumer(_PipeEnd, _Consumer):
             self._corrupt(f"pipe layout jumped from {self._seq} to {seq}")
         if self._next is None:
             layout = self._copy_layout(self, seq)
-            if layout.start < self._head:
+            if layout.start < self._cur.start:
                 self._corrupt(
-                    f"pipe layout {seq} starts at {layout.start}, before the "
-                    f"consumer head {self._head}"
+                    f"pipe layout {seq} starts at {layout.start}, before layout "
+                    f"{self._seq} (at {self._cur.start})"
                 )
             self._next = layout
         self._after_advance()

@@ -54,7 +54,8 @@ class ElasticProducer:
         self.blocked_ns = 0
         self._blocked_since: int | None = None
         self._pending_release: list[int] = []
-        self._seen: dict[tuple[int, int], _Seen] = {}
+        # Our own pipe's baseline is zero; other pipes' is their first sighting.
+        self._seen: dict[tuple[int, int], _Seen] = {(handle.slot, handle.generation): _Seen(0, 0)}
         self._last_tick = time.monotonic()
         self.resizes = 0
 

@@ -815,7 +815,14 @@ class Pool:
             _log.warning("pool %s: could not leave cleanly: %s", self.id, exc)
         self._closed = True
         self._words.release()
-        self._region.close()
+        try:
+            self._region.close()
+        except BufferError:
+            _log.warning(
+                "pool %s: views into the pool (from peek()) are still held; the "
+                "mapping stays until they are released",
+                self.id,
+            )
         if self._close_segment:
             self.segment.close()
 

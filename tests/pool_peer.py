@@ -1,10 +1,11 @@
 """A pool member in its own process, for the multi-process pool tests.
 
-    pool_peer.py join NAME SIZE LEASE         open_posix, report, wait for EOF on stdin
-    pool_peer.py hold-slices NAME PIPES       attach, create self-pipes, report, sleep
-    pool_peer.py hold-lock NAME               attach, take the allocator lock, report, sleep
-    pool_peer.py consume NAME SLOT GENERATION consume a pipe until EOF, report sha256
-    pool_peer.py memfd FD                     attach a memfd pool from an inherited fd
+pool_peer.py join NAME SIZE LEASE         open_posix, report, wait for EOF on stdin
+pool_peer.py hold-slices NAME PIPES       attach, create self-pipes, report, sleep
+pool_peer.py hold-lock NAME               attach, take the allocator lock, report, sleep
+pool_peer.py consume NAME                 report our slot, read "SLOT GENERATION" of a
+                                          pipe on stdin, consume it to EOF, report sha256
+pool_peer.py memfd FD                     attach a memfd pool from an inherited fd
 """
 
 from __future__ import annotations
@@ -40,19 +41,24 @@ def main(argv: list[str]) -> int:
         return 0
     pool = Pool.attach(PosixShmSegment.attach(argv[1]))
     if command == "hold-slices":
-        handles = [pool.create_pipe(pool.slot, pool.slot, min_slices=2) for _ in range(int(argv[2]))]
-        report(slot=pool.slot, pipes=[[h.slot, h.generation] for h in handles],
-               used=pool.stats()["slices_used"])
+        handles = [
+            pool.create_pipe(pool.slot, pool.slot, min_slices=2) for _ in range(int(argv[2]))
+        ]
+        report(
+            slot=pool.slot,
+            pipes=[[h.slot, h.generation] for h in handles],
+            used=pool.stats()["slices_used"],
+        )
         time.sleep(600)
     elif command == "hold-lock":
         with pool.locked():
             report(slot=pool.slot, locked=True)
             time.sleep(600)
     elif command == "consume":
-        handle = PipeHandle(int(argv[2]), int(argv[3]))
-        consumer = pool.pipe_consumer(handle)
+        report(slot=pool.slot)
+        slot, generation = map(int, sys.stdin.readline().split())
+        consumer = pool.pipe_consumer(PipeHandle(slot, generation))
         digest, total, idle = hashlib.sha256(), 0, 0
-        report(ready=True)
         while True:
             view = consumer.peek()
             if view is None:
@@ -60,6 +66,7 @@ def main(argv: list[str]) -> int:
                 time.sleep(0) if idle < 1000 else time.sleep(0.0005)
                 continue
             if not len(view):
+                view.release()
                 break
             idle = 0
             digest.update(view)

@@ -113,6 +113,10 @@ class PipeAgainstModel(RuleBasedStateMachine):
             with pytest.raises(ValueError):
                 self.producer.resize(0)
             return
+        if keep == 0 and self.producer.position % SLICE:
+            with pytest.raises(ValueError, match="keep must be >= 1"):
+                self.producer.resize(0, self.free[:add])
+            return
         added, self.free = self.free[:add], self.free[add:]
         _, dropped = self.producer.resize(keep, added)
         assert len(dropped) == current - keep
@@ -189,21 +193,35 @@ def test_shrink_frees_slices_once_the_consumer_passed(ring_impl: ModuleType) -> 
     producer, consumer = pipe.producer(), pipe.consumer()
     producer.write(bytes(range(100)))
     switch, dropped = producer.resize(1)
-    assert switch == 2 * SLICE  # next slice boundary after tail 100
-    assert dropped == [3, 4]  # rotated: slice 5, which holds byte 128, stays first
+    assert switch == SLICE  # the slice boundary below tail 100
+    assert dropped == [5, 3]  # rotated: slice 4, which holds bytes 64..127, stays
+    assert producer.free() == 2 * SLICE - 100  # min(head 0 + 3 slices, P 64 + 1 slice) - tail
     assert not producer.switch_complete()
-    assert consumer.read(64) == bytes(range(64))
-    assert not producer.switch_complete()
-    assert consumer.read() == bytes(range(64, 100))
-    assert not producer.switch_complete()  # head 100 < switch 128
-    producer.write(b"x" * 28)
-    assert consumer.read() == b"x" * 28
+    assert consumer.read(50) == bytes(range(50))
+    assert not producer.switch_complete()  # head 50 < switch 64: bytes 50..63 live in slice 3
+    assert consumer.read(14) == bytes(range(50, 64))
     assert producer.switch_complete()
     for index in dropped:
-        pipe.scribble(index)
+        pipe.scribble(index)  # another pipe takes them over
+    assert consumer.read() == bytes(range(64, 100))
     producer.write(b"y" * 64)
     assert consumer.read() == b"y" * 64
-    assert consumer.slices == producer.slices == [5]
+    assert consumer.slices == producer.slices == [4]
+    for end in (producer, consumer):
+        end.release()
+    pipe.region.close()
+
+
+def test_idle_pipe_completes_its_switch_once_drained(ring_impl: ModuleType) -> None:
+    pipe = PipeRegion(ring_impl, [0, 1, 2, 3])
+    producer, consumer = pipe.producer(), pipe.consumer()
+    producer.write(b"z" * 70)
+    switch, dropped = producer.resize(1)
+    assert switch == 64 and len(dropped) == 3
+    assert not producer.switch_complete()
+    assert consumer.read() == b"z" * 70  # drained: nothing more will be written
+    assert producer.switch_complete()  # slices free now, with no further write
+    assert producer.can_resize()  # the consumer took up the layout while reading
     for end in (producer, consumer):
         end.release()
     pipe.region.close()
@@ -215,7 +233,7 @@ def test_empty_pipe_switches_at_once(ring_impl: ModuleType) -> None:
     producer.write(b"z" * 70)
     assert consumer.read() == b"z" * 70
     switch, dropped = producer.resize(1)
-    assert switch == 70
+    assert switch == 64
     assert len(dropped) == 3
     assert producer.switch_complete()  # nothing in flight: slices free now
     assert not producer.can_resize()  # until the consumer takes up the layout
@@ -248,8 +266,8 @@ def test_resize_rejects_bad_requests(ring_impl: ModuleType) -> None:
         ("count", 0, "has 0 slices"),
         ("count", MAX_SLICES + 1, "has 9 slices"),
         ("index", SLICES, "names slice 16 of 16"),
-        ("seq", 5, "jumped from 0 to 5"),
-        ("start", 0, "before the consumer head"),
+        ("seq", 5, "jumped from 1 to 5"),
+        ("start", 0, "starts at 0, before layout 1 \\(at 64\\)"),
     ],
 )
 def test_consumer_rejects_hostile_layouts(
@@ -257,23 +275,23 @@ def test_consumer_rejects_hostile_layouts(
 ) -> None:
     pipe = PipeRegion(ring_impl, [0, 1])
     producer, consumer = pipe.producer(), pipe.consumer()
-    producer.write(b"q" * 10)
-    consumer.read(10)
+    producer.write(b"q" * 70)
+    producer.resize(2)  # layout 1 starts at 64
+    consumer.read(70)  # ... and the consumer takes it up
     layout = ring_impl.LAYOUT
-    slot1 = (
-        layout["layout_slots_offset"] + (layout["layout_slot_header"] + 4 * MAX_SLICES + 7) // 8 * 8
-    )
+    slot0 = layout["layout_slots_offset"]
     region = pipe.region
-    region[slot1 : slot1 + 8] = (10).to_bytes(8, "little")
-    region[slot1 + 8 : slot1 + 12] = (1).to_bytes(4, "little")
-    region[slot1 + 16 : slot1 + 20] = (1).to_bytes(4, "little")
+    slot = slot0  # layout 2 goes in slot 0
+    region[slot : slot + 8] = (80).to_bytes(8, "little")
+    region[slot + 8 : slot + 12] = (1).to_bytes(4, "little")
+    region[slot + 16 : slot + 20] = (1).to_bytes(4, "little")
     if field == "count":
-        region[slot1 + 8 : slot1 + 12] = value.to_bytes(4, "little")
+        region[slot + 8 : slot + 12] = value.to_bytes(4, "little")
     elif field == "index":
-        region[slot1 + 16 : slot1 + 20] = value.to_bytes(4, "little")
+        region[slot + 16 : slot + 20] = value.to_bytes(4, "little")
     elif field == "start":
-        region[slot1 : slot1 + 8] = value.to_bytes(8, "little")
-    seq = value if field == "seq" else 1
+        region[slot : slot + 8] = value.to_bytes(8, "little")
+    seq = value if field == "seq" else 2
     off = layout["layout_seq_offset"]
     region[off : off + 8] = seq.to_bytes(8, "little")
     with pytest.raises(RingCorrupted, match=message):

@@ -24,8 +24,7 @@ from aiocoloc.segments import MemfdSegment, PosixShmSegment
 from .conftest import SHM_PREFIX
 
 PEER = Path(__file__).with_name("pool_peer.py")
-SMALL = PoolConfig(slice_size=4096, max_members=16, max_pipes=32, max_slices_per_pipe=16,
-                   lease=0.5)
+SMALL = PoolConfig(slice_size=4096, max_members=16, max_pipes=32, max_slices_per_pipe=16, lease=0.5)
 
 
 def shm_name() -> str:
@@ -33,8 +32,13 @@ def shm_name() -> str:
 
 
 def peer(*args: str, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, str(PEER), *args], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, pass_fds=pass_fds)
+    return subprocess.Popen(
+        [sys.executable, str(PEER), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        pass_fds=pass_fds,
+    )
 
 
 def line(proc: subprocess.Popen[str]) -> dict[str, object]:
@@ -108,8 +112,13 @@ def test_killed_member_slices_reclaimed_within_lease(posix_pool: Pool) -> None:
     while posix_pool.stats()["slices_used"] and time.monotonic() - start < 5:
         time.sleep(0.02)
     elapsed = time.monotonic() - start
-    assert posix_pool.stats() == {"members": 1, "pipes": 0, "slices": posix_pool.geometry.slice_count,
-                                  "slices_used": 0, "open_ends": 0}
+    assert posix_pool.stats() == {
+        "members": 1,
+        "pipes": 0,
+        "slices": posix_pool.geometry.slice_count,
+        "slices_used": 0,
+        "open_ends": 0,
+    }
     # within a lease (0.5 s) of our noticing, plus one heartbeat period
     assert elapsed < posix_pool.lease * 2.5, elapsed
 
@@ -180,7 +189,9 @@ def test_exhaustion_is_reported(posix_pool: Pool) -> None:
     big = g.max_slices_per_pipe
     for _ in range(g.slice_count // big):
         posix_pool.create_pipe(0, 0, min_slices=big)
-    with pytest.raises(PoolExhausted, match=f"has {g.slice_count % big} free slices, a new pipe needs {big}"):
+    with pytest.raises(
+        PoolExhausted, match=f"has {g.slice_count % big} free slices, a new pipe needs {big}"
+    ):
         posix_pool.create_pipe(0, 0, min_slices=big)
     assert posix_pool.stats()["slices_used"] == g.slice_count // big * big  # nothing half-made
     for info in posix_pool.pipes():
@@ -194,8 +205,10 @@ def test_exhaustion_is_reported(posix_pool: Pool) -> None:
         posix_pool.destroy_pipe(handles[0])
     with pytest.raises(ValueError, match="min_slices"):
         posix_pool.create_pipe(0, 0, min_slices=0)
-    members = [Pool.attach(PosixShmSegment.attach(posix_pool.segment.name))  # type: ignore[attr-defined]
-               for _ in range(g.max_members - 1)]
+    members = [
+        Pool.attach(PosixShmSegment.attach(posix_pool.segment.name))  # type: ignore[attr-defined]
+        for _ in range(g.max_members - 1)
+    ]
     with pytest.raises(PoolExhausted, match="no free member slot"):
         Pool.attach(PosixShmSegment.attach(posix_pool.segment.name))  # type: ignore[attr-defined]
     for m in members:
@@ -208,7 +221,9 @@ def test_ends_belong_to_their_members(posix_pool: Pool) -> None:
     other = Pool.attach(PosixShmSegment.attach(posix_pool.segment.name))  # type: ignore[attr-defined]
     handle = posix_pool.create_pipe(posix_pool.slot, other.slot)
     producer = posix_pool.pipe_producer(handle)
-    with pytest.raises(PoolError, match=f"consumer is member {other.slot}, we are {posix_pool.slot}"):
+    with pytest.raises(
+        PoolError, match=f"consumer is member {other.slot}, we are {posix_pool.slot}"
+    ):
         posix_pool.pipe_consumer(handle)
     assert posix_pool.stats()["open_ends"] == 1
     producer.release()
@@ -225,8 +240,9 @@ class PoolChurn(RuleBasedStateMachine):
     @initialize()
     def setup(self) -> None:
         self.segment = MemfdSegment.create(256 * 1024)
-        self.config = PoolConfig(slice_size=4096, max_members=6, max_pipes=12,
-                                 max_slices_per_pipe=8, lease=60)
+        self.config = PoolConfig(
+            slice_size=4096, max_members=6, max_pipes=12, max_slices_per_pipe=8, lease=60
+        )
         self.members = [Pool.create(self.segment, self.config, close_segment=False)]
         self.ends: dict[tuple[int, int], object] = {}
 
@@ -258,6 +274,7 @@ class PoolChurn(RuleBasedStateMachine):
         (slot, generation), end = data.draw(st.sampled_from(live))
         owner = next(m for m in self.members if m.stats()["open_ends"] and end in m._ends)
         from aiocoloc.pool import PipeHandle
+
         handle = PipeHandle(slot, generation)
         if not end.can_resize():  # type: ignore[attr-defined]
             return
