@@ -16,6 +16,7 @@ import importlib
 import mmap
 import struct
 import sys
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -144,6 +145,138 @@ def run(impl_name: str, examples: int) -> None:
     property_()
 
 
+class GuardedPipe:
+    """A pipe entry and its slices; the last slice ends at a PROT_NONE page."""
+
+    SLICE = 64
+    SLICES = 8
+    MAX = 4
+
+    def __init__(self, ring: object) -> None:
+        entry = ring.pipe_entry_size(self.MAX)  # type: ignore[attr-defined]
+        data = (entry + 63) // 64 * 64
+        size = data + self.SLICES * self.SLICE
+        self.guarded = GuardedRing.__new__(GuardedRing)
+        pages = (size + PAGE - 1) // PAGE + 2
+        self.guarded.mapping = mmap.mmap(-1, pages * PAGE)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self.guarded.mapping))
+        for page in (base, base + (pages - 1) * PAGE):
+            if _libc.mprotect(ctypes.c_void_p(page), PAGE, 0) != 0:
+                raise OSError(ctypes.get_errno(), "mprotect failed")
+        start = (pages - 1) * PAGE - size
+        start -= start % 64
+        self.view = memoryview(self.guarded.mapping)[start : (pages - 1) * PAGE]
+        self.entry_size = entry
+        self.geometry = (0, data, self.SLICE, self.SLICES, self.MAX)
+
+
+def apply_pipe_ops(ring: Any, ops: list[tuple[str, int, int]]) -> None:
+    """Honest pipe operations interleaved with hostile writes."""
+    expected = (*EXPECTED, ValueError, RuntimeError)
+    pipe = GuardedPipe(ring)
+    ring.format_pipe(pipe.view, 0, pipe.MAX, [0, 1])
+    producer = ring.PipeProducer(pipe.view, *pipe.geometry)
+    consumer = ring.PipeConsumer(pipe.view, *pipe.geometry)
+    spare = list(range(2, pipe.SLICES))
+    for op, a, b in ops:
+        try:
+            if op == "write":
+                producer.write(bytes(a))
+            elif op == "read":
+                data = consumer.read(a)
+                assert data is None or len(data) <= pipe.MAX * pipe.SLICE
+            elif op == "readinto":
+                consumer.readinto(bytearray(a))
+            elif op == "peek":
+                view = consumer.peek(a)
+                if view is not None:
+                    assert len(view) <= pipe.SLICE
+                    bytes(view)
+                    view.release()
+            elif op == "consume":
+                consumer.consume(a)
+            elif op == "free":
+                producer.free()
+                consumer.used()
+            elif op == "grow" and spare:
+                producer.resize(len(producer.slices), [spare.pop()])
+            elif op == "shrink":
+                _, dropped = producer.resize(max(1, len(producer.slices) - 1))
+                spare += dropped
+            elif op == "poke32":
+                struct.pack_into("<I", pipe.view, min(a, pipe.entry_size - 4) & ~3, b & 0xFFFFFFFF)
+            elif op == "poke64":
+                struct.pack_into("<Q", pipe.view, min(a, pipe.entry_size - 8) & ~7, b)
+            elif op == "forge":
+                # A whole next layout, as a hostile producer would publish it.
+                # a: bits 0-1 slice count (4 - a & 3), 2 wild indices, 3 any
+                # start, 4+ indices.  (Bad counts are covered by unit tests.)
+                layout = ring.LAYOUT
+                seq = struct.unpack_from("<Q", pipe.view, layout["layout_seq_offset"])[0]
+                slot_size = (layout["layout_slot_header"] + 4 * pipe.MAX + 7) // 8 * 8
+                slot = layout["layout_slots_offset"] + ((seq + 1) & 1) * slot_size
+                count = 4 - (a & 3)
+                start = b if a & 8 else b % 64
+                struct.pack_into("<QI", pipe.view, slot, start, count)
+                for i in range(pipe.MAX):
+                    index = (a >> (4 + i)) & 7
+                    if a & 4:
+                        index += 1_000_000  # far outside the region
+                    struct.pack_into("<I", pipe.view, slot + 16 + 4 * i, index)
+                struct.pack_into("<Q", pipe.view, layout["layout_seq_offset"], (seq + 1) % 2**64)
+            elif op == "reattach":
+                try:
+                    fresh = ring.PipeConsumer(pipe.view, *pipe.geometry)
+                except (RingAttachError, RingCorrupted):
+                    continue
+                fresh.read()
+                fresh.release()
+        except expected:
+            pass
+    producer.release()
+    consumer.release()
+
+
+def run_pipes(impl_name: str, examples: int) -> None:
+    ring = importlib.import_module(impl_name)
+
+    @settings(
+        max_examples=examples, deadline=2000, database=None, suppress_health_check=list(HealthCheck)
+    )
+    @given(
+        ops=st.lists(
+            st.one_of(
+                st.tuples(
+                    st.sampled_from(
+                        [
+                            "write",
+                            "read",
+                            "readinto",
+                            "peek",
+                            "consume",
+                            "free",
+                            "grow",
+                            "shrink",
+                            "reattach",
+                        ]
+                    ),
+                    st.integers(0, 300),
+                    st.just(0),
+                ),
+                st.tuples(st.just("poke32"), st.integers(0, 400), VALUES),
+                st.tuples(st.just("poke64"), st.integers(0, 400), VALUES),
+                st.tuples(st.just("forge"), st.integers(0, 2**10 - 1), VALUES),
+            ),
+            max_size=60,
+        )
+    )
+    def property_(ops: list[tuple[str, int, int]]) -> None:
+        apply_pipe_ops(ring, ops)
+
+    property_()
+
+
 if __name__ == "__main__":
     run(sys.argv[1], int(sys.argv[2]))
+    run_pipes(sys.argv[1], int(sys.argv[2]))
     print("fuzz ok")

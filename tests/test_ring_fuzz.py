@@ -1,4 +1,5 @@
-"""Fuzzed shared headers never crash a ring end (run in a child process)."""
+"""Fuzzed shared headers and pipe layouts never crash a ring or pipe end (run in a
+child process)."""
 
 from __future__ import annotations
 
