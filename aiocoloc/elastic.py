@@ -33,6 +33,9 @@ class ElasticConfig:
     interval: float = 0.05
     #: Weight of the newest interval in the smoothed demand (0 < a <= 1).
     smoothing: float = 0.5
+    #: Intervals without a single byte after which a pipe counts as idle
+    #: (demand 0, so it falls back to its minimum).
+    idle_intervals: int = 2
 
 
 @dataclass
@@ -40,6 +43,7 @@ class _Seen:
     offered: int
     blocked_ns: int
     demand: float = 0.0
+    quiet: int = 0  # consecutive intervals without a byte
 
 
 class ElasticProducer:
@@ -92,6 +96,11 @@ class ElasticProducer:
 
     # -- the policy -----------------------------------------------------------
 
+    def maybe_tick(self) -> None:
+        """``tick()`` if an interval has passed since the last one (cheap otherwise)."""
+        if time.monotonic() - self._last_tick >= self.config.interval:
+            self.tick()
+
     def tick(self) -> None:
         """Publish demand, compute targets, take one resize step."""
         now = time.monotonic()
@@ -120,7 +129,12 @@ class ElasticProducer:
             rate = max(offered - seen.offered, 0) / elapsed
             blocked_fraction = max(blocked_ns - seen.blocked_ns, 0) / (elapsed * 1e9)
             a = self.config.smoothing
-            seen.demand = a * demand_from(rate, blocked_fraction) + (1 - a) * seen.demand
+            idle = offered == seen.offered and blocked_ns == seen.blocked_ns
+            seen.quiet = seen.quiet + 1 if idle else 0
+            if seen.quiet >= self.config.idle_intervals:
+                seen.demand = 0.0
+            else:
+                seen.demand = a * demand_from(rate, blocked_fraction) + (1 - a) * seen.demand
             seen.offered, seen.blocked_ns = offered, blocked_ns
             demands.append(seen.demand)
             mins.append(info.min_slices)
