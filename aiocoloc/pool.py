@@ -275,6 +275,12 @@ class Pool:
         self._ends: weakref.WeakSet[Any] = weakref.WeakSet()
         self._closed = False
         self.endpoint_id = uuid.uuid4()
+        if not atomics_are_process_safe():
+            _log.warning(
+                "pool %s: compiled atomics unavailable (AIOCOLOC_NO_EXTENSIONS?); "
+                "the pool is only safe within this process",
+                pool_id,
+            )
         self.slot, self.generation = self._join()
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(
