@@ -356,6 +356,13 @@ class Pool:
             segment = PosixShmSegment.attach(name, min_size=HEADER_SIZE)
             try:
                 return cls.attach(segment, timeout=timeout)
+            except PoolError:
+                if not _abandoned_by_formatter(segment):
+                    segment.close()
+                    raise
+                _log.warning(
+                    "pool %s: its creator died while formatting it; formatting it again", name
+                )
             except BaseException:
                 segment.close()
                 raise
@@ -843,6 +850,29 @@ class Pool:
             f"<Pool {self.id} on {self.segment.identity} member={self.slot} "
             f"slices={self.geometry.slice_count}x{self.geometry.slice_size}>"
         )
+
+
+def _abandoned_by_formatter(segment: Segment) -> bool:
+    """True (and the pool reset to blank) if the process formatting it is dead.
+
+    Only meaningful for pools of this kernel: the formatter's pid is checked
+    with ``kill(pid, 0)``.
+    """
+    region = segment.map()
+    words = SharedWords(region)
+    try:
+        if words.load32(_H_STATE) != _STATE_FORMATTING:
+            return False
+        try:
+            os.kill(words.load32(_H_FORMATTER_PID), 0)
+        except ProcessLookupError:
+            return bool(words.cas32(_H_STATE, _STATE_FORMATTING, _STATE_BLANK))
+        except PermissionError:
+            pass  # alive, someone else's
+        return False
+    finally:
+        words.release()
+        region.close()
 
 
 def _format(

@@ -154,6 +154,21 @@ def test_pipe_with_live_peer_is_closed_not_freed(posix_pool: Pool) -> None:
     other.close()
 
 
+def test_creator_dying_while_formatting_does_not_wedge_the_name() -> None:
+    name = shm_name()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    seg = PosixShmSegment.create(name, 1 << 20)
+    region = seg.map()
+    region[12:16] = (1).to_bytes(4, "little")  # state: formatting ...
+    region[104:108] = dead.pid.to_bytes(4, "little")  # ... by a process now dead
+    region.close()
+    pool = Pool.open_posix(name, 1 << 20, SMALL, timeout=0.2)
+    assert pool.segment.identity == seg.identity and len(pool.members()) == 1
+    pool.close()
+    seg.close()
+
+
 def test_attach_refuses_what_is_not_a_ready_pool() -> None:
     blank = MemfdSegment.create(1 << 20)
     with pytest.raises(PoolError, match=r"not a ready pool after 0.1 s: blank"):
