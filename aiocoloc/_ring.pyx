@@ -708,7 +708,7 @@ def format_pipe(buffer, entry_offset, max_slices, slices, start=0) -> None:
     """
     cdef Py_buffer view
     cdef uint8_t *entry
-    cdef uint64_t i
+    cdef Py_ssize_t i
     if not 1 <= len(slices) <= max_slices:
         raise ValueError(f"a pipe needs 1..{max_slices} slices, got {len(slices)}")
     _get_region(buffer, &view, 0)
@@ -829,7 +829,7 @@ cdef class PipeProducer(_Producer):
     cdef int _publish(self, uint64_t start, list slices) except -1:
         cdef uint8_t *slot = (self._base + self._geo.entry_offset + OFF_LAYOUT_SLOTS
                               + ((self._seq + 1) & 1) * _slot_size(self._geo.max_slices))
-        cdef uint64_t i
+        cdef Py_ssize_t i
         (<uint64_t *>slot)[0] = start
         (<uint32_t *>(slot + 8))[0] = len(slices)
         for i in range(len(slices)):

@@ -1,0 +1,74 @@
+"""Doorbells: how one end of a connection wakes the other.
+
+A doorbell is a pair of file descriptors: one we listen on (registered with
+the running event loop, no threads) and one we ring.  Within one kernel both
+are eventfds -- each side creates the one it listens on and hands it to the
+peer over the control socket (SCM_RIGHTS).  Ringing is a single 8-byte
+write; several rings before the listener wakes coalesce into one wake-up.
+
+Whether to ring at all is decided by the ring's sleep flags (event
+suppression, see ``_ring.pxd``); when to ring by the transport's batching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+
+__all__ = ["Doorbell", "new_eventfd"]
+
+_log = logging.getLogger("aiocoloc.doorbell")
+_ONE = (1).to_bytes(8, "little")
+
+
+def new_eventfd() -> int:
+    """A non-blocking, close-on-exec eventfd."""
+    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+
+class Doorbell:
+    """Listen on ``listen_fd``, ring ``ring_fd``.  Owns both descriptors."""
+
+    def __init__(self, listen_fd: int, ring_fd: int) -> None:
+        self.listen_fd = listen_fd
+        self.ring_fd = ring_fd
+        self.rings = 0
+        self.wakeups = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    def ring(self) -> None:
+        """Wake the peer (never blocks: a saturated counter is already a ring)."""
+        if self._closed:
+            return
+        try:
+            os.write(self.ring_fd, _ONE)
+            self.rings += 1
+        except BlockingIOError:
+            pass  # counter saturated: the peer has a wake-up pending anyway
+
+    def listen(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+        """Call ``callback`` on the loop whenever the peer rings."""
+        self._loop = loop
+
+        def on_readable() -> None:
+            try:
+                os.read(self.listen_fd, 8)
+            except BlockingIOError:
+                return
+            self.wakeups += 1
+            callback()
+
+        loop.add_reader(self.listen_fd, on_readable)
+
+    def close(self) -> None:
+        """Stop listening and close both descriptors.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self.listen_fd)
+        for fd in {self.listen_fd, self.ring_fd}:
+            os.close(fd)

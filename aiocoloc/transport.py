@@ -1,0 +1,751 @@
+"""``SwitchableTransport``: an asyncio transport whose bytes travel over the TCP
+connection it was born with or over a pair of shared-memory pipes, switching
+between the two at announced byte offsets without losing or reordering one.
+
+Every connection is a TCP connection first (``docs/architecture.md``).  The
+TCP side is the loop's own transport (asyncio's or uvloop's), driven by a
+small inner protocol; the shared-memory side is an ``ShmPath`` (our pipe
+producer, our pipe consumer, a doorbell).  Each direction switches on its
+own: the sender announces over the control channel "my stream continues in
+the pipe (or back on TCP) from byte N" and moves on; the receiver delivers
+exactly N bytes from the old path, then continues from the new one.  Nothing
+is ever injected into the TCP byte stream.
+
+Towards the protocol it behaves as asyncio's TCP transport does
+(``asyncio/selector_events.py`` is the reference): ``connection_made`` via
+``call_soon``, ``connection_lost`` exactly once, ``write`` copies what it
+cannot place, writes after close are dropped with asyncio's warning, flow
+control with strictly paired ``pause_writing``/``resume_writing``, half-close,
+``BufferedProtocol`` support and the standard guard around callbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from aiocoloc.control import ControlLink
+from aiocoloc.doorbell import Doorbell
+from aiocoloc.errors import RingClosed, RingCorrupted
+
+__all__ = ["ShmPath", "SwitchableTransport", "open_transport"]
+
+_log = logging.getLogger("aiocoloc.transport")
+
+#: asyncio's threshold for warning about writes to a lost connection.
+LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
+#: Bytes moved from a pipe to the protocol before yielding to the loop.
+DRAIN_BUDGET = 4 << 20
+#: Largest chunk handed to ``Protocol.data_received``.
+READ_CHUNK = 256 * 1024
+#: A doorbell is rung at the latest after this many writes (else at the end
+#: of the loop iteration that wrote): MemPipe's anticipatory window in
+#: writes; the loop iteration is the time window.
+BELL_EVERY_WRITES = 64
+
+TCP, SHM = "tcp", "shm"
+
+
+class ShmPath:
+    """The shared-memory side of a connection.
+
+    ``producer`` writes our outgoing pipe, ``consumer`` reads the incoming
+    one (``aiocoloc.ring`` pipe or ring ends); ``doorbell`` wakes the peer and
+    wakes us.  ``on_close`` runs once when the transport is done with them
+    (to return the pipes to their pool).
+    """
+
+    def __init__(
+        self,
+        producer: Any,
+        consumer: Any,
+        doorbell: Doorbell,
+        *,
+        pool_id: str | None = None,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self.producer = producer
+        self.consumer = consumer
+        self.doorbell = doorbell
+        self.pool_id = pool_id
+        self._on_close = on_close
+        self.closed = False
+
+    def close(self) -> None:
+        """Release the pipe ends and the doorbell.  Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for end in (self.producer, self.consumer):
+            if not end.released:
+                if not end.corrupted:
+                    end.close()
+                end.release()
+        self.doorbell.close()
+        if self._on_close is not None:
+            self._on_close()
+
+
+class _TcpSide(asyncio.Protocol):
+    """Forwards the inner TCP transport's events to the switchable transport."""
+
+    def __init__(self, outer: SwitchableTransport) -> None:
+        self.outer = outer
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        self.outer._tcp_data(data)
+
+    def eof_received(self) -> bool:
+        self.outer._tcp_eof()
+        return True  # half-close: we decide when to close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.outer._tcp_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.outer._maybe_pause_protocol()
+
+    def resume_writing(self) -> None:
+        self.outer._maybe_resume_protocol()
+
+
+class SwitchableTransport(asyncio.Transport):
+    """A TCP connection that can carry its bytes through shared memory."""
+
+    _start_tls_compatible = True
+    _sendfile_compatible = asyncio.constants._SendfileMode.FALLBACK  # type: ignore[attr-defined]
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        protocol: asyncio.BaseProtocol,
+        *,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(extra)
+        self._loop = loop
+        self._context = contextvars.copy_context()
+        self._entered = False
+        self._protocol: asyncio.BaseProtocol = protocol
+        self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
+        self._tcp: asyncio.Transport | None = None
+        self._shm: ShmPath | None = None
+        self._link: ControlLink | None = None
+        # Sending.
+        self._tx = TCP
+        self._tx_pos = 0
+        self._overflow = bytearray()
+        self._eof_pending = False  # write_eof() waits for the overflow
+        self._eof_written = False
+        self._writes_since_bell = 0
+        self._bell_scheduled = False
+        self._waiting_space = False
+        # Receiving.
+        self._rx = TCP
+        self._rx_pos = 0
+        self._rx_switch: tuple[int, str] | None = None
+        self._tcp_backlog = bytearray()  # TCP bytes that arrived while reading the pipe
+        self._tcp_eof_seen = False
+        self._rx_eof = False
+        self._drain_scheduled = False
+        # Life cycle.
+        self._paused_reading = False
+        self._protocol_paused = False
+        self._high_water = 64 * 1024
+        self._low_water = 16 * 1024
+        self._closing = False
+        self._tcp_closed = False
+        self._conn_lost = 0
+        self._lost_called = False
+        self._fallback_reason: str | None = None
+        self.switches = 0
+
+    # ------------------------------------------------------------------ set-up
+
+    async def _start(self, sock: socket.socket) -> None:
+        inner, _ = await self._loop.connect_accepted_socket(lambda: _TcpSide(self), sock=sock)
+        assert isinstance(inner, asyncio.Transport)
+        self._tcp = inner
+        inner.set_write_buffer_limits(self._high_water, self._low_water)
+        self._loop.call_soon(self._connection_made)
+
+    def _connection_made(self) -> None:
+        self._call(self._protocol.connection_made, self, what="connection_made")
+
+    def attach_shm(self, path: ShmPath, link: ControlLink) -> None:
+        """Give the transport its shared-memory path and control channel."""
+        if self._shm is not None:
+            raise RuntimeError("a shared-memory path is already attached")
+        self._shm = path
+        self._link = link
+        path.doorbell.listen(self._loop, self._on_doorbell)
+
+    # ------------------------------------------------------ protocol calls
+
+    def _in_context(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn`` in the connection's context (entered once, not re-entered)."""
+        if self._entered:
+            return fn(*args)
+        self._entered = True
+        try:
+            return self._context.run(fn, *args)
+        finally:
+            self._entered = False
+
+    def _call(self, callback: Callable[..., Any], *args: Any, what: str) -> Any:
+        """Run a protocol callback in the connection's context, with asyncio's guard."""
+        try:
+            return self._in_context(callback, *args)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, f"Fatal error: protocol.{what}() call failed.")
+            return None
+
+    # ------------------------------------------------------------ switching
+
+    @property
+    def mode(self) -> str:
+        """``"shm"`` when our outgoing bytes go through shared memory, else ``"tcp"``."""
+        return self._tx
+
+    def switch_tx(self, target: str) -> int:
+        """Send our stream on ``target`` (``"shm"`` or ``"tcp"``) from now on.
+
+        Announces the byte offset where the old path ends; returns it.
+        """
+        if target not in (TCP, SHM):
+            raise ValueError(f"unknown path {target!r}")
+        if target == self._tx:
+            return self._tx_pos
+        if self._shm is None or self._link is None:
+            raise RuntimeError("no shared-memory path is attached")
+        if self._eof_written or self._eof_pending:
+            raise RuntimeError("cannot switch after write_eof()")
+        if target == SHM:
+            offset = self._tx_pos
+            self._link.send({"op": "switch", "offset": offset, "to": SHM})
+            self._tx = SHM
+        else:
+            offset = self._tx_pos - len(self._overflow)  # the pipe ends here
+            self._link.send({"op": "switch", "offset": offset, "to": TCP})
+            self._tx = TCP
+            if self._overflow:
+                assert self._tcp is not None
+                self._tcp.write(bytes(self._overflow))
+                self._overflow.clear()
+            self._waiting_space = False
+        self.switches += 1
+        return offset
+
+    def _on_control(self, message: dict[str, Any]) -> None:
+        if message.get("op") != "switch":
+            return
+        offset, target = message.get("offset"), message.get("to")
+        if not isinstance(offset, int) or target not in (TCP, SHM) or offset < self._rx_pos:
+            self._fatal_error(
+                ConnectionResetError(f"peer announced an impossible switch: {message!r:.80}"),
+                "protocol violation",
+            )
+            return
+        if self._rx_switch is not None:
+            self._fatal_error(
+                ConnectionResetError("peer announced two switches at once"), "protocol violation"
+            )
+            return
+        self._rx_switch = (offset, target)
+        self._advance_rx()
+
+    def _advance_rx(self) -> None:
+        """Take a pending switch once the old path has delivered its bytes."""
+        if self._rx_switch is None or self._rx_switch[0] != self._rx_pos:
+            if self._rx == SHM:
+                self._schedule_drain()
+            return
+        _, target = self._rx_switch
+        self._rx_switch = None
+        self._rx = target
+        if target == SHM:
+            self._schedule_drain()
+        elif self._tcp_backlog:
+            backlog = bytes(self._tcp_backlog)
+            self._tcp_backlog.clear()
+            self._tcp_data(backlog)
+            if self._tcp_eof_seen and not self._tcp_backlog:
+                self._tcp_eof()
+        elif self._tcp_eof_seen:
+            self._tcp_eof()
+
+    def _on_link_lost(self, exc: BaseException | None) -> None:
+        if self._lost_called or self._closing:
+            return
+        if self._tx == SHM or self._rx == SHM or self._rx_switch is not None:
+            self._fatal_error(
+                ConnectionResetError("the peer's control channel closed (peer process or VM gone)"),
+                "peer lost",
+            )
+
+    # ------------------------------------------------------------ writing
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(
+                f"data argument must be a bytes-like object, not {type(data).__name__!r}"
+            )
+        if self._eof_written or self._eof_pending:
+            raise RuntimeError("Cannot call write() after write_eof()")
+        if not data:
+            return
+        if self._conn_lost:
+            if self._conn_lost >= LOG_THRESHOLD_FOR_CONNLOST_WRITES:
+                _log.warning("socket.send() raised exception.")
+            self._conn_lost += 1
+            return
+        size = len(memoryview(data).cast("B"))
+        self._tx_pos += size
+        if self._tx == TCP:
+            assert self._tcp is not None
+            self._tcp.write(data)
+            self._maybe_pause_protocol()
+            return
+        assert self._shm is not None
+        if not self._overflow:
+            try:
+                written = self._shm.producer.write(data)
+            except (RingClosed, RingCorrupted) as exc:
+                self._fatal_error(
+                    ConnectionResetError(f"shared-memory pipe failed: {exc}"), "pipe write failed"
+                )
+                return
+            if written:
+                self._after_pipe_write()
+            if written == size:
+                return
+            self._overflow += memoryview(data).cast("B")[written:]
+        else:
+            self._overflow += data
+        self._wait_for_space()
+        self._maybe_pause_protocol()
+
+    def writelines(self, list_of_data: Any) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def _after_pipe_write(self) -> None:
+        self._writes_since_bell += 1
+        if self._writes_since_bell >= BELL_EVERY_WRITES:
+            self._ring_bell()
+        elif not self._bell_scheduled:
+            self._bell_scheduled = True
+            self._loop.call_soon(self._ring_bell)
+
+    def _ring_bell(self) -> None:
+        """Ring the peer if its consumer sleeps (event suppression otherwise)."""
+        self._bell_scheduled = False
+        self._writes_since_bell = 0
+        shm = self._shm
+        if shm is None or shm.closed:
+            return
+        try:
+            if shm.producer.wake_needed():
+                shm.doorbell.ring()
+        except (RingCorrupted, ValueError):
+            pass  # reported by the next write
+
+    def _wait_for_space(self) -> None:
+        """Ask to be rung when the pipe has room; flush at once if it has."""
+        assert self._shm is not None
+        if self._waiting_space:
+            return
+        self._waiting_space = True
+        try:
+            must_wait = self._shm.producer.prepare_wait(1)
+        except (RingCorrupted, ValueError) as exc:
+            self._fatal_error(
+                ConnectionResetError(f"shared-memory pipe failed: {exc}"), "pipe failed"
+            )
+            return
+        if not must_wait:
+            self._loop.call_soon(self._flush_overflow)
+
+    def _flush_overflow(self) -> None:
+        self._waiting_space = False
+        shm = self._shm
+        if self._tx != SHM or shm is None or shm.closed or self._lost_called:
+            return
+        while self._overflow:
+            try:
+                written = shm.producer.write(self._overflow)
+            except (RingClosed, RingCorrupted) as exc:
+                self._fatal_error(
+                    ConnectionResetError(f"shared-memory pipe failed: {exc}"), "pipe write failed"
+                )
+                return
+            if not written:
+                break
+            del self._overflow[:written]
+            self._after_pipe_write()
+        if self._overflow:
+            self._wait_for_space()
+            return
+        self._maybe_resume_protocol()
+        if self._eof_pending:
+            self._finish_write_eof()
+        elif self._closing:
+            self._finish_close()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if self._eof_written or self._eof_pending or self._closing:
+            return
+        if self._tx == SHM and self._overflow:
+            self._eof_pending = True
+            return
+        self._eof_pending = True
+        self._finish_write_eof()
+
+    def _finish_write_eof(self) -> None:
+        self._eof_pending = False
+        self._eof_written = True
+        if self._tx == TCP:
+            assert self._tcp is not None
+            self._tcp.write_eof()
+        else:
+            assert self._shm is not None
+            self._ring_bell_after(lambda: self._shm.producer.close())  # type: ignore[union-attr]
+
+    def _ring_bell_after(self, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except (RingCorrupted, ValueError):
+            pass
+        self._ring_bell()
+
+    # -------------------------------------------------- write flow control
+
+    def get_write_buffer_size(self) -> int:
+        inner = self._tcp.get_write_buffer_size() if self._tcp is not None else 0
+        return inner + len(self._overflow)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (self._low_water, self._high_water)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if high is None:
+            high = 64 * 1024 if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high_water, self._low_water = high, low
+        if self._tcp is not None:
+            self._tcp.set_write_buffer_limits(high, low)
+        self._maybe_pause_protocol()
+        self._maybe_resume_protocol()
+
+    def _maybe_pause_protocol(self) -> None:
+        if self._protocol_paused or self.get_write_buffer_size() <= self._high_water:
+            return
+        self._protocol_paused = True
+        self._call(self._protocol.pause_writing, what="pause_writing")
+
+    def _maybe_resume_protocol(self) -> None:
+        if not self._protocol_paused or self.get_write_buffer_size() > self._low_water:
+            return
+        self._protocol_paused = False
+        self._call(self._protocol.resume_writing, what="resume_writing")
+
+    # ------------------------------------------------------------ reading
+
+    def _tcp_data(self, data: bytes) -> None:
+        if self._lost_called:
+            return
+        if self._rx != TCP:
+            self._tcp_backlog += data
+            if len(self._tcp_backlog) > 4 * self._high_water and self._tcp is not None:
+                self._tcp.pause_reading()  # resumed when we return to TCP
+            return
+        if self._rx_switch is not None:
+            room = self._rx_switch[0] - self._rx_pos
+            if len(data) > room:
+                if self._rx_switch[1] != SHM:
+                    self._fatal_error(
+                        ConnectionResetError("TCP data past the switch point"), "protocol violation"
+                    )
+                    return
+                self._fatal_error(
+                    ConnectionResetError(
+                        "peer sent TCP data past the point where it moved to shared memory"
+                    ),
+                    "protocol violation",
+                )
+                return
+        self._deliver(data)
+        self._advance_rx()
+
+    def _deliver(self, data: bytes | memoryview) -> None:
+        self._rx_pos += len(data)
+        if self._buffered:
+            view = memoryview(data)
+            while view and not self._lost_called:
+                buf = self._call(self._protocol.get_buffer, len(view), what="get_buffer")  # type: ignore[attr-defined]
+                if buf is None:
+                    return
+                target = memoryview(buf).cast("B")
+                if not len(target):
+                    self._fatal_error(
+                        RuntimeError("get_buffer() returned an empty buffer"),
+                        "Fatal error: protocol.get_buffer() call failed.",
+                    )
+                    return
+                n = min(len(target), len(view))
+                target[:n] = view[:n]
+                view = view[n:]
+                self._call(self._protocol.buffer_updated, n, what="buffer_updated")  # type: ignore[attr-defined]
+        else:
+            self._call(self._protocol.data_received, bytes(data), what="data_received")  # type: ignore[attr-defined]
+
+    def _on_doorbell(self) -> None:
+        self._in_context(self._woken)
+
+    def _woken(self) -> None:
+        if self._overflow and self._tx == SHM:
+            self._flush_overflow()
+        if self._rx == SHM:
+            self._drain()
+
+    def _schedule_drain(self) -> None:
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            self._loop.call_soon(self._drain_soon)
+
+    def _drain_soon(self) -> None:
+        self._drain_scheduled = False
+        if self._rx == SHM:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Move bytes from the incoming pipe to the protocol."""
+        shm = self._shm
+        if shm is None or shm.closed or self._paused_reading or self._rx_eof or self._lost_called:
+            return
+        consumer = shm.consumer
+        moved = 0
+        try:
+            while moved < DRAIN_BUDGET and not self._paused_reading and not self._lost_called:
+                limit = READ_CHUNK
+                if self._rx_switch is not None:
+                    limit = min(limit, self._rx_switch[0] - self._rx_pos)
+                    if limit == 0:
+                        self._advance_rx()
+                        return
+                if self._buffered:
+                    n = self._read_buffered(consumer, limit)
+                    if n is None:
+                        break
+                    if n == 0:
+                        self._on_rx_eof()
+                        return
+                    moved += n
+                else:
+                    data = consumer.read(limit)
+                    if data is None:
+                        break
+                    if not data:
+                        self._on_rx_eof()
+                        return
+                    moved += len(data)
+                    self._deliver(data)
+                if shm.closed:
+                    return  # the protocol closed us from its callback
+                if consumer.wake_needed():
+                    shm.doorbell.ring()  # the producer waits for the space we freed
+            else:
+                if moved >= DRAIN_BUDGET:
+                    self._schedule_drain()  # let other callbacks run, then go on
+                return
+            # Empty: sleep until rung, unless data slipped in meanwhile.
+            if not consumer.prepare_sleep():
+                self._schedule_drain()
+        except RingCorrupted as exc:
+            self._fatal_error(
+                ConnectionResetError(f"shared-memory pipe corrupted: {exc}"), "pipe corrupted"
+            )
+
+    def _read_buffered(self, consumer: Any, limit: int) -> int | None:
+        buf = self._call(self._protocol.get_buffer, -1, what="get_buffer")  # type: ignore[attr-defined]
+        if buf is None:
+            return None
+        target = memoryview(buf).cast("B")
+        if not len(target):
+            self._fatal_error(
+                RuntimeError("get_buffer() returned an empty buffer"),
+                "Fatal error: protocol.get_buffer() call failed.",
+            )
+            return None
+        n = consumer.readinto(target[:limit])
+        if n:
+            self._rx_pos += n
+            self._call(self._protocol.buffer_updated, n, what="buffer_updated")  # type: ignore[attr-defined]
+        return n  # type: ignore[no-any-return]
+
+    def _on_rx_eof(self) -> None:
+        self._rx_eof = True
+        keep_open = self._call(self._protocol.eof_received, what="eof_received")
+        if not keep_open and not self._lost_called:
+            self.close()
+
+    def _tcp_eof(self) -> None:
+        self._tcp_eof_seen = True
+        if self._rx == TCP and self._rx_switch is None and not self._rx_eof:
+            self._on_rx_eof()
+
+    def _tcp_lost(self, exc: Exception | None) -> None:
+        self._tcp_closed = True
+        if self._lost_called:
+            return
+        if self._closing:
+            self._finish_close()
+        elif exc is not None:
+            self._fatal_error(exc, "TCP connection lost")
+        elif self._rx == TCP and self._tx == TCP and self._shm is None:
+            self._force_close(None)
+        else:
+            self._fatal_error(
+                ConnectionResetError("TCP connection closed by the peer"), "TCP connection lost"
+            )
+
+    def pause_reading(self) -> None:
+        if self._closing or self._paused_reading:
+            return
+        self._paused_reading = True
+        if self._tcp is not None:
+            self._tcp.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._closing or not self._paused_reading:
+            return
+        self._paused_reading = False
+        if self._tcp is not None and not self._tcp.is_closing():
+            self._tcp.resume_reading()
+        if self._rx == SHM:
+            self._schedule_drain()
+
+    def is_reading(self) -> bool:
+        return not self._paused_reading and not self._closing
+
+    # ------------------------------------------------------------ protocol
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+        self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "aiocoloc":
+            return {
+                "mode": self._tx,
+                "rx_mode": self._rx,
+                "pool": self._shm.pool_id if self._shm is not None else None,
+                "fallback_reason": self._fallback_reason,
+                "switches": self.switches,
+            }
+        if name in self._extra:
+            return self._extra[name]
+        if self._tcp is not None:
+            return self._tcp.get_extra_info(name, default)
+        return default
+
+    # ------------------------------------------------------------ closing
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self._tcp is not None:
+            self._tcp.pause_reading()
+        if self._tx == SHM and self._overflow:
+            return  # _flush_overflow finishes the close
+        self._finish_close()
+
+    def _finish_close(self) -> None:
+        """Once our bytes are placed: EOF on the pipe, close TCP, then connection_lost."""
+        if self._lost_called:
+            return
+        if self._shm is not None and not self._shm.closed:
+            if self._tx == SHM and not self._eof_written:
+                self._ring_bell_after(self._shm.producer.close)
+        if self._tcp is not None and not self._tcp_closed:
+            if not self._tcp.is_closing():
+                self._tcp.close()
+            return  # _tcp_lost calls us again
+        self._force_close(None)
+
+    def abort(self) -> None:
+        self._force_close(None)
+
+    def _fatal_error(self, exc: BaseException, message: str) -> None:
+        if isinstance(exc, OSError):
+            _log.debug("%r: %s", self, message, exc_info=True)
+        else:
+            self._loop.call_exception_handler(
+                {
+                    "message": message,
+                    "exception": exc,
+                    "transport": self,
+                    "protocol": self._protocol,
+                }
+            )
+        self._force_close(exc)
+
+    def _force_close(self, exc: BaseException | None) -> None:
+        if self._lost_called:
+            return
+        self._lost_called = True
+        self._closing = True
+        self._overflow.clear()
+        self._conn_lost += 1
+        if self._tcp is not None and not self._tcp_closed:
+            self._tcp.abort()
+        if self._link is not None:
+            self._link.close()
+        if self._shm is not None:
+            self._shm.close()
+        self._loop.call_soon(self._call_connection_lost, exc)
+
+    def _call_connection_lost(self, exc: BaseException | None) -> None:
+        try:
+            self._in_context(self._protocol.connection_lost, exc)
+        finally:
+            self._protocol = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        state = "closed" if self._lost_called else "closing" if self._closing else "open"
+        return f"<SwitchableTransport {state} tx={self._tx} rx={self._rx}>"
+
+
+async def open_transport(
+    loop: asyncio.AbstractEventLoop,
+    protocol_factory: Callable[[], asyncio.BaseProtocol],
+    sock: socket.socket,
+) -> tuple[SwitchableTransport, asyncio.BaseProtocol]:
+    """Wrap a connected TCP socket in a ``SwitchableTransport`` (TCP mode)."""
+    sock.setblocking(False)
+    protocol = protocol_factory()
+    transport = SwitchableTransport(loop, protocol)
+    await transport._start(sock)
+    return transport, protocol

@@ -1,0 +1,83 @@
+"""Two connected ``SwitchableTransport``s in one event loop, for the transport
+tests: a real loopback TCP connection, and (optionally) a real pool with two
+pipes, eventfd doorbells and a control channel over a Unix socket pair.
+Connection set-up between processes comes with the handshake (later issue)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiocoloc.control import ControlLink
+from aiocoloc.doorbell import Doorbell, new_eventfd
+from aiocoloc.pool import Pool, PoolConfig
+from aiocoloc.segments import MemfdSegment
+from aiocoloc.transport import ShmPath, SwitchableTransport, open_transport
+
+POOL_CONFIG = PoolConfig(slice_size=16384, max_pipes=8, max_slices_per_pipe=64, lease=60)
+
+
+@dataclass
+class Pair:
+    client: SwitchableTransport
+    client_protocol: Any
+    server: SwitchableTransport
+    server_protocol: Any
+    pool: Pool | None
+
+
+def tcp_socket_pair() -> tuple[socket.socket, socket.socket]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    listener.close()
+    return client, server
+
+
+async def make_pair(
+    client_factory: Callable[[], asyncio.BaseProtocol],
+    server_factory: Callable[[], asyncio.BaseProtocol],
+    *,
+    shm: bool = True,
+    pipe_slices: int = 4,
+) -> Pair:
+    loop = asyncio.get_running_loop()
+    csock, ssock = tcp_socket_pair()
+    client, cproto = await open_transport(loop, client_factory, csock)
+    server, sproto = await open_transport(loop, server_factory, ssock)
+    pool = None
+    if shm:
+        pool = Pool.create(MemfdSegment.create(4 << 20), POOL_CONFIG)
+        up = pool.create_pipe(pool.slot, pool.slot, initial=pipe_slices)
+        down = pool.create_pipe(pool.slot, pool.slot, initial=pipe_slices)
+        client_bell, server_bell = new_eventfd(), new_eventfd()
+        ca, sa = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for transport, producer, consumer, listen, ring, sock in (
+            (client, up, down, client_bell, server_bell, ca),
+            (server, down, up, server_bell, client_bell, sa),
+        ):
+            link = await _link(loop, transport, sock)
+            path = ShmPath(
+                pool.pipe_producer(producer),
+                pool.pipe_consumer(consumer),
+                Doorbell(os.dup(listen), os.dup(ring)),
+                pool_id=str(pool.id),
+            )
+            transport.attach_shm(path, link)
+        os.close(client_bell)
+        os.close(server_bell)
+        # the Doorbells own dups of the ring ends and the listen ends
+    return Pair(client, cproto, server, sproto, pool)
+
+
+async def _link(
+    loop: asyncio.AbstractEventLoop, transport: SwitchableTransport, sock: socket.socket
+) -> ControlLink:
+    _, link = await loop.create_unix_connection(
+        lambda: ControlLink(transport._on_control, transport._on_link_lost), sock=sock
+    )
+    return link
