@@ -31,7 +31,7 @@ class ControlProtocolError(AiocolocError):
 
 def encode_frame(message: dict[str, Any]) -> bytes:
     """One frame carrying ``message``."""
-    body = msgpack.packb(message, use_bin_type=True)
+    body: bytes = msgpack.packb(message, use_bin_type=True)
     if len(body) > MAX_FRAME:
         raise ValueError(f"control message of {len(body)} bytes exceeds {MAX_FRAME}")
     return _HEADER.pack(len(body)) + body

@@ -600,7 +600,7 @@ class SwitchableTransport(asyncio.Transport):
 
     def _on_rx_eof(self) -> None:
         self._rx_eof = True
-        keep_open = self._call(self._protocol.eof_received, what="eof_received")
+        keep_open = self._call(self._protocol.eof_received, what="eof_received")  # type: ignore[attr-defined]
         if not keep_open and not self._lost_called:
             self.close()
 
@@ -661,8 +661,9 @@ class SwitchableTransport(asyncio.Transport):
                 "fallback_reason": self._fallback_reason,
                 "switches": self.switches,
             }
-        if name in self._extra:
-            return self._extra[name]
+        extra: dict[str, Any] = self._extra  # type: ignore[attr-defined]
+        if name in extra:
+            return extra[name]
         if self._tcp is not None:
             return self._tcp.get_extra_info(name, default)
         return default
