@@ -22,6 +22,7 @@ control with strictly paired ``pause_writing``/``resume_writing``, half-close,
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import logging
 import socket
@@ -150,8 +151,9 @@ class SwitchableTransport(asyncio.Transport):
         # Receiving.
         self._rx = TCP
         self._rx_pos = 0
-        self._rx_switch: tuple[int, str] | None = None
-        self._tcp_backlog = bytearray()  # TCP bytes that arrived while reading the pipe
+        self._rx_switches: collections.deque[tuple[int, str]] = collections.deque()
+        self._tcp_backlog = bytearray()  # TCP bytes not delivered yet (a later TCP segment)
+        self._backlog_paused = False
         self._tcp_eof_seen = False
         self._rx_eof = False
         self._drain_scheduled = False
@@ -170,9 +172,9 @@ class SwitchableTransport(asyncio.Transport):
     # ------------------------------------------------------------------ set-up
 
     async def _start(self, sock: socket.socket) -> None:
+        # asyncio's or uvloop's own transport (uvloop's is not an asyncio.Transport subclass).
         inner, _ = await self._loop.connect_accepted_socket(lambda: _TcpSide(self), sock=sock)
-        assert isinstance(inner, asyncio.Transport)
-        self._tcp = inner
+        self._tcp = inner  # type: ignore[assignment]
         inner.set_write_buffer_limits(self._high_water, self._low_water)
         self._loop.call_soon(self._connection_made)
 
@@ -249,44 +251,42 @@ class SwitchableTransport(asyncio.Transport):
         if message.get("op") != "switch":
             return
         offset, target = message.get("offset"), message.get("to")
-        if not isinstance(offset, int) or target not in (TCP, SHM) or offset < self._rx_pos:
+        last_offset, last_target = (
+            self._rx_switches[-1] if self._rx_switches else (self._rx_pos, self._rx)
+        )
+        if (
+            not isinstance(offset, int)
+            or target not in (TCP, SHM)
+            or target == last_target
+            or offset < last_offset
+        ):
             self._fatal_error(
                 ConnectionResetError(f"peer announced an impossible switch: {message!r:.80}"),
                 "protocol violation",
             )
             return
-        if self._rx_switch is not None:
-            self._fatal_error(
-                ConnectionResetError("peer announced two switches at once"), "protocol violation"
-            )
-            return
-        self._rx_switch = (offset, target)
+        self._rx_switches.append((offset, target))
         self._advance_rx()
 
+    def _next_switch_room(self) -> int | None:
+        """Bytes the current path may still deliver before the next switch."""
+        if not self._rx_switches:
+            return None
+        return self._rx_switches[0][0] - self._rx_pos
+
     def _advance_rx(self) -> None:
-        """Take a pending switch once the old path has delivered its bytes."""
-        if self._rx_switch is None or self._rx_switch[0] != self._rx_pos:
-            if self._rx == SHM:
-                self._schedule_drain()
-            return
-        _, target = self._rx_switch
-        self._rx_switch = None
-        self._rx = target
-        if target == SHM:
+        """Take pending switches whose offset is reached, then feed the new path."""
+        while self._rx_switches and self._rx_switches[0][0] == self._rx_pos:
+            _, self._rx = self._rx_switches.popleft()
+        if self._rx == SHM:
             self._schedule_drain()
-        elif self._tcp_backlog:
-            backlog = bytes(self._tcp_backlog)
-            self._tcp_backlog.clear()
-            self._tcp_data(backlog)
-            if self._tcp_eof_seen and not self._tcp_backlog:
-                self._tcp_eof()
-        elif self._tcp_eof_seen:
-            self._tcp_eof()
+        else:
+            self._feed_tcp()
 
     def _on_link_lost(self, exc: BaseException | None) -> None:
         if self._lost_called or self._closing:
             return
-        if self._tx == SHM or self._rx == SHM or self._rx_switch is not None:
+        if self._tx == SHM or self._rx == SHM or self._rx_switches:
             self._fatal_error(
                 ConnectionResetError("the peer's control channel closed (peer process or VM gone)"),
                 "peer lost",
@@ -469,28 +469,49 @@ class SwitchableTransport(asyncio.Transport):
     def _tcp_data(self, data: bytes) -> None:
         if self._lost_called:
             return
-        if self._rx != TCP:
-            self._tcp_backlog += data
-            if len(self._tcp_backlog) > 4 * self._high_water and self._tcp is not None:
-                self._tcp.pause_reading()  # resumed when we return to TCP
-            return
-        if self._rx_switch is not None:
-            room = self._rx_switch[0] - self._rx_pos
-            if len(data) > room:
-                if self._rx_switch[1] != SHM:
-                    self._fatal_error(
-                        ConnectionResetError("TCP data past the switch point"), "protocol violation"
-                    )
-                    return
-                self._fatal_error(
-                    ConnectionResetError(
-                        "peer sent TCP data past the point where it moved to shared memory"
-                    ),
-                    "protocol violation",
-                )
+        self._tcp_backlog += data
+        self._feed_tcp()
+
+    def _feed_tcp(self) -> None:
+        """Deliver TCP bytes up to the next switch; keep the rest for later.
+
+        TCP bytes past a switch to shared memory belong to a later TCP
+        segment (after a switch back) whose announcement may not be here yet.
+        """
+        while (
+            self._rx == TCP
+            and self._tcp_backlog
+            and not self._paused_reading
+            and not self._lost_called
+        ):
+            room = self._next_switch_room()
+            n = len(self._tcp_backlog) if room is None else min(room, len(self._tcp_backlog))
+            if n == 0:
+                break
+            chunk = bytes(self._tcp_backlog[:n])
+            del self._tcp_backlog[:n]
+            self._deliver(chunk)
+            if self._rx_switches and self._rx_switches[0][0] == self._rx_pos:
+                self._advance_rx()
                 return
-        self._deliver(data)
-        self._advance_rx()
+        if self._tcp is not None and not self._lost_called:
+            full = len(self._tcp_backlog) > 4 * self._high_water
+            if full and not self._backlog_paused:
+                self._backlog_paused = True
+                self._tcp.pause_reading()
+            elif not full and self._backlog_paused:
+                self._backlog_paused = False
+                if not self._paused_reading:
+                    self._tcp.resume_reading()
+        if (
+            self._rx == TCP
+            and self._tcp_eof_seen
+            and not self._tcp_backlog
+            and not self._rx_switches
+            and not self._rx_eof
+            and not self._lost_called
+        ):
+            self._on_rx_eof()
 
     def _deliver(self, data: bytes | memoryview) -> None:
         self._rx_pos += len(data)
@@ -543,8 +564,9 @@ class SwitchableTransport(asyncio.Transport):
         try:
             while moved < DRAIN_BUDGET and not self._paused_reading and not self._lost_called:
                 limit = READ_CHUNK
-                if self._rx_switch is not None:
-                    limit = min(limit, self._rx_switch[0] - self._rx_pos)
+                room = self._next_switch_room()
+                if room is not None:
+                    limit = min(limit, room)
                     if limit == 0:
                         self._advance_rx()
                         return
@@ -606,8 +628,7 @@ class SwitchableTransport(asyncio.Transport):
 
     def _tcp_eof(self) -> None:
         self._tcp_eof_seen = True
-        if self._rx == TCP and self._rx_switch is None and not self._rx_eof:
-            self._on_rx_eof()
+        self._feed_tcp()
 
     def _tcp_lost(self, exc: Exception | None) -> None:
         self._tcp_closed = True
@@ -635,10 +656,12 @@ class SwitchableTransport(asyncio.Transport):
         if self._closing or not self._paused_reading:
             return
         self._paused_reading = False
-        if self._tcp is not None and not self._tcp.is_closing():
+        if self._tcp is not None and not self._tcp.is_closing() and not self._backlog_paused:
             self._tcp.resume_reading()
         if self._rx == SHM:
             self._schedule_drain()
+        else:
+            self._loop.call_soon(self._feed_tcp)
 
     def is_reading(self) -> bool:
         return not self._paused_reading and not self._closing

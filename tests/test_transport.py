@@ -1,0 +1,434 @@
+"""The SwitchableTransport contract, over plain TCP, over shared memory, and
+across switches between the two -- on asyncio's loop and on uvloop.
+
+Every test runs in every mode (the uvloop-style behaviour mixin):
+  tcp       the transport never leaves TCP
+  shm       both directions move to shared memory right after connecting
+  switched  both directions switch back and forth while data flows
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import uvloop
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aiocoloc.transport import SwitchableTransport
+
+from .transport_pair import Pair, make_pair
+
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+MODES = ["tcp", "shm", "switched"]
+
+
+def run(loop_kind: str, coro: Callable[[], Awaitable[Any]], timeout: float = 30) -> Any:
+    with asyncio.Runner(loop_factory=LOOPS[loop_kind]) as runner:
+        return runner.run(asyncio.wait_for(coro(), timeout))
+
+
+@pytest.fixture(params=list(LOOPS))
+def loop_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(params=MODES)
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+class Recorder(asyncio.Protocol):
+    """Records every callback in order, and the bytes received."""
+
+    def __init__(self, keep_open_on_eof: bool = True) -> None:
+        loop = asyncio.get_running_loop()
+        self.events: list[str] = []
+        self.data = bytearray()
+        self.keep_open_on_eof = keep_open_on_eof
+        self.made = loop.create_future()
+        self.eof = loop.create_future()
+        self.lost: asyncio.Future[BaseException | None] = loop.create_future()
+        self.transport: Any = None
+        self.received = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.events.append("made")
+        self.transport = transport
+        self.made.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.events.append("data")
+        self.data += data
+        self.received.set()
+
+    def eof_received(self) -> bool:
+        self.events.append("eof")
+        self.eof.set_result(None)
+        return self.keep_open_on_eof
+
+    def pause_writing(self) -> None:
+        self.events.append("pause")
+
+    def resume_writing(self) -> None:
+        self.events.append("resume")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.events.append("lost")
+        self.lost.set_result(exc)
+
+    async def wait_for_bytes(self, n: int) -> None:
+        while len(self.data) < n:
+            self.received.clear()
+            await self.received.wait()
+
+
+async def connect(
+    mode: str,
+    client: Callable[[], asyncio.BaseProtocol] = Recorder,
+    server: Callable[[], asyncio.BaseProtocol] = Recorder,
+    **kw: Any,
+) -> Pair:
+    pair = await make_pair(client, server, shm=mode != "tcp", **kw)
+    await pair.client_protocol.made
+    await pair.server_protocol.made
+    if mode == "shm":
+        pair.client.switch_tx("shm")
+        pair.server.switch_tx("shm")
+    return pair
+
+
+def maybe_switch(mode: str, transport: SwitchableTransport, rng: random.Random) -> None:
+    if mode == "switched" and rng.random() < 0.3:
+        transport.switch_tx("tcp" if transport.mode == "shm" else "shm")
+
+
+async def teardown(pair: Pair) -> None:
+    for t in (pair.client, pair.server):
+        t.close()
+    for p in (pair.client_protocol, pair.server_protocol):
+        await p.lost
+    if pair.pool is not None:
+        pair.pool.close()
+
+
+# --- data ----------------------------------------------------------------------------
+
+
+def test_streams_arrive_exact_in_both_directions(mode: str, loop_kind: str) -> None:
+    async def scenario() -> None:
+        pair = await connect(mode)
+        rng = random.Random(3)
+        sent = {"c": bytearray(), "s": bytearray()}
+        for _ in range(60):
+            for key, transport in (("c", pair.client), ("s", pair.server)):
+                chunk = rng.randbytes(rng.choice([1, 7, 100, 5000, 70000]))
+                transport.write(chunk)
+                sent[key] += chunk
+                maybe_switch(mode, transport, rng)
+            await asyncio.sleep(0)
+        pair.client.write_eof()
+        pair.server.write_eof()
+        await pair.server_protocol.eof
+        await pair.client_protocol.eof
+        assert pair.server_protocol.data == sent["c"]
+        assert pair.client_protocol.data == sent["s"]
+        if mode == "switched":
+            assert pair.client.switches > 5 and pair.server.switches > 5
+        await teardown(pair)
+
+    run(loop_kind, scenario)
+
+
+def test_callback_order_and_connection_lost_once(mode: str, loop_kind: str) -> None:
+    async def scenario() -> None:
+        pair = await connect(mode, server=lambda: Recorder(keep_open_on_eof=False))
+        pair.client.write(b"hello")
+        pair.client.write_eof()
+        assert await pair.server_protocol.lost is None  # eof_received false: closed
+        pair.client.close()
+        assert await pair.client_protocol.lost is None
+        await asyncio.sleep(0.05)
+        assert pair.server_protocol.events == ["made", "data", "eof", "lost"]
+        assert pair.client_protocol.events[0] == "made"
+        assert pair.client_protocol.events.count("lost") == 1
+        pair.client.close()  # idempotent, no second connection_lost
+        pair.client.abort()
+        await asyncio.sleep(0.01)
+        assert pair.client_protocol.events.count("lost") == 1
+        if pair.pool is not None:
+            pair.pool.close()
+
+    run(loop_kind, scenario)
+
+
+def test_half_close_keeps_the_other_direction_open(mode: str, loop_kind: str) -> None:
+    async def scenario() -> None:
+        pair = await connect(mode)
+        pair.client.write(b"question")
+        pair.client.write_eof()
+        await pair.server_protocol.eof
+        assert bytes(pair.server_protocol.data) == b"question"
+        assert not pair.server.is_closing()
+        pair.server.write(b"answer")
+        await pair.client_protocol.wait_for_bytes(6)
+        assert bytes(pair.client_protocol.data) == b"answer"
+        with pytest.raises(RuntimeError, match="after write_eof"):
+            pair.client.write(b"more")
+        assert pair.client.can_write_eof()
+        await teardown(pair)
+
+    run(loop_kind, scenario)
+
+
+def test_write_after_close_is_dropped_with_a_warning(
+    mode: str, loop_kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        pair = await connect(mode)
+        pair.client.close()
+        await pair.client_protocol.lost
+        with caplog.at_level(logging.WARNING, logger="aiocoloc.transport"):
+            for _ in range(7):
+                pair.client.write(b"lost")  # no exception
+        assert "socket.send() raised exception." in caplog.text
+        await teardown(pair)
+
+    run(loop_kind, scenario)
+
+
+def test_abort_discards_and_reports_once(mode: str, loop_kind: str) -> None:
+    async def scenario() -> None:
+        pair = await connect(mode, pipe_slices=1)
+        pair.client.set_write_buffer_limits(high=1 << 30)
+        pair.server.pause_reading()
+        pair.client.write(bytes(1 << 20))
+        pair.client.abort()
+        assert await pair.client_protocol.lost is None
+        assert pair.client.get_write_buffer_size() == 0
+        assert pair.client_protocol.events.count("lost") == 1
+        await teardown(pair)
+
+    run(loop_kind, scenario)
+
+
+def test_write_type_errors(mode: str, loop_kind: str) -> None:
+    async def scenario() -> None:
+        pair = await connect(mode)
+        with pytest.raises(TypeError, match="bytes-like"):
+            pair.client.write("text")  # type: ignore[arg-type]
+        pair.client.writelines([b"a", bytearray(b"b"), memoryview(b"c")])
+        await pair.server_protocol.wait_for_bytes(3)
+        assert bytes(pair.server_protocol.data) == b"abc"
+        await teardown(pair)
+
+    run(loop_kind, scenario)
+
+
+# --- flow control -------------------------------------------------------------------------
+
+
+def test_flow_control_pairs_under_a_slow_reader(mode: str, loop_kind: str) -> None:
+    async def scenario() -> None:
+        pair = await connect(mode, pipe_slices=1)
+        assert pair.client.get_write_buffer_limits() == (16 * 1024, 64 * 1024)
+        pair.server.pause_reading()
+        pair.server.pause_reading()  # idempotent
+        assert not pair.server.is_reading()
+        chunk = bytes(16 * 1024)
+        total = 0
+        while "pause" not in pair.client_protocol.events:
+            pair.client.write(chunk)
+            total += len(chunk)
+            await asyncio.sleep(0)
+            assert total < 64 << 20, "pause_writing never came"
+        assert pair.client.get_write_buffer_size() > 64 * 1024
+        pair.server.resume_reading()
+        pair.server.resume_reading()
+        assert pair.server.is_reading()
+        await pair.server_protocol.wait_for_bytes(total)
+        for _ in range(100):
+            if "resume" in pair.client_protocol.events:
+                break
+            await asyncio.sleep(0.01)
+        flow = [e for e in pair.client_protocol.events if e in ("pause", "resume")]
+        assert flow == ["pause", "resume"] * (len(flow) // 2)
+        assert len(pair.server_protocol.data) == total
+        await teardown(pair)
+
+    run(loop_kind, scenario)
+
+
+def test_write_buffer_limits(mode: str, loop_kind: str) -> None:
+    async def scenario() -> None:
+        pair = await connect(mode)
+        pair.client.set_write_buffer_limits(high=1000)
+        assert pair.client.get_write_buffer_limits() == (250, 1000)
+        pair.client.set_write_buffer_limits(low=100)
+        assert pair.client.get_write_buffer_limits() == (100, 400)
+        with pytest.raises(ValueError):
+            pair.client.set_write_buffer_limits(high=1, low=2)
+        await teardown(pair)
+
+    run(loop_kind, scenario)
+
+
+# --- protocols ------------------------------------------------------------------------------
+
+
+class BufferedRecorder(asyncio.BufferedProtocol):
+    def __init__(self, size: int = 1000) -> None:
+        self.buffer = bytearray(size)
+        self.data = bytearray()
+        loop = asyncio.get_running_loop()
+        self.made = loop.create_future()
+        self.lost = loop.create_future()
+        self.eof = loop.create_future()
+        self.updates = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.made.set_result(None)
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.updates += 1
+        self.data += self.buffer[:nbytes]
+
+    def eof_received(self) -> bool:
+        self.eof.set_result(None)
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set_result(exc)
+
+
+def test_buffered_protocol_reads_into_its_buffer(mode: str, loop_kind: str) -> None:
+    async def scenario() -> None:
+        pair = await connect(mode, server=BufferedRecorder)
+        payload = random.Random(1).randbytes(300_000)
+        pair.client.write(payload)
+        pair.client.write_eof()
+        await pair.server_protocol.eof
+        assert pair.server_protocol.data == payload
+        assert pair.server_protocol.updates >= 300  # 1000-byte buffer
+        await teardown(pair)
+
+    run(loop_kind, scenario)
+
+
+def test_set_protocol_mid_stream(mode: str, loop_kind: str) -> None:
+    async def scenario() -> None:
+        pair = await connect(mode)
+        pair.client.write(b"A" * 5000)
+        await pair.server_protocol.wait_for_bytes(5000)
+        second = BufferedRecorder(777)
+        pair.server.set_protocol(second)
+        assert pair.server.get_protocol() is second
+        pair.client.write(b"B" * 5000)
+        pair.client.write_eof()
+        await second.eof
+        assert bytes(pair.server_protocol.data) == b"A" * 5000
+        assert bytes(second.data) == b"B" * 5000
+        pair.server.close()
+        await second.lost
+        pair.client.close()
+        await pair.client_protocol.lost
+        if pair.pool is not None:
+            pair.pool.close()
+
+    run(loop_kind, scenario)
+
+
+def test_protocol_errors_are_fatal_and_reported(mode: str, loop_kind: str) -> None:
+    class Broken(Recorder):
+        def data_received(self, data: bytes) -> None:
+            raise ValueError("boom")
+
+    async def scenario() -> None:
+        errors: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
+        pair = await connect(mode, server=Broken)
+        pair.client.write(b"x")
+        exc = await pair.server_protocol.lost
+        assert isinstance(exc, ValueError) and str(exc) == "boom"
+        assert errors and "data_received" in errors[0]["message"]
+        await teardown(pair)
+
+    run(loop_kind, scenario)
+
+
+def test_extra_info_survives_close(mode: str, loop_kind: str) -> None:
+    async def scenario() -> None:
+        pair = await connect(mode)
+        peer = pair.client.get_extra_info("peername")
+        assert peer == pair.server.get_extra_info("sockname")
+        assert peer[0] == "127.0.0.1"
+        assert isinstance(pair.client.get_extra_info("socket"), (socket.socket, object))
+        info = pair.client.get_extra_info("aiocoloc")
+        assert info["mode"] == ("shm" if mode == "shm" else "tcp")
+        assert (info["pool"] is None) == (mode == "tcp")
+        assert pair.client.get_extra_info("no-such-key", 42) == 42
+        await teardown(pair)
+        assert pair.client.get_extra_info("peername") == peer
+        assert pair.client.get_extra_info("socket") is not None
+
+    run(loop_kind, scenario)
+
+
+# --- random interleavings ---------------------------------------------------------------------
+
+ACTIONS = st.lists(
+    st.tuples(
+        st.sampled_from(["c", "s"]),
+        st.sampled_from(["write", "write", "write", "switch", "pause", "resume", "yield"]),
+        st.integers(1, 100_000),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(actions=ACTIONS, loop_kind=st.sampled_from(list(LOOPS)))
+def test_random_writes_pauses_and_switches_keep_both_streams(
+    actions: list[tuple[str, str, int]], loop_kind: str
+) -> None:
+    async def scenario() -> None:
+        pair = await connect("switched")
+        ends = {"c": (pair.client, pair.server), "s": (pair.server, pair.client)}
+        sent = {"c": bytearray(), "s": bytearray()}
+        counter = 0
+        for side, action, n in actions:
+            writer, reader = ends[side]
+            if action == "write":
+                chunk = bytes((counter + i) % 253 for i in range(min(n, 3000))) * max(1, n // 3000)
+                counter += 1
+                writer.write(chunk)
+                sent[side] += chunk
+            elif action == "switch":
+                writer.switch_tx("tcp" if writer.mode == "shm" else "shm")
+            elif action == "pause":
+                reader.pause_reading()
+            elif action == "resume":
+                reader.resume_reading()
+            else:
+                await asyncio.sleep(0)
+        pair.client.resume_reading()
+        pair.server.resume_reading()
+        pair.client.write_eof()
+        pair.server.write_eof()
+        await pair.server_protocol.eof
+        await pair.client_protocol.eof
+        assert pair.server_protocol.data == sent["c"]
+        assert pair.client_protocol.data == sent["s"]
+        await teardown(pair)
+
+    run(loop_kind, scenario)
