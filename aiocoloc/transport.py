@@ -148,6 +148,8 @@ class SwitchableTransport(asyncio.Transport):
         self._writes_since_bell = 0
         self._bell_scheduled = False
         self._waiting_space = False
+        self._unacked_switch: int | None = None  # offset the peer has not acknowledged
+        self._deferred_switch: str | None = None  # asked for while one was unacknowledged
         # Receiving.
         self._rx = TCP
         self._rx_pos = 0
@@ -174,7 +176,7 @@ class SwitchableTransport(asyncio.Transport):
     async def _start(self, sock: socket.socket) -> None:
         # asyncio's or uvloop's own transport (uvloop's is not an asyncio.Transport subclass).
         inner, _ = await self._loop.connect_accepted_socket(lambda: _TcpSide(self), sock=sock)
-        self._tcp = inner  # type: ignore[assignment]
+        self._tcp = inner
         inner.set_write_buffer_limits(self._high_water, self._low_water)
         self._loop.call_soon(self._connection_made)
 
@@ -218,19 +220,27 @@ class SwitchableTransport(asyncio.Transport):
         """``"shm"`` when our outgoing bytes go through shared memory, else ``"tcp"``."""
         return self._tx
 
-    def switch_tx(self, target: str) -> int:
+    def switch_tx(self, target: str) -> int | None:
         """Send our stream on ``target`` (``"shm"`` or ``"tcp"``) from now on.
 
-        Announces the byte offset where the old path ends; returns it.
+        Announces the byte offset where the old path ends and returns it.
+        Switches are serialised: until the peer has acknowledged the previous
+        announcement (one control round trip), a new switch is deferred --
+        taken when the acknowledgement arrives -- and ``None`` is returned.
+        Otherwise bytes on the new path could overtake the announcement and
+        the peer could not tell where the old path's bytes end.
         """
         if target not in (TCP, SHM):
             raise ValueError(f"unknown path {target!r}")
-        if target == self._tx:
-            return self._tx_pos
         if self._shm is None or self._link is None:
             raise RuntimeError("no shared-memory path is attached")
         if self._eof_written or self._eof_pending:
             raise RuntimeError("cannot switch after write_eof()")
+        if self._unacked_switch is not None:
+            self._deferred_switch = target
+            return None
+        if target == self._tx:
+            return self._tx_pos
         if target == SHM:
             offset = self._tx_pos
             self._link.send({"op": "switch", "offset": offset, "to": SHM})
@@ -244,11 +254,16 @@ class SwitchableTransport(asyncio.Transport):
                 self._tcp.write(bytes(self._overflow))
                 self._overflow.clear()
             self._waiting_space = False
+        self._unacked_switch = offset
         self.switches += 1
         return offset
 
     def _on_control(self, message: dict[str, Any]) -> None:
-        if message.get("op") != "switch":
+        op = message.get("op")
+        if op == "switch-ack":
+            self._on_switch_ack(message.get("offset"))
+            return
+        if op != "switch":
             return
         offset, target = message.get("offset"), message.get("to")
         last_offset, last_target = (
@@ -266,7 +281,25 @@ class SwitchableTransport(asyncio.Transport):
             )
             return
         self._rx_switches.append((offset, target))
+        assert self._link is not None
+        try:
+            self._link.send({"op": "switch-ack", "offset": offset})
+        except ConnectionResetError:
+            pass  # reported by the link's own loss
         self._advance_rx()
+
+    def _on_switch_ack(self, offset: Any) -> None:
+        if offset != self._unacked_switch:
+            self._fatal_error(
+                ConnectionResetError(f"peer acknowledged an unknown switch {offset!r}"),
+                "protocol violation",
+            )
+            return
+        self._unacked_switch = None
+        target, self._deferred_switch = self._deferred_switch, None
+        if target is not None and target != self._tx and not self._lost_called:
+            if not (self._eof_written or self._eof_pending):
+                self.switch_tx(target)
 
     def _next_switch_room(self) -> int | None:
         """Bytes the current path may still deliver before the next switch."""
