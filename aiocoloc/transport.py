@@ -169,6 +169,7 @@ class SwitchableTransport(asyncio.Transport):
         self._conn_lost = 0
         self._lost_called = False
         self._fallback_reason: str | None = None
+        self._peer_closed_link = False
         self.switches = 0
 
     # ------------------------------------------------------------------ set-up
@@ -263,6 +264,9 @@ class SwitchableTransport(asyncio.Transport):
         if op == "switch-ack":
             self._on_switch_ack(message.get("offset"))
             return
+        if op == "close":
+            self._peer_closed_link = True  # a graceful close: its loss is no error
+            return
         if op != "switch":
             return
         offset, target = message.get("offset"), message.get("to")
@@ -317,7 +321,7 @@ class SwitchableTransport(asyncio.Transport):
             self._feed_tcp()
 
     def _on_link_lost(self, exc: BaseException | None) -> None:
-        if self._lost_called or self._closing:
+        if self._lost_called or self._closing or self._peer_closed_link:
             return
         if self._tx == SHM or self._rx == SHM or self._rx_switches:
             self._fatal_error(
@@ -746,6 +750,11 @@ class SwitchableTransport(asyncio.Transport):
         if self._shm is not None and not self._shm.closed:
             if self._tx == SHM and not self._eof_written:
                 self._ring_bell_after(self._shm.producer.close)
+            if self._link is not None and not self._link.closed:
+                try:
+                    self._link.send({"op": "close"})
+                except ConnectionResetError:
+                    pass
         if self._tcp is not None and not self._tcp_closed:
             if not self._tcp.is_closing():
                 self._tcp.close()

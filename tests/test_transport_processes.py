@@ -1,0 +1,175 @@
+"""Shared-memory connections between two real processes: peer death, a writer
+blocked on a full pipe when its reader dies, and idle CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aiocoloc.control import ControlLink
+from aiocoloc.doorbell import Doorbell, new_eventfd
+from aiocoloc.pool import Pool, PoolConfig
+from aiocoloc.segments import MemfdSegment
+from aiocoloc.transport import ShmPath, SwitchableTransport, open_transport
+
+from .test_transport import LOOPS, Recorder, run
+from .transport_pair import tcp_socket_pair
+
+PEER = Path(__file__).with_name("transport_peer.py")
+
+
+class Remote:
+    """Our transport, and a child process holding the other end."""
+
+    def __init__(
+        self,
+        transport: SwitchableTransport,
+        protocol: Any,
+        child: subprocess.Popen[str],
+        pool: Pool,
+    ) -> None:
+        self.transport, self.protocol, self.child, self.pool = transport, protocol, child, pool
+
+    async def line(self) -> dict[str, Any]:
+        assert self.child.stdout is not None
+        text = await asyncio.get_running_loop().run_in_executor(None, self.child.stdout.readline)
+        assert text, f"peer exited with {self.child.poll()}"
+        result: dict[str, Any] = json.loads(text)
+        return result
+
+    def close(self) -> None:
+        if self.child.poll() is None:
+            self.child.kill()
+        self.child.wait()
+        self.pool.close()
+
+
+async def connect_remote(role: str) -> Remote:
+    loop = asyncio.get_running_loop()
+    pool = Pool.create(
+        MemfdSegment.create(8 << 20),
+        PoolConfig(slice_size=65536, max_pipes=4, max_slices_per_pipe=64, lease=60),
+    )
+    mine, theirs = tcp_socket_pair()
+    ctrl_mine, ctrl_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    my_bell, their_bell = new_eventfd(), new_eventfd()
+    fds = [theirs.fileno(), ctrl_theirs.fileno(), pool.segment.fd, their_bell, my_bell]
+    child = subprocess.Popen(
+        [sys.executable, str(PEER), role, *map(str, fds)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        pass_fds=fds,
+    )
+    theirs.close()
+    ctrl_theirs.close()
+    remote = Remote(None, None, child, pool)  # type: ignore[arg-type]
+    peer_slot = (await remote.line())["slot"]
+    up = pool.create_pipe(pool.slot, peer_slot, initial=4)
+    down = pool.create_pipe(peer_slot, pool.slot, initial=4)
+    assert child.stdin is not None
+    child.stdin.write(f"{up.slot} {up.generation} {down.slot} {down.generation}\n")
+    child.stdin.flush()
+    transport, protocol = await open_transport(loop, Recorder, mine)
+    _, link = await loop.create_unix_connection(
+        lambda: ControlLink(transport._on_control, transport._on_link_lost), sock=ctrl_mine
+    )
+    transport.attach_shm(
+        ShmPath(
+            pool.pipe_producer(up),
+            pool.pipe_consumer(down),
+            Doorbell(my_bell, os.dup(their_bell)),
+            pool_id=str(pool.id),
+        ),
+        link,
+    )
+    os.close(their_bell)
+    await protocol.made
+    transport.switch_tx("shm")
+    assert (await remote.line())["ready"]
+    remote.transport, remote.protocol = transport, protocol
+    return remote
+
+
+@pytest.fixture(params=list(LOOPS))
+def loop_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def test_echo_between_processes(loop_kind: str) -> None:
+    async def scenario() -> None:
+        remote = await connect_remote("echo")
+        try:
+            payload = os.urandom(3 << 20)
+            remote.transport.write(payload)
+            await remote.protocol.wait_for_bytes(len(payload))
+            assert remote.protocol.data == payload
+            info = remote.transport.get_extra_info("aiocoloc")
+            assert info["mode"] == "shm" and info["rx_mode"] == "shm"
+            remote.transport.write_eof()
+            assert (await remote.line())["received"] == len(payload)
+            await remote.protocol.eof  # the peer closed after our EOF: we see its EOF
+            remote.transport.close()
+            assert await remote.protocol.lost is None
+        finally:
+            remote.close()
+
+    run(loop_kind, scenario)
+
+
+@pytest.mark.parametrize("role", ["echo", "stall"])
+def test_peer_killed_mid_stream_is_reported_within_100ms(loop_kind: str, role: str) -> None:
+    async def scenario() -> None:
+        remote = await connect_remote(role)
+        try:
+            chunk = os.urandom(256 * 1024)
+            for _ in range(40):  # traffic in both directions (echo) / a full pipe (stall)
+                remote.transport.write(chunk)
+                await asyncio.sleep(0.001)
+            if role == "stall":
+                assert remote.transport.get_write_buffer_size() > 0  # blocked on a full pipe
+            remote.child.kill()
+            killed = time.monotonic()
+            exc = await remote.protocol.lost
+            elapsed = time.monotonic() - killed
+            assert isinstance(exc, ConnectionResetError), exc
+            assert elapsed < 0.1, f"connection_lost came {elapsed * 1000:.0f} ms after kill -9"
+            await asyncio.sleep(0.05)
+            remote.child.wait()
+            assert remote.pool.stats()["open_ends"] == 0
+        finally:
+            remote.close()
+
+    run(loop_kind, scenario)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_idle_connection_uses_no_cpu(loop_kind: str) -> None:
+    async def scenario() -> None:
+        remote = await connect_remote("idle")
+        try:
+            remote.transport.write(b"wake up once")
+            await asyncio.sleep(0.2)
+            mine, theirs = _cpu_seconds(os.getpid()), _cpu_seconds(remote.child.pid)
+            await asyncio.sleep(2.0)
+            used_mine = _cpu_seconds(os.getpid()) - mine
+            used_theirs = _cpu_seconds(remote.child.pid) - theirs
+            assert used_mine < 0.05 and used_theirs < 0.05, (used_mine, used_theirs)
+        finally:
+            remote.transport.abort()
+            remote.close()
+
+    run(loop_kind, scenario)

@@ -1,0 +1,84 @@
+"""The far end of a shared-memory connection, in its own process.
+
+Receives its descriptors from the parent (pass_fds): the accepted TCP socket,
+its end of the control socket, the pool's memfd, the eventfd it listens on
+and the one it rings.  Joins the pool, reports its member slot, reads the two
+pipe handles from stdin, then plays a role:
+
+    echo   write back everything it receives
+    stall  never read (the parent's writes pile up)
+    idle   do nothing
+    sink   read and count; report the count at EOF
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+
+from aiocoloc.control import ControlLink
+from aiocoloc.doorbell import Doorbell
+from aiocoloc.pool import PipeHandle, Pool
+from aiocoloc.segments import MemfdSegment
+from aiocoloc.transport import ShmPath, open_transport
+
+
+class Role(asyncio.Protocol):
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self.count = 0
+        self.done = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if self.role == "stall":
+            transport.pause_reading()  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self.count += len(data)
+        if self.role == "echo":
+            assert self.transport is not None
+            self.transport.write(data)
+
+    def eof_received(self) -> bool:
+        print(json.dumps({"received": self.count}), flush=True)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(exc)
+
+
+async def main(
+    role: str, tcp_fd: int, ctrl_fd: int, memfd: int, listen_fd: int, ring_fd: int
+) -> None:
+    loop = asyncio.get_running_loop()
+    pool = Pool.attach(MemfdSegment.from_fd(memfd))
+    print(json.dumps({"slot": pool.slot}), flush=True)
+    line = await loop.run_in_executor(None, sys.stdin.readline)
+    up_slot, up_gen, down_slot, down_gen = map(int, line.split())
+    transport, protocol = await open_transport(
+        loop, lambda: Role(role), socket.socket(fileno=tcp_fd)
+    )
+    _, link = await loop.create_unix_connection(
+        lambda: ControlLink(transport._on_control, transport._on_link_lost),
+        sock=socket.socket(fileno=ctrl_fd),
+    )
+    path = ShmPath(
+        pool.pipe_producer(PipeHandle(down_slot, down_gen)),
+        pool.pipe_consumer(PipeHandle(up_slot, up_gen)),
+        Doorbell(listen_fd, ring_fd),
+        pool_id=str(pool.id),
+    )
+    transport.attach_shm(path, link)
+    transport.switch_tx("shm")
+    print(json.dumps({"ready": True}), flush=True)
+    await protocol.done  # type: ignore[attr-defined]
+    pool.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], *map(int, sys.argv[2:7])))
