@@ -815,3 +815,30 @@ async def open_transport(
     transport = SwitchableTransport(loop, protocol)
     await transport._start(sock)
     return transport, protocol
+
+
+async def attach_shared_memory(
+    transport: SwitchableTransport,
+    pool: Any,
+    *,
+    send: Any,
+    receive: Any,
+    listen_fd: int,
+    ring_fd: int,
+    control: socket.socket,
+) -> None:
+    """Give ``transport`` the pool pipes ``send``/``receive`` (pipe handles), the
+    eventfds it listens on and rings (owned from now on) and the connected
+    control socket.  The transport stays in TCP mode until ``switch_tx``.
+    """
+    loop = asyncio.get_running_loop()
+    _, link = await loop.create_unix_connection(
+        lambda: ControlLink(transport._on_control, transport._on_link_lost), sock=control
+    )
+    path = ShmPath(
+        pool.pipe_producer(send),
+        pool.pipe_consumer(receive),
+        Doorbell(listen_fd, ring_fd),
+        pool_id=str(pool.id),
+    )
+    transport.attach_shm(path, link)

@@ -15,11 +15,10 @@ from typing import Any
 
 import pytest
 
-from aiocoloc.control import ControlLink
-from aiocoloc.doorbell import Doorbell, new_eventfd
+from aiocoloc.doorbell import new_eventfd
 from aiocoloc.pool import Pool, PoolConfig
 from aiocoloc.segments import MemfdSegment
-from aiocoloc.transport import ShmPath, SwitchableTransport, open_transport
+from aiocoloc.transport import SwitchableTransport, attach_shared_memory, open_transport
 
 from .test_transport import LOOPS, Recorder, run
 from .transport_pair import tcp_socket_pair
@@ -80,17 +79,14 @@ async def connect_remote(role: str) -> Remote:
     child.stdin.write(f"{up.slot} {up.generation} {down.slot} {down.generation}\n")
     child.stdin.flush()
     transport, protocol = await open_transport(loop, Recorder, mine)
-    _, link = await loop.create_unix_connection(
-        lambda: ControlLink(transport._on_control, transport._on_link_lost), sock=ctrl_mine
-    )
-    transport.attach_shm(
-        ShmPath(
-            pool.pipe_producer(up),
-            pool.pipe_consumer(down),
-            Doorbell(my_bell, os.dup(their_bell)),
-            pool_id=str(pool.id),
-        ),
-        link,
+    await attach_shared_memory(
+        transport,
+        pool,
+        send=up,
+        receive=down,
+        listen_fd=my_bell,
+        ring_fd=os.dup(their_bell),
+        control=ctrl_mine,
     )
     os.close(their_bell)
     await protocol.made

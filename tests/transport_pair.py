@@ -12,11 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiocoloc.control import ControlLink
-from aiocoloc.doorbell import Doorbell, new_eventfd
+from aiocoloc.doorbell import new_eventfd
 from aiocoloc.pool import Pool, PoolConfig
 from aiocoloc.segments import MemfdSegment
-from aiocoloc.transport import ShmPath, SwitchableTransport, open_transport
+from aiocoloc.transport import SwitchableTransport, attach_shared_memory, open_transport
 
 POOL_CONFIG = PoolConfig(slice_size=16384, max_pipes=8, max_slices_per_pipe=64, lease=60)
 
@@ -56,28 +55,19 @@ async def make_pair(
         down = pool.create_pipe(pool.slot, pool.slot, initial=pipe_slices)
         client_bell, server_bell = new_eventfd(), new_eventfd()
         ca, sa = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        for transport, producer, consumer, listen, ring, sock in (
+        for transport, send, receive, listen, ring, sock in (
             (client, up, down, client_bell, server_bell, ca),
             (server, down, up, server_bell, client_bell, sa),
         ):
-            link = await _link(loop, transport, sock)
-            path = ShmPath(
-                pool.pipe_producer(producer),
-                pool.pipe_consumer(consumer),
-                Doorbell(os.dup(listen), os.dup(ring)),
-                pool_id=str(pool.id),
+            await attach_shared_memory(
+                transport,
+                pool,
+                send=send,
+                receive=receive,
+                listen_fd=os.dup(listen),
+                ring_fd=os.dup(ring),
+                control=sock,
             )
-            transport.attach_shm(path, link)
         os.close(client_bell)
         os.close(server_bell)
-        # the Doorbells own dups of the ring ends and the listen ends
     return Pair(client, cproto, server, sproto, pool)
-
-
-async def _link(
-    loop: asyncio.AbstractEventLoop, transport: SwitchableTransport, sock: socket.socket
-) -> ControlLink:
-    _, link = await loop.create_unix_connection(
-        lambda: ControlLink(transport._on_control, transport._on_link_lost), sock=sock
-    )
-    return link

@@ -18,11 +18,9 @@ import json
 import socket
 import sys
 
-from aiocoloc.control import ControlLink
-from aiocoloc.doorbell import Doorbell
 from aiocoloc.pool import PipeHandle, Pool
 from aiocoloc.segments import MemfdSegment
-from aiocoloc.transport import ShmPath, open_transport
+from aiocoloc.transport import attach_shared_memory, open_transport
 
 
 class Role(asyncio.Protocol):
@@ -63,17 +61,15 @@ async def main(
     transport, protocol = await open_transport(
         loop, lambda: Role(role), socket.socket(fileno=tcp_fd)
     )
-    _, link = await loop.create_unix_connection(
-        lambda: ControlLink(transport._on_control, transport._on_link_lost),
-        sock=socket.socket(fileno=ctrl_fd),
+    await attach_shared_memory(
+        transport,
+        pool,
+        send=PipeHandle(down_slot, down_gen),
+        receive=PipeHandle(up_slot, up_gen),
+        listen_fd=listen_fd,
+        ring_fd=ring_fd,
+        control=socket.socket(fileno=ctrl_fd),
     )
-    path = ShmPath(
-        pool.pipe_producer(PipeHandle(down_slot, down_gen)),
-        pool.pipe_consumer(PipeHandle(up_slot, up_gen)),
-        Doorbell(listen_fd, ring_fd),
-        pool_id=str(pool.id),
-    )
-    transport.attach_shm(path, link)
     transport.switch_tx("shm")
     print(json.dumps({"ready": True}), flush=True)
     await protocol.done  # type: ignore[attr-defined]
