@@ -77,9 +77,13 @@ class ControlLink(asyncio.Protocol):
         self._decoder = FrameDecoder()
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self._early: list[bytes] = []  # sent before connection_made (uvloop calls it later)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        for frame in self._early:
+            self.transport.write(frame)
+        self._early.clear()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -107,9 +111,12 @@ class ControlLink(asyncio.Protocol):
             self._on_lost(exc)
 
     def send(self, message: dict[str, Any]) -> None:
-        if self.transport is None or self.closed or self.transport.is_closing():
+        if self.closed or (self.transport is not None and self.transport.is_closing()):
             raise ConnectionResetError("control channel is closed")
-        self.transport.write(encode_frame(message))
+        if self.transport is None:
+            self._early.append(encode_frame(message))
+        else:
+            self.transport.write(encode_frame(message))
 
     def close(self) -> None:
         self.closed = True

@@ -170,6 +170,7 @@ class SwitchableTransport(asyncio.Transport):
         self._lost_called = False
         self._fallback_reason: str | None = None
         self._peer_closed_link = False
+        self._early_control: list[dict[str, Any]] = []
         self.switches = 0
 
     # ------------------------------------------------------------------ set-up
@@ -191,6 +192,9 @@ class SwitchableTransport(asyncio.Transport):
         self._shm = path
         self._link = link
         path.doorbell.listen(self._loop, self._on_doorbell)
+        early, self._early_control = self._early_control, []
+        for message in early:
+            self._on_control(message)
 
     # ------------------------------------------------------ protocol calls
 
@@ -260,6 +264,9 @@ class SwitchableTransport(asyncio.Transport):
         return offset
 
     def _on_control(self, message: dict[str, Any]) -> None:
+        if self._shm is None:  # the link delivers before attach_shm() returned
+            self._early_control.append(message)
+            return
         op = message.get("op")
         if op == "switch-ack":
             self._on_switch_ack(message.get("offset"))
