@@ -82,7 +82,7 @@ class ControlLink(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         for frame in self._early:
-            self.transport.write(frame)
+            transport.write(frame)  # type: ignore[attr-defined]
         self._early.clear()
 
     def data_received(self, data: bytes) -> None:

@@ -257,7 +257,7 @@ def _cpu(pid: int) -> float:
 
 
 async def idle_cell(conn: Connection, seconds: float) -> float:
-    reader, writer = await conn.open()
+    _, writer = await conn.open()
     writer.write(b"I" + bytes(8))
     await asyncio.sleep(0.1)
     assert conn.child is not None
