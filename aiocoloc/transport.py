@@ -117,8 +117,12 @@ class _TcpSide(asyncio.Protocol):
         self.outer._maybe_resume_protocol()
 
 
-class SwitchableTransport(asyncio.Transport):
-    """A TCP connection that can carry its bytes through shared memory."""
+class SwitchableTransport(asyncio.transports._FlowControlMixin):
+    """A TCP connection that can carry its bytes through shared memory.
+
+    An ``asyncio.Transport``; built on asyncio's flow-control mixin, which
+    ``loop.sendfile()``'s fallback (aiohttp's ``FileResponse``) requires.
+    """
 
     _start_tls_compatible = True
     _sendfile_compatible = asyncio.constants._SendfileMode.FALLBACK  # type: ignore[attr-defined]
@@ -130,7 +134,7 @@ class SwitchableTransport(asyncio.Transport):
         *,
         extra: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(extra)
+        super().__init__(extra, loop)
         self._loop = loop
         self._context = contextvars.copy_context()
         self._entered = False

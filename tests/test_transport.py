@@ -432,3 +432,48 @@ def test_random_writes_pauses_and_switches_keep_both_streams(
         await teardown(pair)
 
     run(loop_kind, scenario)
+
+
+# --- context and sendfile ----------------------------------------------------------------------
+
+
+def test_callbacks_run_in_the_connections_context(mode: str, loop_kind: str) -> None:
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="unset")
+    seen: list[str] = []
+
+    class Probe(Recorder):
+        def data_received(self, data: bytes) -> None:
+            seen.append(var.get())
+            super().data_received(data)
+
+    async def scenario() -> None:
+        var.set("connection-1")
+        pair = await connect(mode, server=Probe)
+        var.set("changed later")  # the connection keeps the context it was made in
+        pair.client.write(b"x" * 10)
+        await pair.server_protocol.wait_for_bytes(10)
+        assert seen and set(seen) == {"connection-1"}
+        await teardown(pair)
+
+    run(loop_kind, scenario)
+
+
+def test_loop_sendfile_falls_back_to_writes(mode: str, tmp_path: Any) -> None:
+    """aiohttp's FileResponse uses loop.sendfile(); over us it falls back to write()."""
+    path = tmp_path / "payload.bin"
+    payload = random.Random(9).randbytes(700_000)
+    path.write_bytes(payload)
+
+    async def scenario() -> None:
+        pair = await connect(mode)
+        with path.open("rb") as f:
+            sent = await asyncio.get_running_loop().sendfile(pair.client, f)
+        assert sent == len(payload)
+        pair.client.write_eof()
+        await pair.server_protocol.eof
+        assert pair.server_protocol.data == payload
+        await teardown(pair)
+
+    run("asyncio", scenario)
