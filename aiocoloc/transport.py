@@ -31,7 +31,7 @@ from typing import Any
 
 from aiocoloc.control import ControlLink
 from aiocoloc.doorbell import Doorbell
-from aiocoloc.errors import RingClosed, RingCorrupted
+from aiocoloc.errors import PoolError, RingClosed, RingCorrupted
 
 __all__ = ["ShmPath", "SwitchableTransport", "open_transport"]
 
@@ -56,8 +56,10 @@ class ShmPath:
 
     ``producer`` writes our outgoing pipe, ``consumer`` reads the incoming
     one (``aiocoloc.ring`` pipe or ring ends); ``doorbell`` wakes the peer and
-    wakes us.  ``on_close`` runs once when the transport is done with them
-    (to return the pipes to their pool).
+    wakes us.  ``on_close(outgoing_done)`` runs once when the transport is
+    done with them, to return pipes to their pool: the incoming pipe is ours
+    to free; the outgoing one only once its reader is done with it
+    (``outgoing_done``: the reader closed it, or the peer is gone).
     """
 
     def __init__(
@@ -67,7 +69,7 @@ class ShmPath:
         doorbell: Doorbell,
         *,
         pool_id: str | None = None,
-        on_close: Callable[[], None] | None = None,
+        on_close: Callable[[bool], None] | None = None,
     ) -> None:
         self.producer = producer
         self.consumer = consumer
@@ -76,11 +78,14 @@ class ShmPath:
         self._on_close = on_close
         self.closed = False
 
-    def close(self) -> None:
+    def close(self, peer_gone: bool = False) -> None:
         """Release the pipe ends and the doorbell.  Idempotent."""
         if self.closed:
             return
         self.closed = True
+        outgoing_done = peer_gone
+        if not self.producer.released and not self.producer.corrupted:
+            outgoing_done = outgoing_done or bool(self.producer.peer_closed)
         for end in (self.producer, self.consumer):
             if not end.released:
                 if not end.corrupted:
@@ -88,7 +93,7 @@ class ShmPath:
                 end.release()
         self.doorbell.close()
         if self._on_close is not None:
-            self._on_close()
+            self._on_close(outgoing_done)
 
 
 class _TcpSide(asyncio.Protocol):
@@ -174,6 +179,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         self._lost_called = False
         self._fallback_reason: str | None = None
         self._peer_closed_link = False
+        self._peer_gone = False
         self._early_control: list[dict[str, Any]] = []
         self.switches = 0
 
@@ -335,6 +341,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         if self._lost_called or self._closing or self._peer_closed_link:
             return
         if self._tx == SHM or self._rx == SHM or self._rx_switches:
+            self._peer_gone = True
             self._fatal_error(
                 ConnectionResetError("the peer's control channel closed (peer process or VM gone)"),
                 "peer lost",
@@ -801,7 +808,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         if self._link is not None:
             self._link.close()
         if self._shm is not None:
-            self._shm.close()
+            self._shm.close(peer_gone=self._peer_gone)
         self._loop.call_soon(self._call_connection_lost, exc)
 
     def _call_connection_lost(self, exc: BaseException | None) -> None:
@@ -846,10 +853,20 @@ async def attach_shared_memory(
     _, link = await loop.create_unix_connection(
         lambda: ControlLink(transport._on_control, transport._on_link_lost), sock=control
     )
+
+    def give_back(outgoing_done: bool) -> None:
+        for handle, done in ((receive, True), (send, outgoing_done)):
+            if done:
+                try:
+                    pool.destroy_pipe(handle)
+                except PoolError:
+                    pass  # the peer (or the pool's reaper) freed it first
+
     path = ShmPath(
         pool.pipe_producer(send),
         pool.pipe_consumer(receive),
         Doorbell(listen_fd, ring_fd),
         pool_id=str(pool.id),
+        on_close=give_back,
     )
     transport.attach_shm(path, link)

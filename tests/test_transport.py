@@ -115,6 +115,9 @@ async def teardown(pair: Pair) -> None:
     for p in (pair.client_protocol, pair.server_protocol):
         await p.lost
     if pair.pool is not None:
+        stats = pair.pool.stats()
+        assert stats["slices_used"] == 0, "the connection's pipes were not given back"
+        assert stats["open_ends"] == 0
         pair.pool.close()
 
 

@@ -141,7 +141,9 @@ def test_peer_killed_mid_stream_is_reported_within_100ms(loop_kind: str, role: s
             assert elapsed < 0.1, f"connection_lost came {elapsed * 1000:.0f} ms after kill -9"
             await asyncio.sleep(0.05)
             remote.child.wait()
-            assert remote.pool.stats()["open_ends"] == 0
+            stats = remote.pool.stats()
+            assert stats["open_ends"] == 0
+            assert stats["slices_used"] == 0  # both pipes back in the pool at once
         finally:
             remote.close()
 
