@@ -17,7 +17,7 @@ import logging
 import os
 from collections.abc import Callable
 
-__all__ = ["Doorbell", "new_eventfd"]
+__all__ = ["Doorbell", "ControlDoorbell", "new_eventfd"]
 
 _log = logging.getLogger("aiocoloc.doorbell")
 _ONE = (1).to_bytes(8, "little")
@@ -72,3 +72,41 @@ class Doorbell:
             self._loop.remove_reader(self.listen_fd)
         for fd in {self.listen_fd, self.ring_fd}:
             os.close(fd)
+
+
+class ControlDoorbell:
+    """A doorbell carried as a message on the control channel.
+
+    For peers in different kernels (VMs sharing an ivshmem pool), where no
+    eventfd can be passed: ringing sends ``{"op": "bell"}``; the transport
+    hands incoming bells to ``on_ring``.  Same interface as ``Doorbell``.
+    """
+
+    def __init__(self, send: Callable[[dict[str, str]], None]) -> None:
+        self._send = send
+        self._callback: Callable[[], None] | None = None
+        self.rings = 0
+        self.wakeups = 0
+        self._closed = False
+
+    def ring(self) -> None:
+        if self._closed:
+            return
+        try:
+            self._send({"op": "bell"})
+            self.rings += 1
+        except ConnectionResetError:
+            pass  # the link's loss is reported by the link
+
+    def listen(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+        self._callback = callback
+
+    def on_ring(self) -> None:
+        """A bell message arrived."""
+        if self._callback is not None and not self._closed:
+            self.wakeups += 1
+            self._callback()
+
+    def close(self) -> None:
+        self._closed = True
+        self._callback = None

@@ -25,12 +25,13 @@ import asyncio
 import collections
 import contextvars
 import logging
+import os
 import socket
 from collections.abc import Callable
 from typing import Any
 
 from aiocoloc.control import ControlLink
-from aiocoloc.doorbell import Doorbell
+from aiocoloc.doorbell import ControlDoorbell, Doorbell
 from aiocoloc.errors import PoolError, RingClosed, RingCorrupted
 
 __all__ = ["ShmPath", "SwitchableTransport", "open_transport"]
@@ -66,7 +67,7 @@ class ShmPath:
         self,
         producer: Any,
         consumer: Any,
-        doorbell: Doorbell,
+        doorbell: Doorbell | ControlDoorbell,
         *,
         pool_id: str | None = None,
         on_close: Callable[[bool], None] | None = None,
@@ -280,6 +281,11 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         op = message.get("op")
         if op == "switch-ack":
             self._on_switch_ack(message.get("offset"))
+            return
+        if op == "bell":
+            doorbell = self._shm.doorbell
+            if isinstance(doorbell, ControlDoorbell):
+                doorbell.on_ring()
             return
         if op == "close":
             self._peer_closed_link = True  # a graceful close: its loss is no error
@@ -842,12 +848,15 @@ async def attach_shared_memory(
     send: Any,
     receive: Any,
     listen_fd: int,
-    ring_fd: int,
+    ring_fd: int | None,
     control: socket.socket,
+    socket_bell: bool = False,
 ) -> None:
     """Give ``transport`` the pool pipes ``send``/``receive`` (pipe handles), the
     eventfds it listens on and rings (owned from now on) and the connected
-    control socket.  The transport stays in TCP mode until ``switch_tx``.
+    control socket.  With ``socket_bell`` (peers in different kernels) the
+    doorbell is a message on the control socket and the eventfds are closed.
+    The transport stays in TCP mode until ``switch_tx``.
     """
     loop = asyncio.get_running_loop()
     _, link = await loop.create_unix_connection(
@@ -862,10 +871,19 @@ async def attach_shared_memory(
                 except PoolError:
                     pass  # the peer (or the pool's reaper) freed it first
 
+    doorbell: Doorbell | ControlDoorbell
+    if socket_bell:
+        for fd in (listen_fd, ring_fd):
+            if fd is not None:
+                os.close(fd)
+        doorbell = ControlDoorbell(link.send)
+    else:
+        assert ring_fd is not None
+        doorbell = Doorbell(listen_fd, ring_fd)
     path = ShmPath(
         pool.pipe_producer(send),
         pool.pipe_consumer(receive),
-        Doorbell(listen_fd, ring_fd),
+        doorbell,
         pool_id=str(pool.id),
         on_close=give_back,
     )

@@ -5,6 +5,8 @@ Every test runs in every mode (the uvloop-style behaviour mixin):
   tcp       the transport never leaves TCP
   shm       both directions move to shared memory right after connecting
   switched  both directions switch back and forth while data flows
+  shm-socket-bell  as shm, with doorbells carried on the control socket
+            (as between VMs, where no eventfd can be shared)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from aiocoloc.transport import SwitchableTransport
 from .transport_pair import Pair, make_pair
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
-MODES = ["tcp", "shm", "switched"]
+MODES = ["tcp", "shm", "switched", "shm-socket-bell"]
 
 
 def run(loop_kind: str, coro: Callable[[], Awaitable[Any]], timeout: float = 30) -> Any:
@@ -95,10 +97,12 @@ async def connect(
     server: Callable[[], asyncio.BaseProtocol] = Recorder,
     **kw: Any,
 ) -> Pair:
-    pair = await make_pair(client, server, shm=mode != "tcp", **kw)
+    pair = await make_pair(
+        client, server, shm=mode != "tcp", socket_bell=mode == "shm-socket-bell", **kw
+    )
     await pair.client_protocol.made
     await pair.server_protocol.made
-    if mode == "shm":
+    if mode.startswith("shm"):
         pair.client.switch_tx("shm")
         pair.server.switch_tx("shm")
     return pair
@@ -376,7 +380,7 @@ def test_extra_info_survives_close(mode: str, loop_kind: str) -> None:
         assert peer[0] == "127.0.0.1"
         assert isinstance(pair.client.get_extra_info("socket"), (socket.socket, object))
         info = pair.client.get_extra_info("aiocoloc")
-        assert info["mode"] == ("shm" if mode == "shm" else "tcp")
+        assert info["mode"] == ("shm" if mode.startswith("shm") else "tcp")
         assert (info["pool"] is None) == (mode == "tcp")
         assert pair.client.get_extra_info("no-such-key", 42) == 42
         await teardown(pair)

@@ -43,7 +43,9 @@ async def make_pair(
     *,
     shm: bool = True,
     pipe_slices: int = 4,
+    socket_bell: bool = False,
 ) -> Pair:
+    """``socket_bell``: doorbells as control-channel messages (as across VMs)."""
     loop = asyncio.get_running_loop()
     csock, ssock = tcp_socket_pair()
     client, cproto = await open_transport(loop, client_factory, csock)
@@ -67,6 +69,7 @@ async def make_pair(
                 listen_fd=os.dup(listen),
                 ring_fd=os.dup(ring),
                 control=sock,
+                socket_bell=socket_bell,
             )
         os.close(client_bell)
         os.close(server_bell)
