@@ -17,7 +17,7 @@ import logging
 import os
 from collections.abc import Callable
 
-__all__ = ["Doorbell", "ControlDoorbell", "new_eventfd"]
+__all__ = ["ControlDoorbell", "Doorbell", "new_eventfd"]
 
 _log = logging.getLogger("aiocoloc.doorbell")
 _ONE = (1).to_bytes(8, "little")

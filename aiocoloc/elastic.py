@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiocoloc.allocation import demand_from, proportional_targets
+from aiocoloc.errors import PoolError
 from aiocoloc.pool import PipeHandle, Pool
 
 __all__ = ["ElasticConfig", "ElasticProducer"]
@@ -68,13 +69,13 @@ class ElasticProducer:
     def write(self, data: Any) -> int:
         """As ``PipeProducer.write``, accounting demand (and ticking when due)."""
         n = int(self.end.write(data))
-        self._account(n, n < len(data))
+        self._account(n, n < memoryview(data).nbytes)
         return n
 
     def write_all(self, data: Any) -> bool:
         """As ``PipeProducer.write_all``, accounting demand."""
         ok = bool(self.end.write_all(data))
-        self._account(len(data) if ok else 0, not ok)
+        self._account(memoryview(data).nbytes if ok else 0, not ok)
         return ok
 
     def _account(self, accepted: int, blocked: bool) -> None:
@@ -96,18 +97,32 @@ class ElasticProducer:
 
     # -- the policy -----------------------------------------------------------
 
-    def maybe_tick(self) -> None:
-        """``tick()`` if an interval has passed since the last one (cheap otherwise)."""
+    def maybe_tick(self) -> bool:
+        """``tick()`` if an interval has passed since the last one (cheap
+        otherwise); returns what ``tick()`` would (True when not due)."""
         if time.monotonic() - self._last_tick >= self.config.interval:
-            self.tick()
+            return self.tick()
+        return True
 
-    def tick(self) -> None:
-        """Publish demand, compute targets, take one resize step."""
+    def tick(self) -> bool:
+        """Publish demand, compute targets, take one resize step.
+
+        Returns True while there is more to do (the pipe is busy, not at its
+        target, or holds slices to hand back): an owner that ticks from a
+        timer may stop once it returns False and start again on a write.
+        """
         now = time.monotonic()
         elapsed = now - self._last_tick
         if elapsed <= 0:
-            return
+            return True
         self._last_tick = now
+        try:
+            return self._tick(elapsed)
+        except PoolError as exc:  # our pipe was closed or reclaimed under us
+            _log.debug("pipe %s: no resizing: %s", self.handle, exc)
+            return False
+
+    def _tick(self, elapsed: float) -> bool:
         blocked = self.blocked_ns
         if self._blocked_since is not None:
             blocked += time.monotonic_ns() - self._blocked_since
@@ -142,10 +157,12 @@ class ElasticProducer:
         for key in set(self._seen) - alive:
             del self._seen[key]
         if mine is None:
-            return  # our pipe is gone; the transport notices on its next write
+            return False  # our pipe is gone; the transport notices on its next write
         target = proportional_targets(demands, mins, maxs, self.pool.geometry.slice_count)[mine]
         self.pool.publish_demand(self.handle, self.offered, blocked, target)
         self._step_toward(target)
+        busy = demands[mine] > 0 or bool(self._pending_release)
+        return busy or len(self.end.slices) != target
 
     def _step_toward(self, target: int) -> None:
         end = self.end
@@ -169,7 +186,14 @@ class ElasticProducer:
                 self._pending_release = []
 
     def close(self) -> None:
-        """Close the producer end (EOF for the consumer) and release it."""
+        """Close the producer end: EOF for the consumer once it has drained."""
         if not self.end.released:
             self.end.close()
-            self.end.release()
+
+    def release(self) -> None:
+        """Drop the producer end's hold on the pool mapping."""
+        self.end.release()
+
+    def __getattr__(self, name: str) -> Any:
+        # Everything else is the pipe end's (flags, positions, sleep/wake).
+        return getattr(self.end, name)

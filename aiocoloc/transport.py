@@ -32,6 +32,7 @@ from typing import Any
 
 from aiocoloc.control import ControlLink
 from aiocoloc.doorbell import ControlDoorbell, Doorbell
+from aiocoloc.elastic import ElasticConfig, ElasticProducer
 from aiocoloc.errors import PoolError, RingClosed, RingCorrupted
 
 __all__ = ["ShmPath", "SwitchableTransport", "open_transport"]
@@ -169,6 +170,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         self._tcp_eof_seen = False
         self._rx_eof = False
         self._drain_scheduled = False
+        self._tick_handle: asyncio.TimerHandle | None = None
         # Life cycle.
         self._paused_reading = False
         self._protocol_paused = False
@@ -400,12 +402,27 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
             self.write(data)
 
     def _after_pipe_write(self) -> None:
+        producer = self._shm.producer if self._shm is not None else None
+        if self._tick_handle is None and isinstance(producer, ElasticProducer):
+            self._tick_handle = self._loop.call_later(producer.config.interval, self._resize_tick)
         self._writes_since_bell += 1
         if self._writes_since_bell >= BELL_EVERY_WRITES:
             self._ring_bell()
         elif not self._bell_scheduled:
             self._bell_scheduled = True
             self._loop.call_soon(self._ring_bell)
+
+    def _resize_tick(self) -> None:
+        """Let an elastic pipe follow its demand while it is busy or settling;
+        an idle pipe at its share stops the timer (no CPU while idle)."""
+        self._tick_handle = None
+        shm = self._shm
+        if shm is None or shm.closed or self._lost_called:
+            return
+        if self._in_context(shm.producer.maybe_tick):
+            self._tick_handle = self._loop.call_later(
+                shm.producer.config.interval, self._resize_tick
+            )
 
     def _ring_bell(self) -> None:
         """Ring the peer if its consumer sleeps (event suppression otherwise)."""
@@ -809,6 +826,9 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         self._closing = True
         self._overflow.clear()
         self._conn_lost += 1
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
         if self._tcp is not None and not self._tcp_closed:
             self._tcp.abort()
         if self._link is not None:
@@ -851,11 +871,14 @@ async def attach_shared_memory(
     ring_fd: int | None,
     control: socket.socket,
     socket_bell: bool = False,
+    elastic: ElasticConfig | None = ElasticConfig(),  # noqa: B008 - frozen, shared safely
 ) -> None:
     """Give ``transport`` the pool pipes ``send``/``receive`` (pipe handles), the
     eventfds it listens on and rings (owned from now on) and the connected
     control socket.  With ``socket_bell`` (peers in different kernels) the
     doorbell is a message on the control socket and the eventfds are closed.
+    With ``elastic`` (the default) the outgoing pipe grows and shrinks with
+    its demand (``aiocoloc.elastic``); ``None`` keeps its size fixed.
     The transport stays in TCP mode until ``switch_tx``.
     """
     loop = asyncio.get_running_loop()
@@ -880,8 +903,11 @@ async def attach_shared_memory(
     else:
         assert ring_fd is not None
         doorbell = Doorbell(listen_fd, ring_fd)
+    producer = (
+        ElasticProducer(pool, send, elastic) if elastic is not None else pool.pipe_producer(send)
+    )
     path = ShmPath(
-        pool.pipe_producer(send),
+        producer,
         pool.pipe_consumer(receive),
         doorbell,
         pool_id=str(pool.id),

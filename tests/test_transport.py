@@ -484,3 +484,28 @@ def test_loop_sendfile_falls_back_to_writes(mode: str, tmp_path: Any) -> None:
         await teardown(pair)
 
     run("asyncio", scenario)
+
+
+def test_pipe_grows_with_demand_and_shrinks_when_idle(loop_kind: str) -> None:
+    async def scenario() -> None:
+        pair = await connect("shm", pipe_slices=1)
+        producer = pair.client._shm.producer  # type: ignore[union-attr]
+        start = producer.capacity
+        chunk = bytes(256 * 1024)
+        for _ in range(400):
+            pair.client.write(chunk)
+            await asyncio.sleep(0)
+            if producer.capacity >= 8 * start:
+                break
+        grown = producer.capacity
+        assert grown >= 8 * start, f"the busy pipe stayed at {grown} bytes"
+        await pair.server_protocol.wait_for_bytes(len(pair.server_protocol.data))
+        deadline = asyncio.get_running_loop().time() + 3
+        while producer.capacity > start and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        assert producer.capacity == start, "the idle pipe kept its slices"
+        await asyncio.sleep(0.3)
+        assert pair.client._tick_handle is None  # no timer left running while idle
+        await teardown(pair)
+
+    run(loop_kind, scenario)
