@@ -871,14 +871,15 @@ async def attach_shared_memory(
     ring_fd: int | None,
     control: socket.socket,
     socket_bell: bool = False,
-    elastic: ElasticConfig | None = ElasticConfig(),  # noqa: B008 - frozen, shared safely
+    elastic: ElasticConfig | None = None,
 ) -> None:
     """Give ``transport`` the pool pipes ``send``/``receive`` (pipe handles), the
     eventfds it listens on and rings (owned from now on) and the connected
     control socket.  With ``socket_bell`` (peers in different kernels) the
     doorbell is a message on the control socket and the eventfds are closed.
-    With ``elastic`` (the default) the outgoing pipe grows and shrinks with
-    its demand (``aiocoloc.elastic``); ``None`` keeps its size fixed.
+    With ``elastic`` the outgoing pipe grows and shrinks with its demand
+    (``aiocoloc.elastic``); without (the default for now: see the streams
+    benchmark notes) its size stays fixed.
     The transport stays in TCP mode until ``switch_tx``.
     """
     loop = asyncio.get_running_loop()

@@ -169,8 +169,8 @@ class Connection:
         peer = int(await loop.run_in_executor(None, self._spawn, list(map(str, fds)), fds))
         theirs.close()
         ctrl_theirs.close()
-        up = pool.create_pipe(pool.slot, peer, initial=64)
-        down = pool.create_pipe(peer, pool.slot, initial=64)
+        up = pool.create_pipe(pool.slot, peer, initial=16)
+        down = pool.create_pipe(peer, pool.slot, initial=16)
         assert self.child is not None and self.child.stdin is not None
         self.child.stdin.write(f"{up.slot} {up.generation} {down.slot} {down.generation}\n")
         self.child.stdin.flush()

@@ -23,6 +23,7 @@ import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from aiocoloc.elastic import ElasticConfig
 from aiocoloc.transport import SwitchableTransport
 
 from .transport_pair import Pair, make_pair
@@ -488,7 +489,7 @@ def test_loop_sendfile_falls_back_to_writes(mode: str, tmp_path: Any) -> None:
 
 def test_pipe_grows_with_demand_and_shrinks_when_idle(loop_kind: str) -> None:
     async def scenario() -> None:
-        pair = await connect("shm", pipe_slices=1)
+        pair = await connect("shm", pipe_slices=1, elastic=ElasticConfig())
         producer = pair.client._shm.producer  # type: ignore[union-attr]
         start = producer.capacity
         chunk = bytes(256 * 1024)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiocoloc.doorbell import new_eventfd
+from aiocoloc.elastic import ElasticConfig
 from aiocoloc.pool import Pool, PoolConfig
 from aiocoloc.segments import MemfdSegment
 from aiocoloc.transport import SwitchableTransport, attach_shared_memory, open_transport
@@ -44,6 +45,7 @@ async def make_pair(
     shm: bool = True,
     pipe_slices: int = 4,
     socket_bell: bool = False,
+    elastic: ElasticConfig | None = None,
 ) -> Pair:
     """``socket_bell``: doorbells as control-channel messages (as across VMs)."""
     loop = asyncio.get_running_loop()
@@ -70,6 +72,7 @@ async def make_pair(
                 ring_fd=os.dup(ring),
                 control=sock,
                 socket_bell=socket_bell,
+                elastic=elastic,
             )
         os.close(client_bell)
         os.close(server_bell)
