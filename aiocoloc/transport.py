@@ -167,6 +167,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         self._rx_switches: collections.deque[tuple[int, str]] = collections.deque()
         self._tcp_backlog = bytearray()  # TCP bytes not delivered yet (a later TCP segment)
         self._backlog_paused = False
+        self._tcp_reading = True
         self._tcp_eof_seen = False
         self._rx_eof = False
         self._drain_scheduled = False
@@ -340,6 +341,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         """Take pending switches whose offset is reached, then feed the new path."""
         while self._rx_switches and self._rx_switches[0][0] == self._rx_pos:
             _, self._rx = self._rx_switches.popleft()
+        self._sync_tcp_reading()
         if self._rx == SHM:
             self._schedule_drain()
         else:
@@ -572,15 +574,8 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
             if self._rx_switches and self._rx_switches[0][0] == self._rx_pos:
                 self._advance_rx()
                 return
-        if self._tcp is not None and not self._lost_called:
-            full = len(self._tcp_backlog) > 4 * self._high_water
-            if full and not self._backlog_paused:
-                self._backlog_paused = True
-                self._tcp.pause_reading()
-            elif not full and self._backlog_paused:
-                self._backlog_paused = False
-                if not self._paused_reading:
-                    self._tcp.resume_reading()
+        self._backlog_paused = len(self._tcp_backlog) > 4 * self._high_water
+        self._sync_tcp_reading()
         if (
             self._rx == TCP
             and self._tcp_eof_seen
@@ -723,19 +718,32 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
                 ConnectionResetError("TCP connection closed by the peer"), "TCP connection lost"
             )
 
+    def _sync_tcp_reading(self) -> None:
+        """Read TCP unless the protocol paused us while TCP is the path, or the
+        backlog is full.  While reading from the pipe, pausing the socket
+        would only cost system calls (asyncio re-registers it each time)."""
+        tcp = self._tcp
+        if tcp is None or self._lost_called or self._closing or tcp.is_closing():
+            return
+        want = not self._backlog_paused and not (self._paused_reading and self._rx == TCP)
+        if want != self._tcp_reading:
+            self._tcp_reading = want
+            if want:
+                tcp.resume_reading()
+            else:
+                tcp.pause_reading()
+
     def pause_reading(self) -> None:
         if self._closing or self._paused_reading:
             return
         self._paused_reading = True
-        if self._tcp is not None:
-            self._tcp.pause_reading()
+        self._sync_tcp_reading()
 
     def resume_reading(self) -> None:
         if self._closing or not self._paused_reading:
             return
         self._paused_reading = False
-        if self._tcp is not None and not self._tcp.is_closing() and not self._backlog_paused:
-            self._tcp.resume_reading()
+        self._sync_tcp_reading()
         if self._rx == SHM:
             self._schedule_drain()
         else:
