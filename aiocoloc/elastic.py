@@ -63,13 +63,15 @@ class ElasticProducer:
         self._seen: dict[tuple[int, int], _Seen] = {(handle.slot, handle.generation): _Seen(0, 0)}
         self._last_tick = time.monotonic()
         self.resizes = 0
+        self._writes = 0
 
     # -- the data path -------------------------------------------------------
 
     def write(self, data: Any) -> int:
         """As ``PipeProducer.write``, accounting demand (and ticking when due)."""
-        n = int(self.end.write(data))
-        self._account(n, n < memoryview(data).nbytes)
+        n: int = self.end.write(data)
+        size = len(data) if type(data) is bytes or type(data) is bytearray else memoryview(data).nbytes
+        self._account(n, n < size)
         return n
 
     def write_all(self, data: Any) -> bool:
@@ -79,15 +81,17 @@ class ElasticProducer:
         return ok
 
     def _account(self, accepted: int, blocked: bool) -> None:
+        # On every write: keep this to a few operations (no clock unless the
+        # blocked state changes, a clock check every 64 writes).
         self.offered += accepted
-        now = time.monotonic_ns()
         if blocked:
             if self._blocked_since is None:
-                self._blocked_since = now
+                self._blocked_since = time.monotonic_ns()
         elif self._blocked_since is not None:
-            self.blocked_ns += now - self._blocked_since
+            self.blocked_ns += time.monotonic_ns() - self._blocked_since
             self._blocked_since = None
-        if now / 1e9 - self._last_tick >= self.config.interval:
+        self._writes += 1
+        if not self._writes & 63 and time.monotonic() - self._last_tick >= self.config.interval:
             self.tick()
 
     @property
