@@ -183,11 +183,17 @@ cdef class _End:
 cdef class _Producer(_End):
     cdef uint64_t _tail          # ours: the only true copy
     cdef uint64_t _last_head     # peer's, last validated value
+    # Demand, for the pool's proportional allocation (aiocoloc/elastic.py):
+    # bytes accepted, and time spent unable to place a whole write.
+    cdef uint64_t _offered
+    cdef uint64_t _blocked_ns
+    cdef uint64_t _blocked_since # 0 while not blocked
 
     cdef int _start_positions(self) except -1
     cdef uint64_t _load_head(self) except? 0xFFFFFFFFFFFFFFFF
     cdef Py_ssize_t _put(self, const uint8_t *src, Py_ssize_t n, bint all_or_nothing) except -1
     cdef Py_ssize_t _write(self, object data, bint all_or_nothing) except -1
+    cdef void _note_blocked(self, bint blocked) noexcept
     cdef void _copy_in(self, const uint8_t *src, uint64_t n) noexcept nogil
 
 

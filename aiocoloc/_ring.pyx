@@ -11,6 +11,7 @@ readable reference with the same API.
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from cpython.buffer cimport (
     PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE,
 )
@@ -54,6 +55,12 @@ LAYOUT = {
 }
 
 cdef uint64_t _NO_LIMIT = <uint64_t>-1
+
+
+cdef inline uint64_t _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint64_t>ts.tv_sec * 1000000000 + <uint64_t>ts.tv_nsec
 
 
 cdef inline bint _is_pow2(uint64_t n) noexcept nogil:
@@ -225,10 +232,13 @@ cdef class _Producer(_End):
         if free < <uint64_t>n:
             free = self._limit(self._load_head()) - self._tail
         if all_or_nothing and <uint64_t>n > free:
+            self._note_blocked(True)
             return 0
         k = _min(<uint64_t>n, free)
+        self._note_blocked(k < <uint64_t>n)
         if k == 0:
             return 0
+        self._offered += k
         if k >= NOGIL_COPY_THRESHOLD:
             with nogil:
                 self._copy_in(src, k)
@@ -237,6 +247,26 @@ cdef class _Producer(_End):
         self._tail += k
         acl_store_release_u64(self._tail_p, self._tail)
         return k
+
+    cdef inline void _note_blocked(self, bint blocked) noexcept:
+        if blocked:
+            if not self._blocked_since:
+                self._blocked_since = _now_ns()
+        elif self._blocked_since:
+            self._blocked_ns += _now_ns() - self._blocked_since
+            self._blocked_since = 0
+
+    @property
+    def offered(self) -> int:
+        """Bytes this producer has accepted (its demand, for resizing)."""
+        return self._offered
+
+    @property
+    def blocked_ns(self) -> int:
+        """Nanoseconds writes found the channel too full, the current spell included."""
+        if self._blocked_since:
+            return self._blocked_ns + _now_ns() - self._blocked_since
+        return self._blocked_ns
 
     cdef Py_ssize_t _write(self, object data, bint all_or_nothing) except -1:
         cdef Py_buffer view

@@ -14,6 +14,7 @@ bound their sleeps (the transport does).
 from __future__ import annotations
 
 import ctypes
+import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -268,14 +269,41 @@ class _Producer(_End):
         if free < n:
             free = self._limit(self._load_head()) - self._tail
         if all_or_nothing and n > free:
+            self._note_blocked(True)
             return 0
         k = min(n, free)
+        self._note_blocked(k < n)
         if k == 0:
             return 0
+        self._offered += k
         self._copy_in(src[:k])
         self._tail += k
         self._cells.set64(_OFF_TAIL, self._tail)
         return k
+
+    _offered = 0
+    _blocked_ns = 0
+    _blocked_since = 0
+
+    def _note_blocked(self, blocked: bool) -> None:
+        if blocked:
+            if not self._blocked_since:
+                self._blocked_since = time.monotonic_ns()
+        elif self._blocked_since:
+            self._blocked_ns += time.monotonic_ns() - self._blocked_since
+            self._blocked_since = 0
+
+    @property
+    def offered(self) -> int:
+        """Bytes this producer has accepted (its demand, for resizing)."""
+        return self._offered
+
+    @property
+    def blocked_ns(self) -> int:
+        """Nanoseconds writes found the channel too full, the current spell included."""
+        if self._blocked_since:
+            return self._blocked_ns + time.monotonic_ns() - self._blocked_since
+        return self._blocked_ns
 
     def write(self, data: Any) -> int:
         """Copy as much of ``data`` as fits; return the number of bytes written."""

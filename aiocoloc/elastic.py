@@ -50,14 +50,18 @@ class _Seen:
 class ElasticProducer:
     """Writes into a pool pipe and keeps its size proportional to demand."""
 
-    def __init__(self, pool: Pool, handle: PipeHandle, config: ElasticConfig | None = None) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        handle: PipeHandle,
+        config: ElasticConfig | None = None,
+        *,
+        end: Any = None,
+    ) -> None:
         self.pool = pool
         self.handle = handle
         self.config = config or ElasticConfig()
-        self.end: Any = pool.pipe_producer(handle)
-        self.offered = 0
-        self.blocked_ns = 0
-        self._blocked_since: int | None = None
+        self.end: Any = end if end is not None else pool.pipe_producer(handle)
         self._pending_release: list[int] = []
         # Our own pipe's baseline is zero; other pipes' is their first sighting.
         self._seen: dict[tuple[int, int], _Seen] = {(handle.slot, handle.generation): _Seen(0, 0)}
@@ -66,33 +70,30 @@ class ElasticProducer:
         self._writes = 0
 
     # -- the data path -------------------------------------------------------
+    # The pipe end counts its own demand (bytes accepted, time blocked); a
+    # transport writes to ``end`` directly and only calls ``maybe_tick()``.
 
     def write(self, data: Any) -> int:
-        """As ``PipeProducer.write``, accounting demand (and ticking when due)."""
+        """As ``PipeProducer.write``, ticking when due (looked at every 64 writes)."""
         n: int = self.end.write(data)
-        size = len(data) if type(data) is bytes or type(data) is bytearray else memoryview(data).nbytes
-        self._account(n, n < size)
+        self._writes += 1
+        if not self._writes & 63:
+            self.maybe_tick()
         return n
 
     def write_all(self, data: Any) -> bool:
-        """As ``PipeProducer.write_all``, accounting demand."""
-        ok = bool(self.end.write_all(data))
-        self._account(memoryview(data).nbytes if ok else 0, not ok)
-        return ok
+        """As ``PipeProducer.write_all``."""
+        return bool(self.end.write_all(data))
 
-    def _account(self, accepted: int, blocked: bool) -> None:
-        # On every write: keep this to a few operations (no clock unless the
-        # blocked state changes, a clock check every 64 writes).
-        self.offered += accepted
-        if blocked:
-            if self._blocked_since is None:
-                self._blocked_since = time.monotonic_ns()
-        elif self._blocked_since is not None:
-            self.blocked_ns += time.monotonic_ns() - self._blocked_since
-            self._blocked_since = None
-        self._writes += 1
-        if not self._writes & 63 and time.monotonic() - self._last_tick >= self.config.interval:
-            self.tick()
+    @property
+    def offered(self) -> int:
+        """Bytes the pipe has accepted."""
+        return int(self.end.offered)
+
+    @property
+    def blocked_ns(self) -> int:
+        """Time writes found the pipe too full."""
+        return int(self.end.blocked_ns)
 
     @property
     def capacity(self) -> int:
@@ -128,8 +129,7 @@ class ElasticProducer:
 
     def _tick(self, elapsed: float) -> bool:
         blocked = self.blocked_ns
-        if self._blocked_since is not None:
-            blocked += time.monotonic_ns() - self._blocked_since
+        offered_now = self.offered
         pipes = self.pool.pipes()
         demands: list[float] = []
         mins: list[int] = []
@@ -141,7 +141,7 @@ class ElasticProducer:
             alive.add(key)
             offered, blocked_ns = info.offered_bytes, info.blocked_ns
             if info.handle == self.handle:
-                offered, blocked_ns, mine = self.offered, blocked, len(demands)
+                offered, blocked_ns, mine = offered_now, blocked, len(demands)
             seen = self._seen.get(key)
             if seen is None:
                 seen = self._seen[key] = _Seen(offered, blocked_ns)
@@ -163,7 +163,7 @@ class ElasticProducer:
         if mine is None:
             return False  # our pipe is gone; the transport notices on its next write
         target = proportional_targets(demands, mins, maxs, self.pool.geometry.slice_count)[mine]
-        self.pool.publish_demand(self.handle, self.offered, blocked, target)
+        self.pool.publish_demand(self.handle, offered_now, blocked, target)
         self._step_toward(target)
         busy = demands[mine] > 0 or bool(self._pending_release)
         return busy or len(self.end.slices) != target

@@ -72,8 +72,10 @@ class ShmPath:
         *,
         pool_id: str | None = None,
         on_close: Callable[[bool], None] | None = None,
+        resizer: ElasticProducer | None = None,
     ) -> None:
         self.producer = producer
+        self.resizer = resizer  # grows/shrinks the outgoing pipe, if elastic
         self.consumer = consumer
         self.doorbell = doorbell
         self.pool_id = pool_id
@@ -404,9 +406,9 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
             self.write(data)
 
     def _after_pipe_write(self) -> None:
-        producer = self._shm.producer if self._shm is not None else None
-        if self._tick_handle is None and isinstance(producer, ElasticProducer):
-            self._tick_handle = self._loop.call_later(producer.config.interval, self._resize_tick)
+        resizer = self._shm.resizer if self._shm is not None else None
+        if self._tick_handle is None and resizer is not None:
+            self._tick_handle = self._loop.call_later(resizer.config.interval, self._resize_tick)
         self._writes_since_bell += 1
         if self._writes_since_bell >= BELL_EVERY_WRITES:
             self._ring_bell()
@@ -419,11 +421,11 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         an idle pipe at its share stops the timer (no CPU while idle)."""
         self._tick_handle = None
         shm = self._shm
-        if shm is None or shm.closed or self._lost_called:
+        if shm is None or shm.closed or self._lost_called or shm.resizer is None:
             return
-        if self._in_context(shm.producer.maybe_tick):
+        if self._in_context(shm.resizer.maybe_tick):
             self._tick_handle = self._loop.call_later(
-                shm.producer.config.interval, self._resize_tick
+                shm.resizer.config.interval, self._resize_tick
             )
 
     def _ring_bell(self) -> None:
@@ -879,15 +881,14 @@ async def attach_shared_memory(
     ring_fd: int | None,
     control: socket.socket,
     socket_bell: bool = False,
-    elastic: ElasticConfig | None = None,
+    elastic: ElasticConfig | None = ElasticConfig(),  # noqa: B008 - frozen
 ) -> None:
     """Give ``transport`` the pool pipes ``send``/``receive`` (pipe handles), the
     eventfds it listens on and rings (owned from now on) and the connected
     control socket.  With ``socket_bell`` (peers in different kernels) the
     doorbell is a message on the control socket and the eventfds are closed.
-    With ``elastic`` the outgoing pipe grows and shrinks with its demand
-    (``aiocoloc.elastic``); without (the default for now: see the streams
-    benchmark notes) its size stays fixed.
+    With ``elastic`` (the default) the outgoing pipe grows and shrinks with
+    its demand (``aiocoloc.elastic``); with ``None`` its size stays fixed.
     The transport stays in TCP mode until ``switch_tx``.
     """
     loop = asyncio.get_running_loop()
@@ -912,14 +913,14 @@ async def attach_shared_memory(
     else:
         assert ring_fd is not None
         doorbell = Doorbell(listen_fd, ring_fd)
-    producer = (
-        ElasticProducer(pool, send, elastic) if elastic is not None else pool.pipe_producer(send)
-    )
+    producer = pool.pipe_producer(send)
+    resizer = ElasticProducer(pool, send, elastic, end=producer) if elastic is not None else None
     path = ShmPath(
         producer,
         pool.pipe_consumer(receive),
         doorbell,
         pool_id=str(pool.id),
         on_close=give_back,
+        resizer=resizer,
     )
     transport.attach_shm(path, link)

@@ -45,7 +45,7 @@ async def make_pair(
     shm: bool = True,
     pipe_slices: int = 4,
     socket_bell: bool = False,
-    elastic: ElasticConfig | None = None,
+    elastic: ElasticConfig | None = ElasticConfig(),  # noqa: B008 - frozen
 ) -> Pair:
     """``socket_bell``: doorbells as control-channel messages (as across VMs)."""
     loop = asyncio.get_running_loop()
