@@ -168,13 +168,16 @@ cdef class _End:
     cdef bint _corrupted
     cdef bint _closed
     cdef object __weakref__      # pools track the ends they hand out
+    cdef uint64_t _capacity      # contiguous rings: local copy, validated at attach
+    cdef uint64_t _mask
 
     cdef int _export(self, object buffer) except -1
     cdef void _bind_cells(self, uint64_t offset) noexcept
     cdef void _drop_buffer(self) noexcept
     cdef int _check_usable(self) except -1
     cdef int _corrupt(self, str what) except -1
-    # Placement: where position ``pos`` lives (both ends).
+    # Placement: where position ``pos`` lives (both ends); the contiguous
+    # ring's by default, pipes override.
     cdef Span _locate(self, uint64_t pos) noexcept nogil
     # The highest tail allowed when the consumer is at ``head``.
     cdef uint64_t _limit(self, uint64_t head) noexcept nogil
@@ -212,13 +215,11 @@ cdef class _Consumer(_End):
 
 
 cdef class RingProducer(_Producer):
-    cdef uint64_t _capacity
-    cdef uint64_t _mask
+    pass
 
 
 cdef class RingConsumer(_Consumer):
-    cdef uint64_t _capacity
-    cdef uint64_t _mask
+    pass
 
 
 # Geometry of the pool a pipe lives in, validated by the caller (the pool)

@@ -142,14 +142,21 @@ cdef class _End:
         self._corrupted = True
         raise RingCorrupted(what)
 
+    # The contiguous ring's placement is the default; pipes override it.
     cdef Span _locate(self, uint64_t pos) noexcept nogil:
-        cdef Span none
-        none.offset = 0
-        none.length = 0
-        return none
+        cdef Span span
+        cdef uint64_t off = pos & self._mask
+        span.offset = RING_HEADER_SIZE + off
+        span.length = self._capacity - off
+        return span
 
     cdef uint64_t _limit(self, uint64_t head) noexcept nogil:
-        return head
+        return head + self._capacity
+
+    @property
+    def capacity(self) -> int:
+        """Data bytes the channel holds."""
+        return self._capacity
 
     @property
     def closed(self) -> bool:
@@ -650,21 +657,6 @@ cdef class RingProducer(_Producer):
         self._mask = self._capacity - 1
         self._start_positions()
 
-    cdef Span _locate(self, uint64_t pos) noexcept nogil:
-        cdef Span span
-        cdef uint64_t off = pos & self._mask
-        span.offset = RING_HEADER_SIZE + off
-        span.length = self._capacity - off
-        return span
-
-    cdef uint64_t _limit(self, uint64_t head) noexcept nogil:
-        return head + self._capacity
-
-    @property
-    def capacity(self) -> int:
-        """Data bytes the ring holds (fixed at attach)."""
-        return self._capacity
-
 
 cdef class RingConsumer(_Consumer):
     """The reading end of a contiguous ring."""
@@ -673,21 +665,6 @@ cdef class RingConsumer(_Consumer):
         self._capacity = _attach_ring(self, buffer)
         self._mask = self._capacity - 1
         self._start_positions()
-
-    cdef Span _locate(self, uint64_t pos) noexcept nogil:
-        cdef Span span
-        cdef uint64_t off = pos & self._mask
-        span.offset = RING_HEADER_SIZE + off
-        span.length = self._capacity - off
-        return span
-
-    cdef uint64_t _limit(self, uint64_t head) noexcept nogil:
-        return head + self._capacity
-
-    @property
-    def capacity(self) -> int:
-        """Data bytes the ring holds (fixed at attach)."""
-        return self._capacity
 
 
 # ---------------------------------------------------------------------------

@@ -167,11 +167,20 @@ class _End:
         self._view = _region(buffer, minimum)
         return self._view
 
+    _capacity = 0
+
+    # The contiguous ring's placement is the default; pipes override it.
     def _locate(self, pos: int) -> _Span:
-        raise NotImplementedError
+        off = pos & (self._capacity - 1)
+        return _Span(HEADER_SIZE + off, self._capacity - off)
 
     def _limit(self, head: int) -> int:
-        raise NotImplementedError
+        return head + self._capacity
+
+    @property
+    def capacity(self) -> int:
+        """Data bytes the channel holds."""
+        return self._capacity
 
     def _check_usable(self) -> None:
         if self._corrupted:
@@ -607,18 +616,6 @@ class RingProducer(_Producer):
         self._capacity = _attach_ring(self, buffer)
         self._start_positions()
 
-    def _locate(self, pos: int) -> _Span:
-        off = pos & (self._capacity - 1)
-        return _Span(HEADER_SIZE + off, self._capacity - off)
-
-    def _limit(self, head: int) -> int:
-        return head + self._capacity
-
-    @property
-    def capacity(self) -> int:
-        """Data bytes the ring holds (fixed at attach)."""
-        return self._capacity
-
 
 class RingConsumer(_Consumer):
     """The reading end of a contiguous ring."""
@@ -626,18 +623,6 @@ class RingConsumer(_Consumer):
     def __init__(self, buffer: Any) -> None:
         self._capacity = _attach_ring(self, buffer)
         self._start_positions()
-
-    def _locate(self, pos: int) -> _Span:
-        off = pos & (self._capacity - 1)
-        return _Span(HEADER_SIZE + off, self._capacity - off)
-
-    def _limit(self, head: int) -> int:
-        return head + self._capacity
-
-    @property
-    def capacity(self) -> int:
-        """Data bytes the ring holds (fixed at attach)."""
-        return self._capacity
 
 
 # --- elastic pipe made of pool slices ---------------------------------------------
