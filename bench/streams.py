@@ -319,6 +319,10 @@ def ratios(results: dict[str, Any], loops: list[str]) -> dict[str, Any]:
     return out
 
 
+def _size(n: int) -> str:
+    return f"{n >> 20}M" if n >= 1 << 20 else f"{n >> 10}K" if n >= 1024 else f"{n}B"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -342,13 +346,13 @@ def main() -> int:
     with console.status("measuring") as status:
         results = measure(loops, args.seconds, lambda what: status.update(f"measuring {what}"))
     rel = ratios(results, loops)
-    out = Console()
-    table = Table(title="asyncio streams: server in another process")
+    out = Console(width=max(Console().width, 150))
+    table = Table(title="asyncio streams, server in another process (MB/s; latency in us)")
     columns = (
         ["peer"]
-        + [f"stream {s} B MB/s" for s in STREAM_SIZES]
-        + [f"rr {s} B p50 us" for s in RR_SIZES]
-        + ["1/ms ping p50 us", "idle CPU"]
+        + [f"stream {_size(s)}" for s in STREAM_SIZES]
+        + [f"rr {_size(s)} p50" for s in RR_SIZES]
+        + ["1/ms ping p50", "idle CPU"]
     )
     for column in columns:
         table.add_column(column, justify="right")
