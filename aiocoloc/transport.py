@@ -45,10 +45,6 @@ LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
 DRAIN_BUDGET = 4 << 20
 #: Largest chunk handed to ``Protocol.data_received``.
 READ_CHUNK = 256 * 1024
-#: A doorbell is rung at the latest after this many writes (else at the end
-#: of the loop iteration that wrote): MemPipe's anticipatory window in
-#: writes; the loop iteration is the time window.
-BELL_EVERY_WRITES = 64
 
 TCP, SHM = "tcp", "shm"
 
@@ -158,8 +154,6 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         self._overflow = bytearray()
         self._eof_pending = False  # write_eof() waits for the overflow
         self._eof_written = False
-        self._writes_since_bell = 0
-        self._bell_scheduled = False
         self._waiting_space = False
         self._unacked_switch: int | None = None  # offset the peer has not acknowledged
         self._deferred_switch: str | None = None  # asked for while one was unacknowledged
@@ -409,12 +403,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         resizer = self._shm.resizer if self._shm is not None else None
         if self._tick_handle is None and resizer is not None:
             self._tick_handle = self._loop.call_later(resizer.config.interval, self._resize_tick)
-        self._writes_since_bell += 1
-        if self._writes_since_bell >= BELL_EVERY_WRITES:
-            self._ring_bell()
-        elif not self._bell_scheduled:
-            self._bell_scheduled = True
-            self._loop.call_soon(self._ring_bell)
+        self._ring_bell()
 
     def _resize_tick(self) -> None:
         """Let an elastic pipe follow its demand while it is busy or settling;
@@ -429,9 +418,13 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
             )
 
     def _ring_bell(self) -> None:
-        """Ring the peer if its consumer sleeps (event suppression otherwise)."""
-        self._bell_scheduled = False
-        self._writes_since_bell = 0
+        """Ring the peer if its consumer sleeps (event suppression otherwise).
+
+        Rung right after the write: the sleep flag already limits rings to
+        one per sleep, so a busy consumer costs no system call, and deferring
+        the ring to the end of the loop iteration (an anticipatory window)
+        measured slower on ping-pong and no faster on streams.
+        """
         shm = self._shm
         if shm is None or shm.closed:
             return
