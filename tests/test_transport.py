@@ -510,3 +510,44 @@ def test_pipe_grows_with_demand_and_shrinks_when_idle(loop_kind: str) -> None:
         await teardown(pair)
 
     run(loop_kind, scenario)
+
+
+# --- TLS on top -----------------------------------------------------------------------------
+
+
+def test_tls_runs_over_the_shared_memory_path(mode: str, loop_kind: str) -> None:
+    trustme = pytest.importorskip("trustme")
+    import ssl
+
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        pair = await connect(mode)
+        client_app, server_app = Recorder(), Recorder()
+        try:
+            client_tls, server_tls = await asyncio.gather(
+                loop.start_tls(pair.client, client_app, client_ctx, server_hostname="localhost"),
+                loop.start_tls(pair.server, server_app, server_ctx, server_side=True),
+            )
+        except TypeError as exc:  # uvloop only wraps its own transports
+            pytest.skip(f"{loop_kind}.start_tls refuses foreign transports: {exc}")
+        assert client_tls is not None and server_tls is not None
+        payload = random.Random(4).randbytes(200_000)
+        client_tls.write(payload)
+        await server_app.wait_for_bytes(len(payload))
+        assert server_app.data == payload
+        assert bytes(pair.server_protocol.data) == b""  # only ciphertext passed below
+        client_tls.close()
+        server_tls.close()
+        await client_app.lost  # the TLS layer owns the callbacks now
+        await server_app.lost
+        if pair.pool is not None:
+            assert pair.pool.stats()["slices_used"] == 0
+            pair.pool.close()
+
+    run(loop_kind, scenario)
