@@ -369,7 +369,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
                 _log.warning("socket.send() raised exception.")
             self._conn_lost += 1
             return
-        size = len(memoryview(data).cast("B"))
+        size = len(data) if type(data) is bytes else memoryview(data).nbytes
         self._tx_pos += size
         if self._tx == TCP:
             assert self._tcp is not None
@@ -386,7 +386,10 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
                 )
                 return
             if written:
-                self._after_pipe_write()
+                if self._tick_handle is None and self._shm.resizer is not None:
+                    self._start_resize_timer()
+                if self._shm.producer.wake_needed():  # the reader sleeps: ring it
+                    self._shm.doorbell.ring()
             if written == size:
                 return
             self._overflow += memoryview(data).cast("B")[written:]
@@ -400,10 +403,15 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
             self.write(data)
 
     def _after_pipe_write(self) -> None:
-        resizer = self._shm.resizer if self._shm is not None else None
-        if self._tick_handle is None and resizer is not None:
-            self._tick_handle = self._loop.call_later(resizer.config.interval, self._resize_tick)
+        if self._tick_handle is None and self._shm is not None and self._shm.resizer is not None:
+            self._start_resize_timer()
         self._ring_bell()
+
+    def _start_resize_timer(self) -> None:
+        assert self._shm is not None and self._shm.resizer is not None
+        self._tick_handle = self._loop.call_later(
+            self._shm.resizer.config.interval, self._resize_tick
+        )
 
     def _resize_tick(self) -> None:
         """Let an elastic pipe follow its demand while it is busy or settling;
