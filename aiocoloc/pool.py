@@ -61,6 +61,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import threading
 import time
 import uuid
@@ -400,9 +401,10 @@ class Pool:
 
     @contextlib.contextmanager
     def _locked_for_join(self) -> Iterator[None]:
-        # Before we have a slot we lock as a pseudo-member that cannot be
-        # taken over by heartbeat: we hold the lock for microseconds only.
-        self.slot, self.generation = self.geometry.max_members, 0
+        # Before we have a slot we lock as a pseudo-member (judged by time
+        # alone: we hold the lock for microseconds), with a random token so
+        # that joiners racing each other never mistake the lock for their own.
+        self.slot, self.generation = self.geometry.max_members, secrets.randbits(31) | 1
         with self.locked():
             yield
 
