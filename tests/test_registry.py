@@ -1,0 +1,119 @@
+"""The embedded host-local registry of aiocoloc servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aiocoloc.registry import Registry, RegistryError, default_directory
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    return Registry(tmp_path / "reg")
+
+
+def test_publish_lookup_withdraw(registry: Registry) -> None:
+    assert registry.lookup("127.0.0.1", 8080) == []  # no directory yet: nothing, no error
+    path = registry.publish("127.0.0.1", 8080, "/run/ctl.sock", pool="abc")
+    assert registry.directory.stat().st_mode & 0o777 == 0o700
+    (record,) = registry.lookup("127.0.0.1", 8080)
+    assert (record.control, record.pool, record.pid) == ("/run/ctl.sock", "abc", os.getpid())
+    assert registry.lookup("127.0.0.1", 8081) == []
+    assert registry.lookup("127.0.0.2", 8080) == []
+    registry.withdraw(path)
+    registry.withdraw(path)  # idempotent
+    assert registry.lookup("127.0.0.1", 8080) == []
+
+
+@pytest.mark.parametrize(
+    ("published", "asked", "found"),
+    [
+        ("0.0.0.0", "127.0.0.5", True),
+        ("::", "::1", True),
+        ("", "127.0.0.1", True),
+        ("127.0.0.1", "localhost", True),
+        ("::1", "0:0:0:0:0:0:0:1", True),
+        ("127.0.0.1", "127.0.0.2", False),
+    ],
+)
+def test_address_matching(registry: Registry, published: str, asked: str, found: bool) -> None:
+    registry.publish(published, 9000, "/ctl")
+    assert bool(registry.lookup(asked, 9000)) == found
+
+
+def test_records_of_dead_processes_are_ignored_and_removed(registry: Registry) -> None:
+    code = (
+        "import sys, time; sys.path.insert(0, sys.argv[2]);"
+        "from aiocoloc.registry import Registry;"
+        "Registry(sys.argv[1]).publish('127.0.0.1', 7000, '/ctl'); print('up', flush=True);"
+        "time.sleep(60)"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(registry.directory), str(Path(__file__).parent.parent)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None and child.stdout.readline() == "up\n"
+    assert [r.pid for r in registry.lookup("127.0.0.1", 7000)] == [child.pid]
+    child.kill()
+    child.wait()
+    assert registry.lookup("127.0.0.1", 7000) == []
+    assert list(registry.directory.glob("7000-*.json")) == []  # cleaned up
+
+
+def test_a_reused_pid_is_not_mistaken_for_the_publisher(registry: Registry) -> None:
+    path = registry.publish("127.0.0.1", 7001, "/ctl")
+    data = json.loads(path.read_text())
+    data["start_time"] -= 1  # same pid, another process
+    path.write_text(json.dumps(data))
+    assert registry.lookup("127.0.0.1", 7001) == []
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "not json",
+        "[1, 2]",
+        '{"version": 99}',
+        '{"version": 1, "host": "x"}',
+        '{"version": 1, "host": "127.0.0.1", "port": "7002", "control": "/c", "pool": null, '
+        '"pid": 1, "start_time": 1, "uid": 0}',
+    ],
+)
+def test_stray_files_are_ignored(registry: Registry, content: str) -> None:
+    registry.publish("127.0.0.1", 7002, "/good")
+    (registry.directory / "7002-1-bad.json").write_text(content)
+    assert [r.control for r in registry.lookup("127.0.0.1", 7002)] == ["/good"]
+
+
+def test_an_unsafe_directory_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    with pytest.raises(RegistryError, match="writable by others"):
+        Registry(shared).lookup("127.0.0.1", 1)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir(mode=0o700)
+    os.chown(foreign, 65534, 65534)
+    with pytest.raises(RegistryError, match="belongs to uid 65534"):
+        Registry(foreign).publish("127.0.0.1", 1, "/c")
+    plain = tmp_path / "file"
+    plain.write_text("x")
+    with pytest.raises(RegistryError, match="not a directory"):
+        Registry(plain).lookup("127.0.0.1", 1)
+
+
+def test_default_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("AIOCOLOC_RUNTIME_DIR", str(tmp_path / "x"))
+    assert default_directory() == tmp_path / "x"
+    monkeypatch.delenv("AIOCOLOC_RUNTIME_DIR")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert default_directory() == tmp_path / "aiocoloc"
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert default_directory().name == f"aiocoloc-{os.getuid()}"
