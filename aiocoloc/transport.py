@@ -35,7 +35,7 @@ from aiocoloc.doorbell import ControlDoorbell, Doorbell
 from aiocoloc.elastic import ElasticConfig, ElasticProducer
 from aiocoloc.errors import PoolError, RingClosed, RingCorrupted
 
-__all__ = ["ShmPath", "SwitchableTransport", "open_transport"]
+__all__ = ["Adopter", "ShmPath", "SwitchableTransport", "attach_shared_memory", "open_transport"]
 
 _log = logging.getLogger("aiocoloc.transport")
 
@@ -185,10 +185,11 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
 
     # ------------------------------------------------------------------ set-up
 
-    async def _start(self, sock: socket.socket) -> None:
-        # asyncio's or uvloop's own transport (uvloop's is not an asyncio.Transport subclass).
-        inner, _ = await self._loop.connect_accepted_socket(lambda: _TcpSide(self), sock=sock)
+    def _adopt(self, inner: Any) -> None:
+        """Take over the loop's TCP transport (asyncio's or uvloop's, which is
+        not an ``asyncio.Transport`` subclass) as our TCP side."""
         self._tcp = inner
+        inner.set_protocol(_TcpSide(self))
         inner.set_write_buffer_limits(self._high_water, self._low_water)
         self._loop.call_soon(self._connection_made)
 
@@ -859,6 +860,37 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         return f"<SwitchableTransport {state} tx={self._tx} rx={self._rx}>"
 
 
+class Adopter(asyncio.Protocol):
+    """A protocol to hand the loop (``create_server``, ``create_connection``,
+    ``connect_accepted_socket``): on ``connection_made`` it wraps the loop's
+    TCP transport in a ``SwitchableTransport`` carrying the user's protocol.
+
+    ``transport`` and ``protocol`` are what the user gets; ``on_adopted`` (if
+    any) is called with the new transport, e.g. to start an upgrade.
+    """
+
+    def __init__(
+        self,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        on_adopted: Callable[[SwitchableTransport], None] | None = None,
+    ) -> None:
+        self._factory = protocol_factory
+        self._on_adopted = on_adopted
+        self.transport: SwitchableTransport | None = None
+        self.protocol: asyncio.BaseProtocol | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        loop = asyncio.get_running_loop()
+        self.protocol = self._factory()
+        self.transport = SwitchableTransport(loop, self.protocol)
+        self.transport._adopt(transport)
+        if self._on_adopted is not None:
+            self._on_adopted(self.transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:  # only before adoption
+        pass
+
+
 async def open_transport(
     loop: asyncio.AbstractEventLoop,
     protocol_factory: Callable[[], asyncio.BaseProtocol],
@@ -866,10 +898,10 @@ async def open_transport(
 ) -> tuple[SwitchableTransport, asyncio.BaseProtocol]:
     """Wrap a connected TCP socket in a ``SwitchableTransport`` (TCP mode)."""
     sock.setblocking(False)
-    protocol = protocol_factory()
-    transport = SwitchableTransport(loop, protocol)
-    await transport._start(sock)
-    return transport, protocol
+    adopter = Adopter(protocol_factory)
+    await loop.connect_accepted_socket(lambda: adopter, sock=sock)
+    assert adopter.transport is not None and adopter.protocol is not None
+    return adopter.transport, adopter.protocol
 
 
 async def attach_shared_memory(

@@ -551,3 +551,40 @@ def test_tls_runs_over_the_shared_memory_path(mode: str, loop_kind: str) -> None
             pair.pool.close()
 
     run(loop_kind, scenario)
+
+
+# --- adoption of the loop's own connections ---------------------------------------------------
+
+
+def test_loop_servers_and_clients_can_carry_switchable_transports(loop_kind: str) -> None:
+    """The loop's create_server/create_connection make the TCP connection; an
+    Adopter wraps it, so every keyword those methods take keeps working."""
+    from aiocoloc.transport import Adopter
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert isinstance(transport, SwitchableTransport)
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            self.transport.write(data)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: Adopter(Echo), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        _, adopter = await loop.create_connection(lambda: Adopter(Recorder), "127.0.0.1", port)
+        assert isinstance(adopter, Adopter)
+        client, protocol = adopter.transport, adopter.protocol
+        assert isinstance(client, SwitchableTransport) and isinstance(protocol, Recorder)
+        await protocol.made
+        client.write(b"round trip")
+        await protocol.wait_for_bytes(10)
+        assert bytes(protocol.data) == b"round trip"
+        assert client.get_extra_info("peername") == ("127.0.0.1", port)
+        client.close()
+        assert await protocol.lost is None
+        server.close()
+        await server.wait_closed()
+
+    run(loop_kind, scenario)
