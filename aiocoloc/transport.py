@@ -252,6 +252,8 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
             raise RuntimeError("no shared-memory path is attached")
         if self._eof_written or self._eof_pending:
             raise RuntimeError("cannot switch after write_eof()")
+        if self._closing:
+            raise RuntimeError("cannot switch a closing transport")
         if self._unacked_switch is not None:
             self._deferred_switch = target
             return None

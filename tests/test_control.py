@@ -111,6 +111,9 @@ def test_switch_misuse_is_refused() -> None:
         pair.client.write_eof()
         with pytest.raises(RuntimeError, match="after write_eof"):
             pair.client.switch_tx("shm")
+        pair.server.close()
+        with pytest.raises(RuntimeError, match="closing"):
+            pair.server.switch_tx("shm")
         await teardown(pair)
 
     run("asyncio", scenario)
