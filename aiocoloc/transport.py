@@ -54,10 +54,12 @@ class ShmPath:
 
     ``producer`` writes our outgoing pipe, ``consumer`` reads the incoming
     one (``aiocoloc.ring`` pipe or ring ends); ``doorbell`` wakes the peer and
-    wakes us.  ``on_close(outgoing_done)`` runs once when the transport is
-    done with them, to return pipes to their pool: the incoming pipe is ours
-    to free; the outgoing one only once its reader is done with it
-    (``outgoing_done``: the reader closed it, or the peer is gone).
+    wakes us.  ``on_close(incoming_done, outgoing_done)`` runs once when the
+    transport is done with them, to return pipes to their pool: a pipe may
+    be freed only when the other side is done with it too (it closed its
+    end, or it is gone), else a write or read racing with the free could
+    touch slices another pipe already reuses.  So the side that closes last
+    frees both.
     """
 
     def __init__(
@@ -67,7 +69,7 @@ class ShmPath:
         doorbell: Doorbell | ControlDoorbell,
         *,
         pool_id: str | None = None,
-        on_close: Callable[[bool], None] | None = None,
+        on_close: Callable[[bool, bool], None] | None = None,
         resizer: ElasticProducer | None = None,
     ) -> None:
         self.producer = producer
@@ -83,9 +85,11 @@ class ShmPath:
         if self.closed:
             return
         self.closed = True
-        outgoing_done = peer_gone
+        incoming_done = outgoing_done = peer_gone
         if not self.producer.released and not self.producer.corrupted:
             outgoing_done = outgoing_done or bool(self.producer.peer_closed)
+        if not self.consumer.released and not self.consumer.corrupted:
+            incoming_done = incoming_done or bool(self.consumer.peer_closed)
         for end in (self.producer, self.consumer):
             if not end.released:
                 if not end.corrupted:
@@ -93,7 +97,7 @@ class ShmPath:
                 end.release()
         self.doorbell.close()
         if self._on_close is not None:
-            self._on_close(outgoing_done)
+            self._on_close(incoming_done, outgoing_done)
 
 
 class _TcpSide(asyncio.Protocol):
@@ -931,8 +935,8 @@ async def attach_shared_memory(
         lambda: ControlLink(transport._on_control, transport._on_link_lost), sock=control
     )
 
-    def give_back(outgoing_done: bool) -> None:
-        for handle, done in ((receive, True), (send, outgoing_done)):
+    def give_back(incoming_done: bool, outgoing_done: bool) -> None:
+        for handle, done in ((receive, incoming_done), (send, outgoing_done)):
             if done:
                 try:
                     pool.destroy_pipe(handle)

@@ -588,3 +588,21 @@ def test_loop_servers_and_clients_can_carry_switchable_transports(loop_kind: str
         await server.wait_closed()
 
     run(loop_kind, scenario)
+
+
+def test_pipes_are_freed_by_whichever_side_closes_last(loop_kind: str) -> None:
+    async def scenario() -> None:
+        pair = await connect("shm")
+        assert pair.pool is not None
+        used = pair.pool.stats()["slices_used"]
+        pair.client.close()
+        await pair.client_protocol.lost
+        # The server still holds its ends: nothing may be freed under it yet.
+        assert pair.pool.stats()["slices_used"] == used
+        await pair.server_protocol.eof  # the client's EOF arrives through the pipe
+        pair.server.close()
+        await pair.server_protocol.lost
+        assert pair.pool.stats()["slices_used"] == 0
+        pair.pool.close()
+
+    run(loop_kind, scenario)
