@@ -521,6 +521,8 @@ class Pool:
     @contextlib.contextmanager
     def locked(self, timeout: float | None = None) -> Iterator[None]:
         """Hold the pool's allocator lock (across processes and threads)."""
+        if self._closed:
+            raise PoolError(f"pool {self.id} is closed")
         with self._thread_lock:
             self._acquire(self.lease * 3 if timeout is None else timeout)
             try:
@@ -609,6 +611,8 @@ class Pool:
         return self.geometry.slice_table_offset + 4 * index
 
     def _check_handle(self, handle: PipeHandle, *, closing_ok: bool = False) -> int:
+        if self._closed:
+            raise PoolError(f"pool {self.id} is closed")
         off = self._pipe_offset(handle.slot)
         state = self._words.load32(off + _P_STATE)
         if (

@@ -192,6 +192,19 @@ def test_attach_refuses_what_is_not_a_ready_pool() -> None:
     blank.close()
 
 
+def test_a_closed_pool_refuses_work_clearly() -> None:
+    pool = Pool.create(MemfdSegment.create(1 << 20), SMALL)
+    handle = pool.create_pipe(pool.slot, pool.slot)
+    pool.close()
+    pool.close()  # idempotent
+    with pytest.raises(PoolError, match="is closed"):
+        pool.destroy_pipe(handle)
+    with pytest.raises(PoolError, match="is closed"):
+        pool.create_pipe(0, 0)
+    with pytest.raises(PoolError, match="is closed"):
+        pool.pipe_producer(handle)
+
+
 def test_geometry_errors() -> None:
     with pytest.raises(PoolError, match="no room for a slice"):
         Pool.create(MemfdSegment.create(8192), SMALL)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -114,6 +115,34 @@ def test_echo_between_processes(loop_kind: str) -> None:
             remote.transport.write_eof()
             assert (await remote.line())["received"] == len(payload)
             await remote.protocol.eof  # the peer closed after our EOF: we see its EOF
+            remote.transport.close()
+            assert await remote.protocol.lost is None
+        finally:
+            remote.close()
+
+    run(loop_kind, scenario)
+
+
+def test_echo_while_both_sides_keep_switching_paths(loop_kind: str) -> None:
+    async def scenario() -> None:
+        remote = await connect_remote("echo-switching")
+        try:
+            rng = random.Random(12)
+            payload = rng.randbytes(4 << 20)
+            sent = 0
+            while sent < len(payload):
+                n = rng.choice([10, 1000, 50_000, 300_000])
+                remote.transport.write(payload[sent : sent + n])
+                sent += n
+                if rng.random() < 0.3:
+                    remote.transport.switch_tx("tcp" if remote.transport.mode == "shm" else "shm")
+                await asyncio.sleep(0)
+            await remote.protocol.wait_for_bytes(len(payload))
+            assert remote.protocol.data == payload
+            assert remote.transport.switches >= 3  # (a switch asked for mid-round-trip waits)
+            remote.transport.write_eof()
+            assert (await remote.line())["received"] == len(payload)
+            await remote.protocol.eof
             remote.transport.close()
             assert await remote.protocol.lost is None
         finally:

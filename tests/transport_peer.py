@@ -6,6 +6,7 @@ and the one it rings.  Joins the pool, reports its member slot, reads the two
 pipe handles from stdin, then plays a role:
 
     echo   write back everything it receives
+    echo-switching  the same, moving its sending path every 100 kB
     stall  never read (the parent's writes pile up)
     idle   do nothing
     sink   read and count; report the count at EOF
@@ -37,9 +38,15 @@ class Role(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.count += len(data)
-        if self.role == "echo":
+        if self.role in ("echo", "echo-switching"):
             assert self.transport is not None
             self.transport.write(data)
+        if (
+            self.role == "echo-switching"
+            and self.count // 100_000 != (self.count - len(data)) // 100_000
+        ):
+            transport = self.transport
+            transport.switch_tx("tcp" if transport.mode == "shm" else "shm")  # type: ignore[attr-defined]
 
     def eof_received(self) -> bool:
         print(json.dumps({"received": self.count}), flush=True)
