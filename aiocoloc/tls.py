@@ -1,0 +1,71 @@
+"""TLS on top of a ``SwitchableTransport``, on any event loop.
+
+asyncio's ``loop.start_tls`` wraps any transport that declares
+``_start_tls_compatible``; uvloop's only wraps its own transports.  This
+does what asyncio's does -- put asyncio's ``SSLProtocol`` between the
+transport and the application -- on whichever loop runs, so TLS works the
+same over TCP and over shared memory (where the ciphertext travels through
+the pipes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from asyncio import sslproto
+from typing import Any
+
+__all__ = ["start_tls"]
+
+
+async def start_tls(
+    transport: asyncio.BaseTransport,
+    protocol: asyncio.BaseProtocol,
+    sslcontext: ssl.SSLContext,
+    *,
+    server_side: bool = False,
+    server_hostname: str | None = None,
+    ssl_handshake_timeout: float | None = None,
+    ssl_shutdown_timeout: float | None = None,
+) -> asyncio.Transport:
+    """Upgrade ``transport`` to TLS; returns the transport ``protocol`` uses from now on."""
+    if not isinstance(sslcontext, ssl.SSLContext):
+        raise TypeError(f"sslcontext must be an ssl.SSLContext, not {type(sslcontext).__name__}")
+    loop = asyncio.get_running_loop()
+    if isinstance(loop, asyncio.BaseEventLoop):
+        new: asyncio.Transport | None = await loop.start_tls(
+            transport,
+            protocol,
+            sslcontext,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            ssl_handshake_timeout=ssl_handshake_timeout,
+            ssl_shutdown_timeout=ssl_shutdown_timeout,
+        )
+        assert new is not None
+        return new
+    handshake: asyncio.Future[Any] = loop.create_future()
+    tls = sslproto.SSLProtocol(
+        loop,
+        protocol,
+        sslcontext,
+        handshake,
+        server_side,
+        server_hostname,
+        ssl_handshake_timeout=ssl_handshake_timeout,  # type: ignore[arg-type]  # seconds, float ok
+        ssl_shutdown_timeout=ssl_shutdown_timeout,
+        call_connection_made=False,
+    )
+    # Nothing may reach the TLS protocol before it has seen connection_made.
+    transport.pause_reading()  # type: ignore[attr-defined]
+    transport.set_protocol(tls)
+    made = loop.call_soon(tls.connection_made, transport)
+    resumed = loop.call_soon(transport.resume_reading)  # type: ignore[attr-defined]
+    try:
+        await handshake
+    except BaseException:
+        made.cancel()
+        resumed.cancel()
+        transport.close()
+        raise
+    return tls._app_transport
