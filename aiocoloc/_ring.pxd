@@ -176,6 +176,7 @@ cdef class _End:
     cdef void _drop_buffer(self) noexcept
     cdef int _check_usable(self) except -1
     cdef int _corrupt(self, str what) except -1
+    cdef int _attach_positions(self, uint64_t *head, uint64_t *tail) except -1
     # Placement: where position ``pos`` lives (both ends); the contiguous
     # ring's by default, pipes override.
     cdef Span _locate(self, uint64_t pos) noexcept nogil

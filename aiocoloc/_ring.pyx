@@ -142,6 +142,16 @@ cdef class _End:
         self._corrupted = True
         raise RingCorrupted(what)
 
+    cdef int _attach_positions(self, uint64_t *head, uint64_t *tail) except -1:
+        """Both positions as found at attach, checked against each other."""
+        cdef uint64_t h = acl_load_acquire_u64(self._head_p)
+        cdef uint64_t t = acl_load_acquire_u64(self._tail_p)
+        if h > t or t > self._limit(h):
+            self._corrupt(f"ring positions invalid at attach: head {h}, tail {t}")
+        head[0] = h
+        tail[0] = t
+        return 0
+
     # The contiguous ring's placement is the default; pipes override it.
     cdef Span _locate(self, uint64_t pos) noexcept nogil:
         cdef Span span
@@ -197,13 +207,7 @@ cdef class _Producer(_End):
     """The writing end.  One producer per channel, ever at a time."""
 
     cdef int _start_positions(self) except -1:
-        cdef uint64_t t = acl_load_acquire_u64(self._tail_p)
-        cdef uint64_t h = acl_load_acquire_u64(self._head_p)
-        if h > t or t > self._limit(h):
-            self._corrupted = True
-            raise RingCorrupted(f"ring positions invalid at attach: head {h}, tail {t}")
-        self._tail = t
-        self._last_head = h
+        self._attach_positions(&self._last_head, &self._tail)
         return 0
 
     cdef uint64_t _load_head(self) except? 0xFFFFFFFFFFFFFFFF:
@@ -365,13 +369,7 @@ cdef class _Consumer(_End):
     """The reading end.  One consumer per channel, ever at a time."""
 
     cdef int _start_positions(self) except -1:
-        cdef uint64_t h = acl_load_acquire_u64(self._head_p)
-        cdef uint64_t t = acl_load_acquire_u64(self._tail_p)
-        if h > t or t > self._limit(h):
-            self._corrupted = True
-            raise RingCorrupted(f"ring positions invalid at attach: head {h}, tail {t}")
-        self._head = h
-        self._last_tail = t
+        self._attach_positions(&self._head, &self._last_tail)
         return 0
 
     cdef int _before_tail_check(self) except -1:

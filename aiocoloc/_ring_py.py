@@ -192,6 +192,13 @@ class _End:
         self._corrupted = True
         raise RingCorrupted(what)
 
+    def _attach_positions(self) -> tuple[int, int]:
+        """(head, tail) as found at attach, checked against each other."""
+        head, tail = self._cells.get64(_OFF_HEAD), self._cells.get64(_OFF_TAIL)
+        if head > tail or tail > self._limit(head):
+            self._corrupt(f"ring positions invalid at attach: head {head}, tail {tail}")
+        return head, tail
+
     @property
     def closed(self) -> bool:
         """True once this end called ``close()``."""
@@ -236,11 +243,7 @@ class _Producer(_End):
     _last_head = 0
 
     def _start_positions(self) -> None:
-        tail, head = self._cells.get64(_OFF_TAIL), self._cells.get64(_OFF_HEAD)
-        if head > tail or tail > self._limit(head):
-            self._corrupted = True
-            raise RingCorrupted(f"ring positions invalid at attach: head {head}, tail {tail}")
-        self._tail, self._last_head = tail, head
+        self._last_head, self._tail = self._attach_positions()
 
     def _load_head(self) -> int:
         head = self._cells.get64(_OFF_HEAD)
@@ -383,11 +386,7 @@ class _Consumer(_End):
     _last_tail = 0
 
     def _start_positions(self) -> None:
-        head, tail = self._cells.get64(_OFF_HEAD), self._cells.get64(_OFF_TAIL)
-        if head > tail or tail > self._limit(head):
-            self._corrupted = True
-            raise RingCorrupted(f"ring positions invalid at attach: head {head}, tail {tail}")
-        self._head, self._last_tail = head, tail
+        self._head, self._last_tail = self._attach_positions()
 
     def _before_tail_check(self) -> None:
         pass
