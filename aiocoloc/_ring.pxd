@@ -152,6 +152,17 @@ cdef struct Layout:
     uint32_t *slices
 
 
+# Geometry of the pool a pipe lives in, validated by the caller (the pool)
+# and kept locally by the pipe end.
+cdef class _PipeGeometry:
+    cdef uint64_t entry_offset
+    cdef uint64_t data_offset
+    cdef uint64_t slice_size
+    cdef uint64_t slice_shift
+    cdef uint64_t slice_count
+    cdef uint64_t max_slices
+
+
 cdef class _End:
     # The exported buffer of the region; held until release() so the mapping
     # cannot be closed under us (mmap.close() raises while it is exported).
@@ -168,8 +179,19 @@ cdef class _End:
     cdef bint _corrupted
     cdef bint _closed
     cdef object __weakref__      # pools track the ends they hand out
-    cdef uint64_t _capacity      # contiguous rings: local copy, validated at attach
+    # Placement.  A contiguous ring: its capacity (local copy, validated at
+    # attach).  A pipe: the pool geometry and the layouts, copied locally.
+    cdef uint64_t _capacity
     cdef uint64_t _mask
+    cdef bint _is_pipe
+    cdef _PipeGeometry _geo
+    cdef uint64_t *_layout_seq_p
+    cdef uint64_t *_layout_ack_p
+    cdef uint64_t _seq           # producer: newest published; consumer: in use
+    cdef Layout _cur             # layout of bytes below _switch
+    cdef Layout _next            # layout of bytes at and after _switch
+    cdef uint64_t _switch        # start of the pending layout
+    cdef bint _pending           # _next is published and may still be ahead
 
     cdef int _export(self, object buffer) except -1
     cdef void _bind_cells(self, uint64_t offset) noexcept
@@ -177,6 +199,8 @@ cdef class _End:
     cdef int _check_usable(self) except -1
     cdef int _corrupt(self, str what) except -1
     cdef int _attach_positions(self, uint64_t *head, uint64_t *tail) except -1
+    cdef int _attach_pipe(self, object region, object entry_offset, object data_offset,
+                          object slice_size, object slice_count, object max_slices) except -1
     # Placement: where position ``pos`` lives (both ends); the contiguous
     # ring's by default, pipes override.
     cdef Span _locate(self, uint64_t pos) noexcept nogil
@@ -223,39 +247,9 @@ cdef class RingConsumer(_Consumer):
     pass
 
 
-# Geometry of the pool a pipe lives in, validated by the caller (the pool)
-# and kept locally by the pipe end.
-cdef class _PipeGeometry:
-    cdef uint64_t entry_offset
-    cdef uint64_t data_offset
-    cdef uint64_t slice_size
-    cdef uint64_t slice_shift
-    cdef uint64_t slice_count
-    cdef uint64_t max_slices
-
-
 cdef class PipeProducer(_Producer):
-    cdef _PipeGeometry _geo
-    cdef uint64_t *_layout_seq_p
-    cdef uint64_t *_layout_ack_p
-    cdef uint64_t _seq           # newest layout we published
-    cdef Layout _cur             # layout of bytes below _switch
-    cdef Layout _next            # layout of bytes at and after _switch
-    cdef uint64_t _switch        # P of the pending layout
-    cdef bint _pending           # _next is published and head < P may hold
-
-    cdef int _read_layout_slot(self, uint64_t seq, Layout *into) except -1
     cdef int _publish(self, uint64_t start, list slices) except -1
 
 
 cdef class PipeConsumer(_Consumer):
-    cdef _PipeGeometry _geo
-    cdef uint64_t *_layout_seq_p
-    cdef uint64_t *_layout_ack_p
-    cdef uint64_t _seq           # layout seq in use (acknowledged)
-    cdef Layout _cur
-    cdef Layout _next
-    cdef uint64_t _switch
-    cdef bint _pending
-
-    cdef int _read_layout_slot(self, uint64_t seq, Layout *into) except -1
+    pass

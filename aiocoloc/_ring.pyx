@@ -99,6 +99,123 @@ cdef int _get_region(object buffer, Py_buffer *view, Py_ssize_t minimum) except 
 
 
 # ---------------------------------------------------------------------------
+# Pipe layouts (the placement of elastic pipes; see _ring.pxd)
+# ---------------------------------------------------------------------------
+
+cdef inline uint64_t _slot_size(uint64_t max_slices) noexcept nogil:
+    return (LAYOUT_SLOT_HEADER + 4 * max_slices + 7) & ~(<uint64_t>7)
+
+
+def pipe_entry_size(max_slices: int) -> int:
+    """Bytes of a pipe entry whose layouts hold up to ``max_slices`` slices."""
+    if max_slices < 1:
+        raise ValueError(f"max_slices must be >= 1, got {max_slices!r}")
+    return (OFF_LAYOUT_SLOTS + 2 * _slot_size(max_slices) + 63) & ~63
+
+
+cdef class _PipeGeometry:
+    """Where a pipe and its pool's slices are, checked against the region."""
+
+    def __init__(self, Py_ssize_t region_len, entry_offset, data_offset, slice_size,
+                 slice_count, max_slices):
+        if slice_size < 64 or not _is_pow2(slice_size):
+            raise ValueError(f"slice size must be a power of two >= 64, got {slice_size!r}")
+        if max_slices < 1 or slice_count < 1:
+            raise ValueError("a pipe needs max_slices >= 1 and a pool with slices")
+        if entry_offset % 64 or data_offset % 64:
+            raise RingAttachError("pipe entry and slices must be 64-byte aligned")
+        if entry_offset + pipe_entry_size(max_slices) > region_len:
+            raise RingAttachError(
+                f"pipe entry at {entry_offset} does not fit a region of {region_len} bytes")
+        if data_offset + slice_count * slice_size > region_len:
+            raise RingAttachError(
+                f"{slice_count} slices of {slice_size} bytes at {data_offset} do not fit "
+                f"a region of {region_len} bytes")
+        self.entry_offset = entry_offset
+        self.data_offset = data_offset
+        self.slice_size = slice_size
+        self.slice_shift = int(slice_size).bit_length() - 1
+        self.slice_count = slice_count
+        self.max_slices = max_slices
+
+
+def format_pipe(buffer, entry_offset, max_slices, slices, start=0) -> None:
+    """Initialise a pipe entry (offsets 48 and up) with its first layout.
+
+    The pool calls this while it owns the entry; nothing may be attached.
+    """
+    cdef Py_buffer view
+    cdef uint8_t *entry
+    cdef Py_ssize_t i
+    if not 1 <= len(slices) <= max_slices:
+        raise ValueError(f"a pipe needs 1..{max_slices} slices, got {len(slices)}")
+    _get_region(buffer, &view, 0)
+    try:
+        if entry_offset % 64 or entry_offset + pipe_entry_size(max_slices) > view.len:
+            raise RingAttachError(f"pipe entry at {entry_offset} does not fit the region")
+        entry = <uint8_t *>view.buf + <uint64_t>entry_offset
+        memset(entry + OFF_LAYOUT_SEQ, 0, pipe_entry_size(max_slices) - OFF_LAYOUT_SEQ)
+        (<uint64_t *>(entry + OFF_TAIL))[0] = start
+        (<uint64_t *>(entry + OFF_HEAD))[0] = start
+        (<uint64_t *>(entry + OFF_LAYOUT_SLOTS))[0] = start
+        (<uint32_t *>(entry + OFF_LAYOUT_SLOTS + 8))[0] = len(slices)
+        for i in range(len(slices)):
+            (<uint32_t *>(entry + OFF_LAYOUT_SLOTS + LAYOUT_SLOT_HEADER))[i] = slices[i]
+        acl_store_release_u64(<uint64_t *>(entry + OFF_LAYOUT_SEQ), 0)
+    finally:
+        PyBuffer_Release(&view)
+
+
+cdef inline Span _pipe_locate(_PipeGeometry geo, Layout *layout, uint64_t pos) noexcept nogil:
+    cdef Span span
+    cdef uint64_t rel = pos - layout.start
+    cdef uint64_t off = rel & (geo.slice_size - 1)
+    # layout.count >= 1 and every index < slice_count: validated on copy-in.
+    cdef uint64_t index = layout.slices[(rel >> geo.slice_shift) % layout.count]
+    span.offset = geo.data_offset + (index << geo.slice_shift) + off
+    span.length = geo.slice_size - off
+    return span
+
+
+cdef inline uint64_t _pipe_limit(uint64_t head, Layout *cur, Layout *nxt, bint pending,
+                                 uint64_t switch, uint64_t slice_size) noexcept nogil:
+    if not pending:
+        return head + cur.count * slice_size
+    if head < switch:
+        return _min(head + cur.count * slice_size, switch + nxt.count * slice_size)
+    return head + nxt.count * slice_size
+
+
+cdef int _copy_layout(_End end, _PipeGeometry geo, uint64_t seq, Layout *into) except -1:
+    """Copy layout slot ``seq & 1`` into local memory, validating each value once."""
+    cdef uint8_t *slot = (end._base + geo.entry_offset + OFF_LAYOUT_SLOTS
+                          + (seq & 1) * _slot_size(geo.max_slices))
+    cdef uint64_t count = (<uint32_t *>(slot + 8))[0]
+    cdef uint64_t i, index
+    if count < 1 or count > geo.max_slices:
+        end._corrupt(f"pipe layout {seq} has {count} slices (allowed 1..{geo.max_slices})")
+    into.start = (<uint64_t *>slot)[0]
+    for i in range(count):
+        index = (<uint32_t *>(slot + LAYOUT_SLOT_HEADER))[i]
+        if index >= geo.slice_count:
+            end._corrupt(f"pipe layout {seq} names slice {index} of {geo.slice_count}")
+        into.slices[i] = <uint32_t>index
+    into.count = count
+    return 0
+
+
+cdef uint32_t *_alloc_slices(uint64_t n) except NULL:
+    cdef uint32_t *p = <uint32_t *>malloc(n * sizeof(uint32_t))
+    if p == NULL:
+        raise MemoryError()
+    return p
+
+
+cdef list _layout_list(Layout *layout):
+    return [layout.slices[i] for i in range(layout.count)]
+
+
+# ---------------------------------------------------------------------------
 # Both ends
 # ---------------------------------------------------------------------------
 
@@ -124,6 +241,8 @@ cdef class _End:
 
     def __dealloc__(self):
         self._drop_buffer()
+        free(self._cur.slices)
+        free(self._next.slices)
 
     cdef void _drop_buffer(self) noexcept:
         if self._has_buf:
@@ -152,21 +271,49 @@ cdef class _End:
         tail[0] = t
         return 0
 
-    # The contiguous ring's placement is the default; pipes override it.
     cdef Span _locate(self, uint64_t pos) noexcept nogil:
         cdef Span span
-        cdef uint64_t off = pos & self._mask
+        cdef uint64_t off
+        if self._is_pipe:
+            if self._pending and pos >= self._switch:
+                return _pipe_locate(self._geo, &self._next, pos)
+            return _pipe_locate(self._geo, &self._cur, pos)
+        off = pos & self._mask
         span.offset = RING_HEADER_SIZE + off
         span.length = self._capacity - off
         return span
 
     cdef uint64_t _limit(self, uint64_t head) noexcept nogil:
+        if self._is_pipe:
+            return _pipe_limit(head, &self._cur, &self._next, self._pending, self._switch,
+                               self._geo.slice_size)
         return head + self._capacity
 
     @property
     def capacity(self) -> int:
-        """Data bytes the channel holds."""
+        """Data bytes the channel holds (a pipe: under the newest layout this end knows)."""
+        if self._is_pipe:
+            return (self._next.count if self._pending else self._cur.count) * self._geo.slice_size
         return self._capacity
+
+    cdef int _attach_pipe(self, object region, object entry_offset, object data_offset,
+                          object slice_size, object slice_count, object max_slices) except -1:
+        """Export the pool ``region`` and bind this end to the pipe entry there."""
+        self._export(region)
+        try:
+            self._geo = _PipeGeometry(self._buf.len, entry_offset, data_offset, slice_size,
+                                      slice_count, max_slices)
+        except BaseException:
+            self._drop_buffer()
+            raise
+        self._is_pipe = True
+        self._cur.slices = _alloc_slices(max_slices)
+        self._next.slices = _alloc_slices(max_slices)
+        self._bind_cells(self._geo.entry_offset)
+        self._layout_seq_p = <uint64_t *>(self._base + self._geo.entry_offset + OFF_LAYOUT_SEQ)
+        self._layout_ack_p = <uint64_t *>(self._base + self._geo.entry_offset + OFF_LAYOUT_ACK)
+        self._view = memoryview(region).cast("B")
+        return 0
 
     @property
     def closed(self) -> bool:
@@ -669,119 +816,6 @@ cdef class RingConsumer(_Consumer):
 # Elastic pipe made of pool slices
 # ---------------------------------------------------------------------------
 
-cdef inline uint64_t _slot_size(uint64_t max_slices) noexcept nogil:
-    return (LAYOUT_SLOT_HEADER + 4 * max_slices + 7) & ~(<uint64_t>7)
-
-
-def pipe_entry_size(max_slices: int) -> int:
-    """Bytes of a pipe entry whose layouts hold up to ``max_slices`` slices."""
-    if max_slices < 1:
-        raise ValueError(f"max_slices must be >= 1, got {max_slices!r}")
-    return (OFF_LAYOUT_SLOTS + 2 * _slot_size(max_slices) + 63) & ~63
-
-
-cdef class _PipeGeometry:
-    """Where a pipe and its pool's slices are, checked against the region."""
-
-    def __init__(self, Py_ssize_t region_len, entry_offset, data_offset, slice_size,
-                 slice_count, max_slices):
-        if slice_size < 64 or not _is_pow2(slice_size):
-            raise ValueError(f"slice size must be a power of two >= 64, got {slice_size!r}")
-        if max_slices < 1 or slice_count < 1:
-            raise ValueError("a pipe needs max_slices >= 1 and a pool with slices")
-        if entry_offset % 64 or data_offset % 64:
-            raise RingAttachError("pipe entry and slices must be 64-byte aligned")
-        if entry_offset + pipe_entry_size(max_slices) > region_len:
-            raise RingAttachError(
-                f"pipe entry at {entry_offset} does not fit a region of {region_len} bytes")
-        if data_offset + slice_count * slice_size > region_len:
-            raise RingAttachError(
-                f"{slice_count} slices of {slice_size} bytes at {data_offset} do not fit "
-                f"a region of {region_len} bytes")
-        self.entry_offset = entry_offset
-        self.data_offset = data_offset
-        self.slice_size = slice_size
-        self.slice_shift = int(slice_size).bit_length() - 1
-        self.slice_count = slice_count
-        self.max_slices = max_slices
-
-
-def format_pipe(buffer, entry_offset, max_slices, slices, start=0) -> None:
-    """Initialise a pipe entry (offsets 48 and up) with its first layout.
-
-    The pool calls this while it owns the entry; nothing may be attached.
-    """
-    cdef Py_buffer view
-    cdef uint8_t *entry
-    cdef Py_ssize_t i
-    if not 1 <= len(slices) <= max_slices:
-        raise ValueError(f"a pipe needs 1..{max_slices} slices, got {len(slices)}")
-    _get_region(buffer, &view, 0)
-    try:
-        if entry_offset % 64 or entry_offset + pipe_entry_size(max_slices) > view.len:
-            raise RingAttachError(f"pipe entry at {entry_offset} does not fit the region")
-        entry = <uint8_t *>view.buf + <uint64_t>entry_offset
-        memset(entry + OFF_LAYOUT_SEQ, 0, pipe_entry_size(max_slices) - OFF_LAYOUT_SEQ)
-        (<uint64_t *>(entry + OFF_TAIL))[0] = start
-        (<uint64_t *>(entry + OFF_HEAD))[0] = start
-        (<uint64_t *>(entry + OFF_LAYOUT_SLOTS))[0] = start
-        (<uint32_t *>(entry + OFF_LAYOUT_SLOTS + 8))[0] = len(slices)
-        for i in range(len(slices)):
-            (<uint32_t *>(entry + OFF_LAYOUT_SLOTS + LAYOUT_SLOT_HEADER))[i] = slices[i]
-        acl_store_release_u64(<uint64_t *>(entry + OFF_LAYOUT_SEQ), 0)
-    finally:
-        PyBuffer_Release(&view)
-
-
-cdef inline Span _pipe_locate(_PipeGeometry geo, Layout *layout, uint64_t pos) noexcept nogil:
-    cdef Span span
-    cdef uint64_t rel = pos - layout.start
-    cdef uint64_t off = rel & (geo.slice_size - 1)
-    # layout.count >= 1 and every index < slice_count: validated on copy-in.
-    cdef uint64_t index = layout.slices[(rel >> geo.slice_shift) % layout.count]
-    span.offset = geo.data_offset + (index << geo.slice_shift) + off
-    span.length = geo.slice_size - off
-    return span
-
-
-cdef inline uint64_t _pipe_limit(uint64_t head, Layout *cur, Layout *nxt, bint pending,
-                                 uint64_t switch, uint64_t slice_size) noexcept nogil:
-    if not pending:
-        return head + cur.count * slice_size
-    if head < switch:
-        return _min(head + cur.count * slice_size, switch + nxt.count * slice_size)
-    return head + nxt.count * slice_size
-
-
-cdef int _copy_layout(_End end, _PipeGeometry geo, uint64_t seq, Layout *into) except -1:
-    """Copy layout slot ``seq & 1`` into local memory, validating each value once."""
-    cdef uint8_t *slot = (end._base + geo.entry_offset + OFF_LAYOUT_SLOTS
-                          + (seq & 1) * _slot_size(geo.max_slices))
-    cdef uint64_t count = (<uint32_t *>(slot + 8))[0]
-    cdef uint64_t i, index
-    if count < 1 or count > geo.max_slices:
-        end._corrupt(f"pipe layout {seq} has {count} slices (allowed 1..{geo.max_slices})")
-    into.start = (<uint64_t *>slot)[0]
-    for i in range(count):
-        index = (<uint32_t *>(slot + LAYOUT_SLOT_HEADER))[i]
-        if index >= geo.slice_count:
-            end._corrupt(f"pipe layout {seq} names slice {index} of {geo.slice_count}")
-        into.slices[i] = <uint32_t>index
-    into.count = count
-    return 0
-
-
-cdef uint32_t *_alloc_slices(uint64_t n) except NULL:
-    cdef uint32_t *p = <uint32_t *>malloc(n * sizeof(uint32_t))
-    if p == NULL:
-        raise MemoryError()
-    return p
-
-
-cdef list _layout_list(Layout *layout):
-    return [layout.slices[i] for i in range(layout.count)]
-
-
 cdef class PipeProducer(_Producer):
     """The writing end of an elastic pipe whose bytes live in pool slices.
 
@@ -791,19 +825,7 @@ cdef class PipeProducer(_Producer):
 
     def __init__(self, region, entry_offset, data_offset, slice_size, slice_count, max_slices):
         cdef uint64_t ack
-        self._export(region)
-        try:
-            self._geo = _PipeGeometry(self._buf.len, entry_offset, data_offset, slice_size,
-                                      slice_count, max_slices)
-        except BaseException:
-            self._drop_buffer()
-            raise
-        self._cur.slices = _alloc_slices(max_slices)
-        self._next.slices = _alloc_slices(max_slices)
-        self._bind_cells(self._geo.entry_offset)
-        self._layout_seq_p = <uint64_t *>(self._base + self._geo.entry_offset + OFF_LAYOUT_SEQ)
-        self._layout_ack_p = <uint64_t *>(self._base + self._geo.entry_offset + OFF_LAYOUT_ACK)
-        self._view = memoryview(region).cast("B")
+        self._attach_pipe(region, entry_offset, data_offset, slice_size, slice_count, max_slices)
         self._seq = acl_load_acquire_u64(self._layout_seq_p)
         ack = acl_load_acquire_u64(self._layout_ack_p)
         if ack != self._seq and ack + 1 != self._seq:
@@ -814,22 +836,6 @@ cdef class PipeProducer(_Producer):
             self._switch = self._next.start
             self._pending = True
         self._start_positions()
-
-    def __dealloc__(self):
-        free(self._cur.slices)
-        free(self._next.slices)
-
-    cdef Span _locate(self, uint64_t pos) noexcept nogil:
-        if self._pending and pos >= self._switch:
-            return _pipe_locate(self._geo, &self._next, pos)
-        return _pipe_locate(self._geo, &self._cur, pos)
-
-    cdef uint64_t _limit(self, uint64_t head) noexcept nogil:
-        return _pipe_limit(head, &self._cur, &self._next, self._pending, self._switch,
-                           self._geo.slice_size)
-
-    cdef int _read_layout_slot(self, uint64_t seq, Layout *into) except -1:
-        return _copy_layout(self, self._geo, seq, into)
 
     cdef int _publish(self, uint64_t start, list slices) except -1:
         cdef uint8_t *slot = (self._base + self._geo.entry_offset + OFF_LAYOUT_SLOTS
@@ -866,11 +872,6 @@ cdef class PipeProducer(_Producer):
     def slices(self) -> list:
         """Slice indices of the newest layout, in order."""
         return _layout_list(&self._next if self._pending else &self._cur)
-
-    @property
-    def capacity(self) -> int:
-        """Bytes the pipe holds under its newest layout."""
-        return (self._next.count if self._pending else self._cur.count) * self._geo.slice_size
 
     def switch_complete(self) -> bool:
         """True when no resize is in flight: slices a resize dropped hold no
@@ -936,41 +937,12 @@ cdef class PipeConsumer(_Consumer):
     """The reading end of an elastic pipe whose bytes live in pool slices."""
 
     def __init__(self, region, entry_offset, data_offset, slice_size, slice_count, max_slices):
-        cdef uint64_t seq
-        self._export(region)
-        try:
-            self._geo = _PipeGeometry(self._buf.len, entry_offset, data_offset, slice_size,
-                                      slice_count, max_slices)
-        except BaseException:
-            self._drop_buffer()
-            raise
-        self._cur.slices = _alloc_slices(max_slices)
-        self._next.slices = _alloc_slices(max_slices)
-        self._bind_cells(self._geo.entry_offset)
-        self._layout_seq_p = <uint64_t *>(self._base + self._geo.entry_offset + OFF_LAYOUT_SEQ)
-        self._layout_ack_p = <uint64_t *>(self._base + self._geo.entry_offset + OFF_LAYOUT_ACK)
-        self._view = memoryview(region).cast("B")
+        self._attach_pipe(region, entry_offset, data_offset, slice_size, slice_count, max_slices)
         self._seq = acl_load_acquire_u64(self._layout_ack_p)
         _copy_layout(self, self._geo, self._seq, &self._cur)
         self._head = acl_load_acquire_u64(self._head_p)
         self._before_tail_check()
         self._start_positions()
-
-    def __dealloc__(self):
-        free(self._cur.slices)
-        free(self._next.slices)
-
-    cdef Span _locate(self, uint64_t pos) noexcept nogil:
-        if self._pending and pos >= self._switch:
-            return _pipe_locate(self._geo, &self._next, pos)
-        return _pipe_locate(self._geo, &self._cur, pos)
-
-    cdef uint64_t _limit(self, uint64_t head) noexcept nogil:
-        return _pipe_limit(head, &self._cur, &self._next, self._pending, self._switch,
-                           self._geo.slice_size)
-
-    cdef int _read_layout_slot(self, uint64_t seq, Layout *into) except -1:
-        return _copy_layout(self, self._geo, seq, into)
 
     cdef int _before_tail_check(self) except -1:
         # Called right after tail was load-acquired: a layout published
@@ -981,7 +953,7 @@ cdef class PipeConsumer(_Consumer):
         if seq != self._seq + 1:
             self._corrupt(f"pipe layout jumped from {self._seq} to {seq}")
         if not self._pending:
-            self._read_layout_slot(seq, &self._next)
+            _copy_layout(self, self._geo, seq, &self._next)
             if self._next.start < self._cur.start:
                 self._corrupt(
                     f"pipe layout {seq} starts at {self._next.start}, before layout "
@@ -1006,7 +978,3 @@ cdef class PipeConsumer(_Consumer):
         """Slice indices of the layout the consumer reads from now."""
         return _layout_list(&self._cur)
 
-    @property
-    def capacity(self) -> int:
-        """Bytes the pipe holds under the newest layout this end knows."""
-        return (self._next.count if self._pending else self._cur.count) * self._geo.slice_size
