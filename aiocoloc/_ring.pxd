@@ -114,6 +114,7 @@ cdef extern from "includes/atomics.h":
     void acl_store_relaxed_u32(uint32_t *p, uint32_t v) nogil
     uint32_t acl_exchange_u32(uint32_t *p, uint32_t v) nogil
     void acl_fence_seq_cst() nogil
+    void acl_cpu_relax() nogil
 
 
 cdef enum:

@@ -707,6 +707,31 @@ cdef class _Consumer(_End):
         self._check_usable()
         acl_store_relaxed_u32(self._consumer_sleeping_p, 0)
 
+    def spin_until_readable(self, uint64_t max_ns) -> bool:
+        """Busy-wait, without the GIL, up to ``max_ns`` for data or EOF.
+
+        True if the tail moved or the producer closed (the next read checks
+        what it finds); False when the time is up.  Call it only while awake
+        (no ``prepare_sleep`` announcement), so that the peer skips the ring.
+        """
+        cdef uint64_t deadline, spins = 0
+        cdef uint64_t head = self._head
+        cdef const uint64_t *tail_p = self._tail_p
+        cdef const uint32_t *closed_p = self._producer_closed_p
+        cdef bint found = False
+        self._check_usable()
+        with nogil:
+            deadline = _now_ns() + max_ns
+            while True:
+                if acl_load_acquire_u64(tail_p) != head or acl_load_acquire_u32(closed_p):
+                    found = True
+                    break
+                spins += 1
+                if (spins & 63) == 0 and _now_ns() >= deadline:
+                    break
+                acl_cpu_relax()
+        return found
+
 
 # ---------------------------------------------------------------------------
 # Contiguous ring

@@ -534,6 +534,18 @@ class _Consumer(_End):
         self._check_usable()
         self._cells.set32(_OFF_CONSUMER_SLEEPING, 0)
 
+    def spin_until_readable(self, max_ns: int) -> bool:
+        """Busy-wait up to ``max_ns`` for data or EOF; True if either came."""
+        self._check_usable()
+        deadline = time.monotonic_ns() + max_ns
+        while True:
+            if self._cells.get64(_OFF_TAIL) != self._head or self._cells.get32(
+                _OFF_PRODUCER_CLOSED
+            ):
+                return True
+            if time.monotonic_ns() >= deadline:
+                return False
+
 
 # --- contiguous ring ------------------------------------------------------------
 

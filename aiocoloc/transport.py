@@ -27,6 +27,7 @@ import contextvars
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,7 @@ from aiocoloc.control import ControlLink
 from aiocoloc.doorbell import ControlDoorbell, Doorbell
 from aiocoloc.elastic import ElasticConfig, ElasticProducer
 from aiocoloc.errors import PoolError, RingClosed, RingCorrupted
+from aiocoloc.spin import AFTER_EMPTY, AFTER_WRITE, SpinConfig, SpinPolicy
 
 __all__ = ["Adopter", "ShmPath", "SwitchableTransport", "attach_shared_memory", "open_transport"]
 
@@ -71,8 +73,10 @@ class ShmPath:
         pool_id: str | None = None,
         on_close: Callable[[bool, bool], None] | None = None,
         resizer: ElasticProducer | None = None,
+        spin: SpinConfig | None = None,
     ) -> None:
         self.producer = producer
+        self.spin = spin  # busy-wait policy of the reader (None: always sleep)
         self.resizer = resizer  # grows/shrinks the outgoing pipe, if elastic
         self.consumer = consumer
         self.doorbell = doorbell
@@ -171,6 +175,12 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         self._tcp_eof_seen = False
         self._rx_eof = False
         self._drain_scheduled = False
+        self._spin: SpinPolicy | None = None
+        self._spin_handle: asyncio.Handle | None = None
+        self._rx_asleep = False  # our consumer announced it sleeps
+        self._rang = False  # we woke the peer since the pipe last ran empty
+        self._slept_at = 0
+        self._slept_for = AFTER_EMPTY  # what we sleep after: the pipe ran empty, or a write
         self._tick_handle: asyncio.TimerHandle | None = None
         # Life cycle.
         self._paused_reading = False
@@ -206,6 +216,8 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
             raise RuntimeError("a shared-memory path is already attached")
         self._shm = path
         self._link = link
+        if path.spin is not None:
+            self._spin = SpinPolicy(path.spin)
         path.doorbell.listen(self._loop, self._on_doorbell)
         early, self._early_control = self._early_control, []
         for message in early:
@@ -397,6 +409,11 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
                     self._start_resize_timer()
                 if self._shm.producer.wake_needed():  # the reader sleeps: ring it
                     self._shm.doorbell.ring()
+                    self._rang = True
+                if self._rx_asleep:  # a reply may be on its way: watch for it
+                    self._slept_at = time.monotonic_ns()  # a reply soon re-arms spinning
+                    self._slept_for = AFTER_WRITE
+                    self._rest(AFTER_WRITE)
             if written == size:
                 return
             self._overflow += memoryview(data).cast("B")[written:]
@@ -446,6 +463,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         try:
             if shm.producer.wake_needed():
                 shm.doorbell.ring()
+                self._rang = True
         except (RingCorrupted, ValueError):
             pass  # reported by the next write
 
@@ -622,6 +640,10 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         self._in_context(self._woken)
 
     def _woken(self) -> None:
+        if self._rx_asleep:
+            self._rx_asleep = False
+            if self._spin is not None:
+                self._spin.woken_after(self._slept_for, time.monotonic_ns() - self._slept_at)
         if self._overflow and self._tx == SHM:
             self._flush_overflow()
         if self._rx == SHM:
@@ -644,6 +666,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
             return
         consumer = shm.consumer
         moved = 0
+        self._rang = False
         try:
             while moved < DRAIN_BUDGET and not self._paused_reading and not self._lost_called:
                 limit = READ_CHUNK
@@ -674,13 +697,65 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
                     return  # the protocol closed us from its callback
                 if consumer.wake_needed():
                     shm.doorbell.ring()  # the producer waits for the space we freed
+                    self._rang = True
             else:
                 if moved >= DRAIN_BUDGET:
                     self._schedule_drain()  # let other callbacks run, then go on
                 return
-            # Empty: sleep until rung, unless data slipped in meanwhile.
-            if not consumer.prepare_sleep():
-                self._schedule_drain()
+            self._rest(AFTER_EMPTY)
+        except RingCorrupted as exc:
+            self._fatal_error(
+                ConnectionResetError(f"shared-memory pipe corrupted: {exc}"), "pipe corrupted"
+            )
+
+    def _rest(self, trigger: int) -> None:
+        """The incoming pipe is empty: watch it a little while if that pays
+        (``aiocoloc.spin``), else sleep until rung."""
+        policy, shm = self._spin, self._shm
+        assert shm is not None
+        rang, self._rang = self._rang, False
+        if (
+            policy is not None
+            and not rang  # the peer we just woke may be placed on our CPU: leave it free
+            and self._spin_handle is None
+            and policy.wants(trigger)
+            and policy.claim(self._loop)
+        ):
+            if self._rx_asleep:
+                self._rx_asleep = False
+                shm.consumer.cancel_sleep()  # awake: the writer need not ring
+            # After the callbacks already queued: a task that wants to write
+            # first (the next request) does so before we wait for the reply.
+            self._spin_handle = self._loop.call_soon(self._spin_wait, trigger)
+        elif not self._rx_asleep:
+            self._sleep()
+
+    def _sleep(self) -> None:
+        """Sleep until rung, unless data slipped in meanwhile."""
+        assert self._shm is not None
+        if self._shm.consumer.prepare_sleep():
+            self._rx_asleep = True
+            self._slept_at = time.monotonic_ns()
+            self._slept_for = AFTER_EMPTY
+        else:
+            self._schedule_drain()
+
+    def _spin_wait(self, trigger: int) -> None:
+        policy, shm = self._spin, self._shm
+        assert policy is not None
+        self._spin_handle = None
+        policy.release(self._loop)
+        if shm is None or shm.closed or self._rx != SHM or self._lost_called:
+            return
+        if self._paused_reading or self._rx_eof:
+            return  # resume_reading drains; nothing more comes after EOF
+        try:
+            found = shm.consumer.spin_until_readable(policy.config.max_ns)
+            policy.record(trigger, found)
+            if found:
+                self._drain()
+            else:
+                self._sleep()
         except RingCorrupted as exc:
             self._fatal_error(
                 ConnectionResetError(f"shared-memory pipe corrupted: {exc}"), "pipe corrupted"
@@ -847,6 +922,11 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         if self._tick_handle is not None:
             self._tick_handle.cancel()
             self._tick_handle = None
+        if self._spin_handle is not None:
+            self._spin_handle.cancel()
+            self._spin_handle = None
+            assert self._spin is not None
+            self._spin.release(self._loop)
         if self._tcp is not None and not self._tcp_closed:
             self._tcp.abort()
         if self._link is not None:
@@ -921,6 +1001,7 @@ async def attach_shared_memory(
     control: socket.socket,
     socket_bell: bool = False,
     elastic: ElasticConfig | None = ElasticConfig(),  # noqa: B008 - frozen
+    spin: SpinConfig | None = SpinConfig(),  # noqa: B008 - frozen
 ) -> None:
     """Give ``transport`` the pool pipes ``send``/``receive`` (pipe handles), the
     eventfds it listens on and rings (owned from now on) and the connected
@@ -928,6 +1009,8 @@ async def attach_shared_memory(
     doorbell is a message on the control socket and the eventfds are closed.
     With ``elastic`` (the default) the outgoing pipe grows and shrinks with
     its demand (``aiocoloc.elastic``); with ``None`` its size stays fixed.
+    ``spin`` bounds how long the reader busy-waits before sleeping
+    (``aiocoloc.spin``); ``None`` never spins.
     The transport stays in TCP mode until ``switch_tx``.
     """
     loop = asyncio.get_running_loop()
@@ -961,5 +1044,6 @@ async def attach_shared_memory(
         pool_id=str(pool.id),
         on_close=give_back,
         resizer=resizer,
+        spin=spin,
     )
     transport.attach_shm(path, link)

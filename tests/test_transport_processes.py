@@ -200,3 +200,37 @@ def test_idle_connection_uses_no_cpu(loop_kind: str) -> None:
             remote.close()
 
     run(loop_kind, scenario)
+
+
+def test_ping_pong_spins_instead_of_ringing_then_goes_quiet(loop_kind: str) -> None:
+    """Request/response between two processes: the reader watches the pipe for
+    the reply (bounded spin), so most round trips need no doorbell; once the
+    traffic stops, both sides stop spinning and use no CPU."""
+
+    async def scenario() -> None:
+        remote = await connect_remote("echo")
+        try:
+            transport, protocol = remote.transport, remote.protocol
+            assert transport._spin is not None and transport._spin.enabled
+            bell = transport._shm.doorbell  # type: ignore[union-attr]
+            rounds, rings_before = 400, bell.rings
+            for i in range(rounds):
+                message = i.to_bytes(64, "big")
+                transport.write(message)
+                await protocol.wait_for_bytes(64 * (i + 1))
+            assert protocol.data == b"".join(i.to_bytes(64, "big") for i in range(rounds))
+            rung = bell.rings - rings_before
+            assert transport._spin.hits >= rounds // 4, (transport._spin.hits, rung)
+            assert rung < rounds * 3 // 4, (transport._spin.hits, rung)
+
+            await asyncio.sleep(0.3)
+            mine, theirs = _cpu_seconds(os.getpid()), _cpu_seconds(remote.child.pid)
+            await asyncio.sleep(1.0)
+            used_mine = _cpu_seconds(os.getpid()) - mine
+            used_theirs = _cpu_seconds(remote.child.pid) - theirs
+            assert used_mine < 0.05 and used_theirs < 0.05, (used_mine, used_theirs)
+        finally:
+            remote.transport.abort()
+            remote.close()
+
+    run(loop_kind, scenario)

@@ -62,4 +62,13 @@ static inline void acl_fence_seq_cst(void) {
     atomic_thread_fence(memory_order_seq_cst);
 }
 
+/* A hint to the CPU that we busy-wait (bounded spins in the transport). */
+static inline void acl_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
 #endif

@@ -1,0 +1,107 @@
+"""Bounded, adaptive busy-waiting before a pipe reader goes to sleep.
+
+Waking a sleeping reader costs a doorbell write on one side and an event
+loop wake-up on the other; on a virtual machine that wake-up is most of a
+round trip.  When the next bytes are expected soon -- a reply right after we
+sent a request, the next chunk of a stream -- watching the pipe for a few
+tens of microseconds is cheaper: the writer sees the reader awake, skips the
+doorbell, and the reader moves the bytes without a wake-up.
+
+The policy keeps that cheap where it does not pay:
+
+* spins are bounded (``SpinConfig.max_ns``) and run in one loop callback,
+  after the callbacks already queued (so a task that wants to write first
+  does), with the GIL released;
+* two triggers are tracked apart -- "the pipe just ran empty" (streams) and
+  "we just wrote" (request/response) -- and each stops after
+  ``misses_to_stop`` spins in a row that found nothing, so a one-way writer
+  or a slow server costs two spins, then nothing;
+* no spin right after we rang the peer: the scheduler likes to wake it on
+  our CPU, where our spin would only delay the bytes we wait for;
+* a stopped trigger starts again when a wake-up comes within ``max_ns`` of
+  going to sleep or of our last write (a spin would have caught it);
+* at most one reader per event loop spins at a time, and nothing spins when
+  the process may use fewer than two CPUs (a spinner there would only delay
+  the peer it waits for).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+__all__ = ["AFTER_EMPTY", "AFTER_WRITE", "SpinConfig", "SpinPolicy", "usable_cpus"]
+
+AFTER_EMPTY, AFTER_WRITE = 0, 1
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class SpinConfig:
+    """How long a pipe reader may busy-wait, and when it gives up.
+
+    ``max_ns`` 0 turns spinning off.  The defaults were chosen with
+    ``bench/streams.py`` (ping-pong and low-rate ping, see README).
+    """
+
+    max_ns: int = 100_000
+    misses_to_stop: int = 2
+
+    def __post_init__(self) -> None:
+        if self.max_ns < 0:
+            raise ValueError(f"max_ns must be >= 0, got {self.max_ns!r}")
+        if self.misses_to_stop < 1:
+            raise ValueError(f"misses_to_stop must be >= 1, got {self.misses_to_stop!r}")
+
+
+class SpinPolicy:
+    """One reader's spin decisions (see the module docstring)."""
+
+    #: Event loops with a spin scheduled or running: one spinner per loop.
+    _busy_loops: ClassVar[set[int]] = set()
+
+    def __init__(self, config: SpinConfig, cpus: int | None = None) -> None:
+        self.config = config
+        self.enabled = config.max_ns > 0 and (cpus if cpus is not None else usable_cpus()) >= 2
+        self._misses = [0, 0]
+        self.spins = 0
+        self.hits = 0
+
+    def wants(self, trigger: int) -> bool:
+        """Whether a spin for ``trigger`` is worth trying now."""
+        return self.enabled and self._misses[trigger] < self.config.misses_to_stop
+
+    def claim(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Take the loop's single spinner slot; False if another reader has it."""
+        key = id(loop)
+        if key in self._busy_loops:
+            return False
+        self._busy_loops.add(key)
+        return True
+
+    def release(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._busy_loops.discard(id(loop))
+
+    def record(self, trigger: int, found: bool) -> None:
+        """The result of one spin for ``trigger``."""
+        self.spins += 1
+        if found:
+            self.hits += 1
+            self._misses[trigger] = 0
+        else:
+            self._misses[trigger] += 1
+
+    def woken_after(self, trigger: int, slept_ns: int) -> None:
+        """A doorbell woke us ``slept_ns`` after ``trigger`` (the pipe ran
+        empty, or our last write): a spin there would have caught it."""
+        if slept_ns <= self.config.max_ns:
+            self._misses[trigger] = 0
