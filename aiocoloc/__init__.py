@@ -1,7 +1,24 @@
-"""aiocoloc: asyncio connections over shared memory when co-located, TCP otherwise."""
+"""aiocoloc: asyncio connections over shared memory when co-located, TCP otherwise.
+
+Drop-in entry points (asyncio's signatures): ``open_connection``,
+``start_server``, ``create_connection(loop, ...)``, ``create_server(loop, ...)``;
+``install()`` routes every loop's ``create_connection``/``create_server``
+through aiocoloc.  ``configure()`` sets the upgrade and trust policy,
+``stats()`` counts upgrades and fallbacks.
+"""
 
 from __future__ import annotations
 
+from aiocoloc.connect import (
+    Server,
+    create_connection,
+    create_server,
+    install,
+    installed,
+    open_connection,
+    start_server,
+    uninstall,
+)
 from aiocoloc.errors import (
     AiocolocError,
     RingAttachError,
@@ -9,6 +26,9 @@ from aiocoloc.errors import (
     RingCorrupted,
     RingError,
 )
+from aiocoloc.fallback import stats
+from aiocoloc.policy import configure
+from aiocoloc.transport import SwitchableTransport
 
 __all__ = [
     "AiocolocError",
@@ -16,6 +36,17 @@ __all__ = [
     "RingClosed",
     "RingCorrupted",
     "RingError",
+    "Server",
+    "SwitchableTransport",
+    "configure",
+    "create_connection",
+    "create_server",
+    "install",
+    "installed",
+    "open_connection",
+    "start_server",
+    "stats",
+    "uninstall",
 ]
 
 __version__ = "0.1.0"

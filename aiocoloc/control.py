@@ -43,6 +43,10 @@ class FrameDecoder:
     def __init__(self) -> None:
         self._buffer = bytearray()
 
+    def pending(self) -> bytes:
+        """Bytes of an incomplete frame received so far."""
+        return bytes(self._buffer)
+
     def feed(self, data: bytes) -> list[dict[str, Any]]:
         self._buffer += data
         messages = []

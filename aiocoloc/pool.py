@@ -91,6 +91,9 @@ POOL_MAGIC = b"ACOLPOOL"
 POOL_VERSION = 1
 HEADER_SIZE = 4096
 MEMBER_ENTRY_SIZE = 64
+#: Seconds a lock holder must look gone (slot freed or reused) before it is
+#: taken over: a member leaving frees its slot just before it unlocks.
+HOLDER_GONE_GRACE = 0.05
 
 _STATE_BLANK, _STATE_FORMATTING, _STATE_READY = 0, 1, 2
 _FREE, _ACTIVE, _CLOSING = 0, 1, 2
@@ -273,6 +276,7 @@ class Pool:
         self._thread_lock = threading.Lock()
         self._observed: dict[int, _Observed] = {}
         self._lock_seen: tuple[tuple[int, int], float] | None = None
+        self._gone_seen: tuple[tuple[int, int], float] | None = None
         self._ends: weakref.WeakSet[Any] = weakref.WeakSet()
         self._closed = False
         self.endpoint_id = uuid.uuid4()
@@ -585,7 +589,12 @@ class Pool:
             self._words.load32(off + _M_STATE) != _ACTIVE
             or self._words.load32(off + _M_GENERATION) != generation
         ):
-            return True
+            # A member leaving the pool gives up its slot under the lock and
+            # releases the lock microseconds later: only a holder that stays
+            # gone for a while is dead.
+            if self._gone_seen is None or self._gone_seen[0] != acquisition:
+                self._gone_seen = (acquisition, now)
+            return now - self._gone_seen[1] >= HOLDER_GONE_GRACE
         return self._stale(slot, time.monotonic())
 
     def _repair(self) -> None:

@@ -138,7 +138,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
     """
 
     _start_tls_compatible = True
-    _sendfile_compatible = asyncio.constants._SendfileMode.FALLBACK  # type: ignore[attr-defined]
+    _sendfile_compatible = asyncio.constants._SendfileMode.FALLBACK
 
     def __init__(
         self,
@@ -192,6 +192,10 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         self._conn_lost = 0
         self._lost_called = False
         self._fallback_reason: str | None = None
+        self._fallback_detail: str | None = None
+        self._traffic_goal: int | None = None  # call _on_traffic once this many bytes moved
+        self._on_traffic: Callable[[], None] | None = None
+        self._close_callbacks: list[Callable[[SwitchableTransport], object]] = []
         self._peer_closed_link = False
         self._peer_gone = False
         self._early_control: list[dict[str, Any]] = []
@@ -214,6 +218,10 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         """Give the transport its shared-memory path and control channel."""
         if self._shm is not None:
             raise RuntimeError("a shared-memory path is already attached")
+        if self._lost_called:  # closed while the path was being set up
+            link.close()
+            path.close()
+            return
         self._shm = path
         self._link = link
         if path.spin is not None:
@@ -371,6 +379,12 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
                 ConnectionResetError("the peer's control channel closed (peer process or VM gone)"),
                 "peer lost",
             )
+            return
+        # Both directions still on TCP: the connection goes on without shared memory.
+        shm, self._shm, self._link = self._shm, None, None
+        if shm is not None:
+            shm.close()
+        self.note_fallback("handshake protocol error", f"control channel lost: {exc}")
 
     # ------------------------------------------------------------ writing
 
@@ -394,6 +408,8 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
             assert self._tcp is not None
             self._tcp.write(data)
             self._maybe_pause_protocol()
+            if self._traffic_goal is not None:
+                self._check_traffic()
             return
         assert self._shm is not None
         if not self._overflow:
@@ -572,6 +588,33 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         self._protocol_paused = False
         self._call(self._protocol.resume_writing, what="resume_writing")
 
+    # ------------------------------------------------------------ hooks
+
+    def call_after_traffic(self, nbytes: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (once, soon) when ``nbytes`` have been written and
+        received in all; at once if they already have.  One hook at a time."""
+        self._traffic_goal, self._on_traffic = nbytes, callback
+        self._check_traffic()
+
+    def _check_traffic(self) -> None:
+        goal, callback = self._traffic_goal, self._on_traffic
+        if goal is not None and callback is not None and self._tx_pos + self._rx_pos >= goal:
+            self._traffic_goal = self._on_traffic = None
+            self._loop.call_soon(callback, context=self._context)
+
+    def add_close_callback(self, callback: Callable[[SwitchableTransport], object]) -> None:
+        """Call ``callback(transport)`` right after ``connection_lost``."""
+        self._close_callbacks.append(callback)
+
+    def note_fallback(self, reason: str, detail: str | None = None) -> None:
+        """Record why this connection stays on (or went back to) TCP."""
+        self._fallback_reason, self._fallback_detail = reason, detail
+
+    @property
+    def rx_mode(self) -> str:
+        """The path incoming bytes currently come from."""
+        return self._rx
+
     # ------------------------------------------------------------ reading
 
     def _tcp_data(self, data: bytes) -> None:
@@ -599,6 +642,8 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
             chunk = bytes(self._tcp_backlog[:n])
             del self._tcp_backlog[:n]
             self._deliver(chunk)
+            if self._traffic_goal is not None:
+                self._check_traffic()
             if self._rx_switches and self._rx_switches[0][0] == self._rx_pos:
                 self._advance_rx()
                 return
@@ -853,6 +898,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
                 "rx_mode": self._rx,
                 "pool": self._shm.pool_id if self._shm is not None else None,
                 "fallback_reason": self._fallback_reason,
+                "fallback_detail": self._fallback_detail,
                 "switches": self.switches,
             }
         extra: dict[str, Any] = self._extra  # type: ignore[attr-defined]
@@ -940,6 +986,14 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
             self._in_context(self._protocol.connection_lost, exc)
         finally:
             self._protocol = None  # type: ignore[assignment]
+            callbacks, self._close_callbacks = self._close_callbacks, []
+            for callback in callbacks:
+                try:
+                    callback(self)
+                except Exception as exc:
+                    self._loop.call_exception_handler(
+                        {"message": "close callback failed", "exception": exc, "transport": self}
+                    )
 
     def __repr__(self) -> str:
         state = "closed" if self._lost_called else "closing" if self._closing else "open"
@@ -967,7 +1021,14 @@ class Adopter(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         loop = asyncio.get_running_loop()
-        self.protocol = self._factory()
+        try:
+            self.protocol = self._factory()
+        except Exception as exc:  # as asyncio's server does: report, drop the connection
+            loop.call_exception_handler(
+                {"message": "protocol_factory() failed", "exception": exc, "transport": transport}
+            )
+            transport.abort()  # type: ignore[attr-defined]
+            return
         self.transport = SwitchableTransport(loop, self.protocol)
         self.transport._adopt(transport)
         if self._on_adopted is not None:
@@ -1002,6 +1063,8 @@ async def attach_shared_memory(
     socket_bell: bool = False,
     elastic: ElasticConfig | None = ElasticConfig(),  # noqa: B008 - frozen
     spin: SpinConfig | None = SpinConfig(),  # noqa: B008 - frozen
+    pending_control: bytes = b"",
+    on_detach: Callable[[], None] | None = None,
 ) -> None:
     """Give ``transport`` the pool pipes ``send``/``receive`` (pipe handles), the
     eventfds it listens on and rings (owned from now on) and the connected
@@ -1010,13 +1073,17 @@ async def attach_shared_memory(
     With ``elastic`` (the default) the outgoing pipe grows and shrinks with
     its demand (``aiocoloc.elastic``); with ``None`` its size stays fixed.
     ``spin`` bounds how long the reader busy-waits before sleeping
-    (``aiocoloc.spin``); ``None`` never spins.
+    (``aiocoloc.spin``); ``None`` never spins.  ``pending_control``: control
+    bytes already read from ``control`` (after a handshake).  ``on_detach``
+    runs once the pipes are given back.
     The transport stays in TCP mode until ``switch_tx``.
     """
     loop = asyncio.get_running_loop()
     _, link = await loop.create_unix_connection(
         lambda: ControlLink(transport._on_control, transport._on_link_lost), sock=control
     )
+    if pending_control:
+        link.data_received(pending_control)
 
     def give_back(incoming_done: bool, outgoing_done: bool) -> None:
         for handle, done in ((receive, incoming_done), (send, outgoing_done)):
@@ -1025,6 +1092,8 @@ async def attach_shared_memory(
                     pool.destroy_pipe(handle)
                 except PoolError:
                     pass  # the peer (or the pool's reaper) freed it first
+        if on_detach is not None:
+            on_detach()
 
     doorbell: Doorbell | ControlDoorbell
     if socket_bell:

@@ -1,0 +1,109 @@
+"""The pools this process uses for its connections, shared and counted.
+
+A serving process offers one memfd pool to all its clients (created when the
+first server starts); a client process attaches each server pool it is given
+once, however many connections use it.  Every user holds a reference;
+the pool is closed (our membership left, the mapping dropped) when the last
+one goes.  A client of a server in its own process reuses that pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+from aiocoloc.errors import PoolError
+from aiocoloc.pool import Pool, PoolConfig
+from aiocoloc.segments import MemfdSegment
+
+__all__ = ["SERVING_POOL", "LocalPools", "local_pools"]
+
+_log = logging.getLogger("aiocoloc.colocation")
+
+#: The pool a serving process offers: 64 KiB slices, room for 256 connections.
+SERVING_POOL = PoolConfig(slice_size=64 * 1024, max_members=128, max_pipes=512)
+
+
+@dataclass
+class _Entry:
+    pool: Pool
+    refs: int
+
+
+class LocalPools:
+    """Reference-counted pools of this process, by pool id."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pools: dict[str, _Entry] = {}
+        self._serving: str | None = None
+        self._pid = os.getpid()
+
+    def _check_fork(self) -> None:
+        if os.getpid() != self._pid:  # a forked child inherits no membership
+            self._pools.clear()
+            self._serving = None
+            self._pid = os.getpid()
+
+    def serving(self, size: int) -> Pool:
+        """The pool this process offers its clients (a new reference)."""
+        with self._lock:
+            self._check_fork()
+            if self._serving is not None and self._serving in self._pools:
+                entry = self._pools[self._serving]
+                entry.refs += 1
+                return entry.pool
+            pool = Pool.create(MemfdSegment.create(size, "aiocoloc-serving"), SERVING_POOL)
+            self._pools[str(pool.id)] = _Entry(pool, 1)
+            self._serving = str(pool.id)
+            return pool
+
+    def attach(self, fd: int, pool_id: str) -> Pool:
+        """The pool on memfd ``fd`` (owned from now on), announced as ``pool_id``
+        (a new reference).  Raises ``PoolError``/``SegmentError``."""
+        with self._lock:
+            self._check_fork()
+            entry = self._pools.get(pool_id)
+            if entry is not None:
+                os.close(fd)
+                entry.refs += 1
+                return entry.pool
+            pool = Pool.attach(MemfdSegment.from_fd(fd), timeout=1.0)
+            if str(pool.id) != pool_id:
+                pool.close()
+                raise PoolError(
+                    f"pool on the descriptor is {pool.id}, the peer announced {pool_id}"
+                )
+            self._pools[pool_id] = _Entry(pool, 1)
+            return pool
+
+    def release(self, pool: Pool) -> None:
+        """Drop one reference; the last one closes the pool."""
+        with self._lock:
+            key = str(pool.id)
+            entry = self._pools.get(key)
+            if entry is None or entry.pool is not pool:
+                return
+            entry.refs -= 1
+            if entry.refs > 0:
+                return
+            del self._pools[key]
+            if self._serving == key:
+                self._serving = None
+        _log.debug("closing pool %s (no more users)", key)
+        pool.close()
+
+    def in_use(self) -> dict[str, int]:
+        """References held, by pool id (for tests and the CLI)."""
+        with self._lock:
+            return {key: entry.refs for key, entry in self._pools.items()}
+
+
+_local = LocalPools()
+
+
+def local_pools() -> LocalPools:
+    """This process's pools."""
+    return _local

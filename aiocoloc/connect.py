@@ -1,0 +1,643 @@
+"""The connection API: asyncio's entry points, upgraded to shared memory when
+the peer is a co-located aiocoloc endpoint, plain TCP otherwise.
+
+Every connection starts as the TCP connection the loop makes (so every
+keyword of ``loop.create_connection``/``create_server`` keeps working,
+``sock=`` included) wrapped in a ``SwitchableTransport``.  The client then
+looks its peer up (``aiocoloc.registry``), runs the handshake on the
+server's control socket (``aiocoloc.handshake``) and switches each direction
+to the pipes.  Data flows on TCP meanwhile; any failure leaves the
+connection on TCP with a reason (``aiocoloc.fallback``).
+
+TLS (``ssl=``) is put on top of the switchable transport, so over shared
+memory the pipes carry the TLS records, exactly as the socket would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+import ssl as ssl_module
+from asyncio import sslproto
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from aiocoloc import fallback
+from aiocoloc.colocation import local_pools
+from aiocoloc.handshake import (
+    Agreement,
+    ConnKey,
+    HandshakeFailed,
+    client_handshake,
+    connection_key,
+    server_handshake,
+)
+from aiocoloc.policy import Settings, Trust, Upgrade, current, parse_trust, parse_upgrade
+from aiocoloc.registry import Registry, RegistryError
+from aiocoloc.transport import Adopter, SwitchableTransport, attach_shared_memory
+
+__all__ = [
+    "Server",
+    "create_connection",
+    "create_server",
+    "install",
+    "open_connection",
+    "start_server",
+    "uninstall",
+]
+
+_log = logging.getLogger("aiocoloc.connect")
+ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+
+#: How long a control request waits for the server's side of its TCP
+#: connection to be accepted (the client's connect returns first).
+ACCEPT_GRACE = 1.0
+
+
+# --- choosing the options ------------------------------------------------------------
+
+
+def _options(upgrade: Any, trust: Any) -> tuple[Settings, Upgrade, Trust]:
+    settings = current()
+    return (
+        settings,
+        parse_upgrade(upgrade) if upgrade is not None else settings.upgrade,
+        parse_trust(trust) if trust is not None else settings.trust,
+    )
+
+
+def _check_ssl_options(
+    ssl: Any, server_hostname: Any, ssl_handshake_timeout: Any, ssl_shutdown_timeout: Any
+) -> None:
+    """The argument checks asyncio makes, with its messages."""
+    if server_hostname is not None and not ssl:
+        raise ValueError("server_hostname is only meaningful with ssl")
+    if ssl_handshake_timeout is not None and not ssl:
+        raise ValueError("ssl_handshake_timeout is only meaningful with ssl")
+    if ssl_shutdown_timeout is not None and not ssl:
+        raise ValueError("ssl_shutdown_timeout is only meaningful with ssl")
+
+
+def _client_context(ssl: Any, server_hostname: str | None) -> ssl_module.SSLContext:
+    if isinstance(ssl, ssl_module.SSLContext):
+        return ssl
+    context = ssl_module.create_default_context()
+    if not server_hostname:
+        context.check_hostname = False
+    return context
+
+
+# --- the original loop methods (install() replaces them) -------------------------------
+
+#: (loop class, method name) -> (the method it had, whether it defined it itself)
+_saved: dict[tuple[type, str], tuple[Any, bool]] = {}
+
+
+def _original(loop: asyncio.AbstractEventLoop, name: str) -> Callable[..., Awaitable[Any]]:
+    """``loop.<name>`` as the loop itself defines it, even when installed."""
+    for klass in type(loop).__mro__:
+        saved = _saved.get((klass, name))
+        if saved is not None:
+            return saved[0].__get__(loop)  # type: ignore[no-any-return]
+    return getattr(loop, name)  # type: ignore[no-any-return]
+
+
+# --- client side -----------------------------------------------------------------------
+
+
+async def create_connection(
+    loop: asyncio.AbstractEventLoop,
+    protocol_factory: ProtocolFactory,
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    ssl: Any = None,
+    server_hostname: str | None = None,
+    ssl_handshake_timeout: float | None = None,
+    ssl_shutdown_timeout: float | None = None,
+    upgrade: str | int | Upgrade | None = None,
+    trust: str | Trust | None = None,
+    **kwargs: Any,
+) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+    """``loop.create_connection`` with every keyword it takes, upgraded to
+    shared memory when the peer is co-located.  ``upgrade``/``trust``
+    override the process-wide policy (``aiocoloc.policy``) for this call."""
+    _check_ssl_options(ssl, server_hostname, ssl_handshake_timeout, ssl_shutdown_timeout)
+    if ssl and server_hostname is None:
+        if not host:
+            raise ValueError("You must set server_hostname when using ssl without a host")
+        server_hostname = host
+    settings, mode, trusted = _options(upgrade, trust)
+    protocol = protocol_factory()
+    waiter: asyncio.Future[None] | None = None
+    inner: asyncio.BaseProtocol = protocol
+    if ssl:
+        waiter = loop.create_future()
+        inner = sslproto.SSLProtocol(
+            loop,
+            protocol,
+            _client_context(ssl, server_hostname),
+            waiter,
+            server_side=False,
+            server_hostname=server_hostname,
+            ssl_handshake_timeout=ssl_handshake_timeout,  # type: ignore[arg-type]
+            ssl_shutdown_timeout=ssl_shutdown_timeout,
+        )
+    adopter = Adopter(lambda: inner)
+    await _original(loop, "create_connection")(lambda: adopter, host, port, **kwargs)
+    transport = adopter.transport
+    assert transport is not None
+    _begin_upgrade(transport, mode, trusted, settings)
+    if waiter is None:
+        return transport, protocol
+    try:
+        await waiter
+    except BaseException:
+        transport.close()
+        raise
+    return inner._app_transport, protocol  # type: ignore[attr-defined]
+
+
+_upgrades: set[asyncio.Task[None]] = set()
+
+
+def _begin_upgrade(
+    transport: SwitchableTransport, mode: Upgrade, trust: Trust, settings: Settings
+) -> None:
+    where = _describe(transport.get_extra_info("peername"))
+    if mode.never:
+        fallback.record(transport, fallback.DISABLED, "upgrade policy is 'never'", where=where)
+        return
+
+    def start() -> None:
+        if transport.is_closing():
+            return
+        task = asyncio.get_running_loop().create_task(
+            _upgrade_client(transport, trust, settings, where)
+        )
+        _upgrades.add(task)
+        task.add_done_callback(_upgrades.discard)
+        transport.add_close_callback(lambda _: task.cancel())
+
+    assert mode.after is not None
+    if mode.after == 0:
+        start()
+    else:
+        transport.call_after_traffic(mode.after, start)
+
+
+def _describe(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address)
+
+
+def _on_this_host(local: Any, remote: Any) -> bool:
+    """A connection to one of our own addresses has the same address at both
+    ends (Linux picks the destination as the source), or is loopback."""
+    if not (isinstance(local, tuple) and isinstance(remote, tuple)):
+        return False
+    key = connection_key(local, remote)
+    try:
+        if ipaddress.ip_address(key[2]).is_loopback:
+            return True
+    except ValueError:
+        return False
+    return key[0] == key[2]
+
+
+async def _upgrade_client(
+    transport: SwitchableTransport, trust: Trust, settings: Settings, where: str
+) -> None:
+    local, remote = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
+    if not _on_this_host(local, remote):
+        fallback.record(
+            transport, fallback.NO_REGISTRY_ENTRY, "the peer is not on this host", where=where
+        )
+        return
+    conn = connection_key(local, remote)
+    try:
+        records = Registry().lookup(conn[2], conn[3])
+    except RegistryError as exc:
+        fallback.record(transport, fallback.NO_REGISTRY_ENTRY, str(exc), where=where)
+        return
+    if not records:
+        fallback.record(
+            transport, fallback.NO_REGISTRY_ENTRY, "no aiocoloc server advertises it", where=where
+        )
+        return
+    pools = local_pools()
+    try:
+        async with asyncio.timeout(settings.handshake_timeout):
+            agreement = await _agree(records, conn, pools, trust)
+        await _attach(transport, agreement)
+    except HandshakeFailed as failed:
+        fallback.record(transport, failed.reason, failed.detail, where=where)
+    except TimeoutError:
+        fallback.record(
+            transport,
+            fallback.TIMED_OUT,
+            f"no agreement within {settings.handshake_timeout} s",
+            where=where,
+        )
+    except Exception as exc:
+        _log.debug("upgrade of %s failed", where, exc_info=True)
+        fallback.record(transport, fallback.PROTOCOL_ERROR, repr(exc), where=where)
+
+
+async def _agree(records: list[Any], conn: ConnKey, pools: Any, trust: Trust) -> Agreement:
+    """Handshake with the advertised servers in turn: with several processes
+    on one port (SO_REUSEPORT) only the one that accepted us knows us."""
+    failure: HandshakeFailed | None = None
+    for record in records:
+        try:
+            control = await _connect_control(record.control)
+            return await client_handshake(control, conn, pools, trust)
+        except HandshakeFailed as failed:
+            if failed.reason not in (fallback.NOT_AIOCOLOC, fallback.UNKNOWN_CONNECTION):
+                raise
+            failure = failed
+    assert failure is not None
+    raise failure
+
+
+async def _connect_control(address: str) -> socket.socket:
+    path = "\0" + address[1:] if address.startswith("@") else address
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, path)
+    except OSError as exc:
+        sock.close()
+        raise HandshakeFailed(
+            fallback.NOT_AIOCOLOC, f"control endpoint {address} does not answer: {exc}"
+        ) from None
+    return sock
+
+
+async def _attach(transport: SwitchableTransport, agreement: Agreement) -> None:
+    """Give the agreed pipes to ``transport`` and send our bytes through them."""
+    pools = local_pools()
+    pool = agreement.pool
+    if transport.is_closing():
+        _abandon(agreement)
+        return
+    try:
+        await attach_shared_memory(
+            transport,
+            pool,
+            send=agreement.send,
+            receive=agreement.receive,
+            listen_fd=agreement.listen_fd,
+            ring_fd=agreement.ring_fd,
+            control=agreement.control,
+            pending_control=agreement.unread,
+            on_detach=lambda: pools.release(pool),
+        )
+    except BaseException:
+        _abandon(agreement)
+        raise
+    if transport.is_closing():
+        return  # closing gives the pipes back
+    transport.switch_tx("shm")
+    fallback.record_upgrade()
+
+
+def _abandon(agreement: Agreement) -> None:
+    for fd in (agreement.listen_fd, agreement.ring_fd):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    agreement.control.close()
+    local_pools().release(agreement.pool)
+
+
+# --- server side -----------------------------------------------------------------------
+
+
+class ControlEndpoint:
+    """A server's control socket: runs the server side of handshakes for the
+    TCP connections its server accepted (found by their 4-tuple)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, settings: Settings, trust: Trust) -> None:
+        self._loop = loop
+        self._settings = settings
+        self._trust = trust
+        self._connections: dict[ConnKey, SwitchableTransport] = {}
+        self._waiting: dict[ConnKey, asyncio.Future[SwitchableTransport]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.address = f"@aiocoloc-ctl-{os.getpid()}-{secrets.token_hex(8)}"
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._listener.bind("\0" + self.address[1:])
+            self._listener.listen(128)
+            self._listener.setblocking(False)
+        except BaseException:
+            self._listener.close()
+            raise
+        loop.add_reader(self._listener.fileno(), self._accept)
+        self.closed = False
+
+    def register(self, transport: SwitchableTransport) -> None:
+        """A connection our server accepted (``Adopter`` callback)."""
+        try:  # named from the client's side, as in its hello
+            key = connection_key(
+                transport.get_extra_info("peername"), transport.get_extra_info("sockname")
+            )
+        except (TypeError, IndexError, ValueError):
+            return  # not an IP connection
+        self._connections[key] = transport
+        transport.add_close_callback(lambda _: self._connections.pop(key, None))
+        waiter = self._waiting.pop(key, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(transport)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                _log.warning("control endpoint %s cannot accept: %s", self.address, exc)
+                return
+            task = self._loop.create_task(self._serve(sock))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _find(self, key: ConnKey) -> SwitchableTransport:
+        transport = self._connections.get(key)
+        if transport is None:
+            waiter = self._waiting.setdefault(key, self._loop.create_future())
+            try:
+                transport = await asyncio.wait_for(asyncio.shield(waiter), ACCEPT_GRACE)
+            except TimeoutError:
+                raise HandshakeFailed(
+                    fallback.UNKNOWN_CONNECTION, f"no TCP connection {key} on this server"
+                ) from None
+            finally:
+                if self._waiting.get(key) is waiter and not waiter.done():
+                    del self._waiting[key]
+        if transport.is_closing() or transport.get_extra_info("aiocoloc")["pool"] is not None:
+            raise HandshakeFailed(fallback.PROTOCOL_ERROR, f"connection {key} cannot be upgraded")
+        return transport
+
+    async def _serve(self, sock: socket.socket) -> None:
+        found: list[SwitchableTransport] = []
+
+        async def find(key: ConnKey) -> SwitchableTransport:
+            transport = await self._find(key)
+            found.append(transport)
+            return transport
+
+        where = "client"
+        try:
+            async with asyncio.timeout(self._settings.handshake_timeout):
+                transport, agreement = await server_handshake(
+                    sock, find, local_pools(), self._settings.pool_size, self._trust
+                )
+            where = _describe(transport.get_extra_info("peername"))
+            await _attach(transport, agreement)
+        except HandshakeFailed as failed:
+            if found:
+                where = _describe(found[0].get_extra_info("peername"))
+                fallback.record(found[0], failed.reason, failed.detail, where=where)
+            else:
+                _log.info(
+                    "refused an upgrade from %s: %s (%s)", where, failed.reason, failed.detail
+                )
+        except TimeoutError:
+            if found:
+                fallback.record(found[0], fallback.TIMED_OUT, "handshake too slow", where=where)
+        except Exception:
+            _log.debug("handshake with %s failed", where, exc_info=True)
+            if found:
+                fallback.record(found[0], fallback.PROTOCOL_ERROR, "handshake failed", where=where)
+
+    def close(self) -> None:
+        """Stop answering; handshakes in progress are abandoned."""
+        if self.closed:
+            return
+        self.closed = True
+        if not self._loop.is_closed():
+            self._loop.remove_reader(self._listener.fileno())
+        self._listener.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for waiter in self._waiting.values():
+            waiter.cancel()
+        self._waiting.clear()
+
+
+class Server(asyncio.AbstractServer):
+    """What ``create_server`` returns: the loop's server, plus the control
+    endpoint and registry records that let clients upgrade."""
+
+    def __init__(
+        self,
+        inner: asyncio.AbstractServer,
+        endpoint: ControlEndpoint | None,
+        records: Iterable[Any],
+        registry: Registry | None,
+    ) -> None:
+        self._inner = inner
+        self._endpoint = endpoint
+        self._records = list(records)
+        self._registry = registry
+
+    @property
+    def control_address(self) -> str | None:
+        """The control endpoint clients upgrade through (None: upgrades off)."""
+        return self._endpoint.address if self._endpoint is not None else None
+
+    def close(self) -> None:
+        if self._registry is not None:
+            for path in self._records:
+                self._registry.withdraw(path)
+            self._records.clear()
+        if self._endpoint is not None:
+            self._endpoint.close()
+        self._inner.close()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._inner.get_loop()
+
+    def is_serving(self) -> bool:
+        return self._inner.is_serving()
+
+    async def start_serving(self) -> None:
+        await self._inner.start_serving()
+
+    async def serve_forever(self) -> None:
+        try:
+            await self._inner.serve_forever()
+        finally:
+            self.close()
+
+    async def wait_closed(self) -> None:
+        await self._inner.wait_closed()
+
+    @property
+    def sockets(self) -> tuple[Any, ...]:
+        return tuple(self._inner.sockets)  # type: ignore[attr-defined]
+
+    def close_clients(self) -> None:
+        self._inner.close_clients()  # type: ignore[attr-defined]
+
+    def abort_clients(self) -> None:
+        self._inner.abort_clients()  # type: ignore[attr-defined]
+
+    def __repr__(self) -> str:
+        return f"<aiocoloc.Server sockets={self.sockets!r} control={self.control_address}>"
+
+
+async def create_server(
+    loop: asyncio.AbstractEventLoop,
+    protocol_factory: ProtocolFactory,
+    host: Any = None,
+    port: int | None = None,
+    *,
+    ssl: Any = None,
+    ssl_handshake_timeout: float | None = None,
+    ssl_shutdown_timeout: float | None = None,
+    upgrade: str | int | Upgrade | None = None,
+    trust: str | Trust | None = None,
+    **kwargs: Any,
+) -> Server:
+    """``loop.create_server`` with every keyword it takes; co-located aiocoloc
+    clients of this server can upgrade their connections to shared memory."""
+    _check_ssl_options(ssl, None, ssl_handshake_timeout, ssl_shutdown_timeout)
+    if ssl and not isinstance(ssl, ssl_module.SSLContext):
+        raise TypeError(f"ssl argument must be an SSLContext or None, not {ssl!r}")
+    settings, mode, trusted = _options(upgrade, trust)
+    endpoint = None if mode.never else ControlEndpoint(loop, settings, trusted)
+    on_adopted = endpoint.register if endpoint is not None else None
+
+    def application() -> asyncio.BaseProtocol:
+        protocol = protocol_factory()
+        if not ssl:
+            return protocol
+        return sslproto.SSLProtocol(
+            loop,
+            protocol,
+            ssl,
+            None,  # type: ignore[arg-type]  # no waiter: asyncio's server passes one it never awaits
+            server_side=True,
+            ssl_handshake_timeout=ssl_handshake_timeout,  # type: ignore[arg-type]
+            ssl_shutdown_timeout=ssl_shutdown_timeout,
+        )
+
+    def accepted() -> asyncio.BaseProtocol:
+        return Adopter(application, on_adopted)
+
+    try:
+        inner = await _original(loop, "create_server")(accepted, host, port, **kwargs)
+    except BaseException:
+        if endpoint is not None:
+            endpoint.close()
+        raise
+    registry: Registry | None = None
+    records = []
+    if endpoint is not None:
+        registry = Registry()
+        try:
+            for sock in inner.sockets:
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    address = sock.getsockname()
+                    records.append(registry.publish(address[0], address[1], endpoint.address))
+        except (RegistryError, OSError) as exc:
+            _log.warning("clients of this server cannot upgrade: %s", exc)
+    return Server(inner, endpoint, records, registry)
+
+
+# --- streams ---------------------------------------------------------------------------
+
+
+async def open_connection(
+    host: str | None = None, port: int | None = None, *, limit: int = 2**16, **kwds: Any
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """``asyncio.open_connection``, over shared memory when co-located."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=limit, loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport, _ = await create_connection(loop, lambda: protocol, host, port, **kwds)
+    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+    return reader, writer
+
+
+async def start_server(
+    client_connected_cb: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
+    host: Any = None,
+    port: int | None = None,
+    *,
+    limit: int = 2**16,
+    **kwds: Any,
+) -> Server:
+    """``asyncio.start_server``, over shared memory for co-located clients."""
+    loop = asyncio.get_running_loop()
+
+    def factory() -> asyncio.BaseProtocol:
+        reader = asyncio.StreamReader(limit=limit, loop=loop)
+        return asyncio.StreamReaderProtocol(reader, client_connected_cb, loop=loop)
+
+    return await create_server(loop, factory, host, port, **kwds)
+
+
+# --- install ---------------------------------------------------------------------------
+
+
+async def _routed_create_connection(
+    self: asyncio.AbstractEventLoop, protocol_factory: ProtocolFactory, *args: Any, **kwargs: Any
+) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+    return await create_connection(self, protocol_factory, *args, **kwargs)
+
+
+async def _routed_create_server(
+    self: asyncio.AbstractEventLoop, protocol_factory: ProtocolFactory, *args: Any, **kwargs: Any
+) -> Server:
+    return await create_server(self, protocol_factory, *args, **kwargs)
+
+
+_ROUTED = {"create_connection": _routed_create_connection, "create_server": _routed_create_server}
+
+
+def _loop_classes() -> list[type]:
+    classes: list[type] = [asyncio.BaseEventLoop]
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is optional
+        pass
+    else:
+        classes.append(uvloop.Loop)
+    return classes
+
+
+def install() -> None:
+    """Route ``create_connection``/``create_server`` of every event loop
+    (asyncio's and uvloop's) through aiocoloc, so unmodified libraries get
+    shared memory when co-located.  Idempotent; ``uninstall()`` undoes it."""
+    for klass in _loop_classes():
+        for name, routed in _ROUTED.items():
+            if (klass, name) not in _saved:
+                _saved[(klass, name)] = (getattr(klass, name), name in klass.__dict__)
+                setattr(klass, name, routed)
+    _log.debug("installed on %s", [k.__name__ for k in _loop_classes()])
+
+
+def uninstall() -> None:
+    """Give the loops their own methods back."""
+    for (klass, name), (function, own) in list(_saved.items()):
+        if own:
+            setattr(klass, name, function)
+        else:
+            delattr(klass, name)
+        del _saved[(klass, name)]
+
+
+def installed() -> bool:
+    return bool(_saved)

@@ -1,0 +1,449 @@
+"""The upgrade handshake on the control socket, client and server side.
+
+After the TCP connection is up, the client connects to the control socket
+the server advertises and the two agree on a pair of pipes.  Messages are
+control frames (``aiocoloc.control``); descriptors ride along with
+SCM_RIGHTS.  Each step either moves on or ends in a ``HandshakeFailed``
+carrying a fallback reason (``aiocoloc.fallback``): the TCP connection is
+never touched, so a failed handshake leaves it exactly as it was.
+
+    client                                   server
+    hello {version, conn: 4-tuple}   --->    trust (SO_PEERCRED), version,
+                                             find the TCP connection by 4-tuple
+                                     <---    pool {version, pool id} + memfd
+    attach the pool
+    join {slot}                      --->    create both pipes, write nonce A
+                                             into the server->client pipe
+                                     <---    pipes {up, down, nonce A} + eventfd
+    read nonce A from the pipe (proves
+    we map the server's pool), write
+    nonce B into the client->server pipe
+    proof {nonce B} + eventfd        --->    read nonce B from the pipe
+                                     <---    ready
+    both sides attach the pipes to the transport and switch their sending
+    direction to shared memory at their current byte offset.
+
+Either side may answer ``refuse {reason}`` instead.  The nonces are the first
+bytes of each pipe and are consumed before any payload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiocoloc import fallback
+from aiocoloc.colocation import LocalPools
+from aiocoloc.control import ControlProtocolError, FrameDecoder, encode_frame
+from aiocoloc.doorbell import new_eventfd
+from aiocoloc.errors import AiocolocError, PoolError, PoolExhausted, RingError, SegmentError
+from aiocoloc.policy import Trust
+from aiocoloc.pool import PipeHandle, Pool
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Agreement",
+    "Channel",
+    "HandshakeFailed",
+    "client_handshake",
+    "connection_key",
+    "peer_uid",
+    "server_handshake",
+]
+
+_log = logging.getLogger("aiocoloc.handshake")
+
+PROTOCOL_VERSION = 1
+NONCE_SIZE = 16
+INITIAL_SLICES = 4
+_MAX_FDS = 4
+_CRED = struct.Struct("3i")
+
+ConnKey = tuple[str, int, str, int]
+
+
+class HandshakeFailed(AiocolocError):
+    """The upgrade did not happen; ``reason`` is a fallback reason."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def _normal_ip(ip: str) -> str:
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def connection_key(local: Any, remote: Any) -> ConnKey:
+    """A TCP connection named by (local ip, local port, remote ip, remote port)."""
+    return (_normal_ip(local[0]), int(local[1]), _normal_ip(remote[0]), int(remote[1]))
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The user id of the process at the other end of a Unix socket."""
+    _, uid, _ = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+    return int(uid)
+
+
+class Channel:
+    """Control frames with descriptors over a non-blocking Unix stream socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        sock.setblocking(False)
+        self._loop = asyncio.get_running_loop()
+        self._decoder = FrameDecoder()
+        self._messages: collections.deque[dict[str, Any]] = collections.deque()
+        self._fds: list[int] = []
+
+    async def _wait(self, writable: bool) -> None:
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        fd = self.sock.fileno()
+
+        def ready() -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        if writable:
+            self._loop.add_writer(fd, ready)
+        else:
+            self._loop.add_reader(fd, ready)
+        try:
+            await waiter
+        finally:
+            if writable:
+                self._loop.remove_writer(fd)
+            else:
+                self._loop.remove_reader(fd)
+
+    async def send(self, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
+        data = memoryview(encode_frame(message))
+        first = True
+        while data:
+            try:
+                if first and fds:
+                    sent = socket.send_fds(self.sock, [data], list(fds))
+                else:
+                    sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                await self._wait(writable=True)
+                continue
+            except OSError as exc:
+                raise HandshakeFailed(fallback.PROTOCOL_ERROR, f"control socket: {exc}") from None
+            first = False
+            data = data[sent:]
+
+    async def recv(self) -> tuple[dict[str, Any], list[int]]:
+        """The next message, and the descriptors that came since the last one
+        (owned by the caller)."""
+        while not self._messages:
+            try:
+                data, fds, _, _ = socket.recv_fds(self.sock, 65536, _MAX_FDS)
+            except (BlockingIOError, InterruptedError):
+                await self._wait(writable=False)
+                continue
+            except OSError as exc:
+                raise HandshakeFailed(fallback.PROTOCOL_ERROR, f"control socket: {exc}") from None
+            self._fds.extend(fds)
+            if not data:
+                raise HandshakeFailed(fallback.PROTOCOL_ERROR, "the peer closed the control socket")
+            try:
+                self._messages.extend(self._decoder.feed(data))
+            except ControlProtocolError as exc:
+                raise HandshakeFailed(fallback.PROTOCOL_ERROR, str(exc)) from None
+        fds, self._fds = self._fds, []
+        return self._messages.popleft(), fds
+
+    def unread(self) -> bytes:
+        """Bytes received after the last message taken (for the control link)."""
+        return b"".join(encode_frame(m) for m in self._messages) + self._decoder.pending()
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+        self.sock.close()
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _expect(message: dict[str, Any], fds: list[int], op: str, nfds: int) -> None:
+    """Check a message is ``op`` with ``nfds`` descriptors (closing them if not)."""
+    got = message.get("op")
+    if got == "refuse":
+        _close_all(fds)
+        reason = message.get("reason")
+        if reason not in fallback.REASONS:
+            reason = fallback.PROTOCOL_ERROR
+        detail = message.get("detail")
+        raise HandshakeFailed(
+            str(reason), f"peer refused: {detail if isinstance(detail, str) else reason}"
+        )
+    if got != op:
+        _close_all(fds)
+        raise HandshakeFailed(fallback.PROTOCOL_ERROR, f"expected {op!r}, got {got!r:.40}")
+    if len(fds) != nfds:
+        _close_all(fds)
+        raise HandshakeFailed(
+            fallback.PROTOCOL_ERROR, f"{op!r} came with {len(fds)} descriptors, expected {nfds}"
+        )
+
+
+def _field(message: dict[str, Any], name: str, kind: type) -> Any:
+    value = message.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise HandshakeFailed(fallback.PROTOCOL_ERROR, f"{message.get('op')!r}: bad {name!r}")
+    return value
+
+
+def _handle(message: dict[str, Any], name: str) -> PipeHandle:
+    value = message.get(name)
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 32 for v in value
+        )
+    ):
+        raise HandshakeFailed(fallback.PROTOCOL_ERROR, f"{message.get('op')!r}: bad {name!r}")
+    return PipeHandle(value[0], value[1])
+
+
+def _write_nonce(pool: Pool, handle: PipeHandle, nonce: bytes) -> None:
+    producer = pool.pipe_producer(handle)
+    try:
+        if not producer.write_all(nonce):
+            raise HandshakeFailed(fallback.PROOF_FAILED, "no room for the nonce in a new pipe")
+    finally:
+        producer.release()
+
+
+def _read_nonce(pool: Pool, handle: PipeHandle) -> bytes:
+    consumer = pool.pipe_consumer(handle)
+    try:
+        got = bytearray(NONCE_SIZE)
+        n = consumer.readinto(got)
+        if n != NONCE_SIZE:
+            raise HandshakeFailed(
+                fallback.PROOF_FAILED, f"found {n or 0} nonce bytes in the pipe, not {NONCE_SIZE}"
+            )
+        return bytes(got)
+    finally:
+        consumer.release()
+
+
+@dataclass
+class Agreement:
+    """What a successful handshake leaves us with (all owned by the holder)."""
+
+    pool: Pool
+    send: PipeHandle
+    receive: PipeHandle
+    listen_fd: int
+    ring_fd: int
+    control: socket.socket
+    unread: bytes = b""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+async def client_handshake(
+    sock: socket.socket, conn: ConnKey, pools: LocalPools, trust: Trust
+) -> Agreement:
+    """Run the client side on a connected control socket (owned from now on:
+    closed on failure, handed over in the ``Agreement`` on success)."""
+    channel = Channel(sock)
+    pool: Pool | None = None
+    my_bell = -1
+    fds: list[int] = []
+    try:
+        uid = peer_uid(sock)
+        if not trust.allows(uid):
+            raise HandshakeFailed(fallback.NOT_TRUSTED, f"control socket belongs to uid {uid}")
+        await channel.send({"op": "hello", "version": PROTOCOL_VERSION, "conn": list(conn)})
+        message, fds = await channel.recv()
+        if message.get("op") == "pool" and message.get("version") != PROTOCOL_VERSION:
+            _close_all(fds)
+            fds = []
+            raise HandshakeFailed(
+                fallback.VERSION_MISMATCH,
+                f"peer speaks version {message.get('version')!r}, we speak {PROTOCOL_VERSION}",
+            )
+        _expect(message, fds, "pool", 1)
+        pool_id = _field(message, "pool", str)
+        try:
+            pool = pools.attach(fds.pop(), pool_id)
+        except (PoolError, SegmentError, OSError) as exc:
+            reason = (
+                fallback.POOL_EXHAUSTED
+                if isinstance(exc, PoolExhausted)
+                else fallback.POOL_NOT_MAPPABLE
+            )
+            raise HandshakeFailed(reason, str(exc)) from None
+        await channel.send({"op": "join", "slot": pool.slot})
+        message, fds = await channel.recv()
+        _expect(message, fds, "pipes", 1)
+        ring_fd = fds.pop()
+        fds = [ring_fd]
+        up, down = _handle(message, "up"), _handle(message, "down")
+        nonce = _field(message, "nonce", bytes)
+        try:
+            found = _read_nonce(pool, down)
+        except (PoolError, RingError, ValueError) as exc:
+            raise HandshakeFailed(
+                fallback.PROOF_FAILED, f"cannot read the server's pipe: {exc}"
+            ) from None
+        if not secrets.compare_digest(found, nonce):
+            raise HandshakeFailed(fallback.PROOF_FAILED, "the server's nonce is not in the pool")
+        mine = secrets.token_bytes(NONCE_SIZE)
+        try:
+            _write_nonce(pool, up, mine)
+        except (PoolError, RingError, ValueError) as exc:
+            raise HandshakeFailed(fallback.PROOF_FAILED, f"cannot write our pipe: {exc}") from None
+        my_bell = new_eventfd()
+        await channel.send({"op": "proof", "nonce": mine}, [my_bell])
+        message, more = await channel.recv()
+        _expect(message, more, "ready", 0)
+        agreement = Agreement(pool, up, down, my_bell, ring_fd, sock, channel.unread())
+        return agreement
+    except BaseException:
+        _close_all(fds)
+        if my_bell >= 0:
+            os.close(my_bell)
+        if pool is not None:
+            pools.release(pool)
+        channel.close()
+        raise
+
+
+async def server_handshake(
+    sock: socket.socket,
+    find: Callable[[ConnKey], Awaitable[Any]],
+    pools: LocalPools,
+    pool_size: int,
+    trust: Trust,
+) -> tuple[Any, Agreement]:
+    """Run the server side on an accepted control socket (owned from now on).
+
+    ``find(conn)`` returns our transport of that TCP connection, or raises
+    ``HandshakeFailed``.  Returns it with the agreement.
+    """
+    channel = Channel(sock)
+    pool: Pool | None = None
+    created: list[PipeHandle] = []
+    my_bell = -1
+    fds: list[int] = []
+
+    async def refuse(reason: str, detail: str) -> None:
+        try:
+            await asyncio.wait_for(
+                channel.send({"op": "refuse", "reason": reason, "detail": detail}), 1.0
+            )
+        except (TimeoutError, HandshakeFailed):
+            pass
+
+    try:
+        try:
+            uid = peer_uid(sock)
+            if not trust.allows(uid):
+                raise HandshakeFailed(fallback.NOT_TRUSTED, f"client runs as uid {uid}")
+            message, fds = await channel.recv()
+            _expect(message, fds, "hello", 0)
+            if message.get("version") != PROTOCOL_VERSION:
+                raise HandshakeFailed(
+                    fallback.VERSION_MISMATCH,
+                    f"client speaks version {message.get('version')!r}, we speak {PROTOCOL_VERSION}",
+                )
+            conn = message.get("conn")
+            if (
+                not isinstance(conn, list)
+                or len(conn) != 4
+                or not isinstance(conn[0], str)
+                or not isinstance(conn[2], str)
+                or not all(isinstance(p, int) and 0 <= p < 65536 for p in (conn[1], conn[3]))
+            ):
+                raise HandshakeFailed(fallback.PROTOCOL_ERROR, "'hello': bad 'conn'")
+            # Named from the client's side: (client ip, port, server ip, port).
+            transport = await find(connection_key((conn[0], conn[1]), (conn[2], conn[3])))
+            try:
+                pool = pools.serving(pool_size)
+            except (PoolError, SegmentError, OSError) as exc:
+                raise HandshakeFailed(
+                    fallback.POOL_NOT_MAPPABLE, f"cannot create a pool: {exc}"
+                ) from None
+            await channel.send(
+                {"op": "pool", "version": PROTOCOL_VERSION, "pool": str(pool.id)},
+                [pool.segment.fd],
+            )
+            message, fds = await channel.recv()
+            _expect(message, fds, "join", 0)
+            client = _field(message, "slot", int)
+            try:
+                up = pool.create_pipe(client, pool.slot, initial=INITIAL_SLICES)
+                created.append(up)
+                down = pool.create_pipe(pool.slot, client, initial=INITIAL_SLICES)
+                created.append(down)
+            except PoolExhausted as exc:
+                raise HandshakeFailed(fallback.POOL_EXHAUSTED, str(exc)) from None
+            except (PoolError, ValueError) as exc:
+                raise HandshakeFailed(
+                    fallback.PROTOCOL_ERROR, f"cannot create pipes: {exc}"
+                ) from None
+            nonce = secrets.token_bytes(NONCE_SIZE)
+            _write_nonce(pool, down, nonce)
+            my_bell = new_eventfd()
+            await channel.send(
+                {
+                    "op": "pipes",
+                    "up": [up.slot, up.generation],
+                    "down": [down.slot, down.generation],
+                    "nonce": nonce,
+                },
+                [my_bell],
+            )
+            message, fds = await channel.recv()
+            _expect(message, fds, "proof", 1)
+            theirs = _field(message, "nonce", bytes)
+            if not secrets.compare_digest(_read_nonce(pool, up), theirs):
+                raise HandshakeFailed(
+                    fallback.PROOF_FAILED, "the client's nonce is not in the pool"
+                )
+            await channel.send({"op": "ready"})
+        except HandshakeFailed as failed:
+            if failed.reason != fallback.PROTOCOL_ERROR or "closed" not in failed.detail:
+                await refuse(failed.reason, failed.detail)
+            raise
+        return transport, Agreement(pool, down, up, my_bell, fds.pop(), sock, channel.unread())
+    except BaseException:
+        _close_all(fds)
+        if my_bell >= 0:
+            os.close(my_bell)
+        if pool is not None:
+            for handle in created:
+                try:
+                    pool.destroy_pipe(handle)
+                except PoolError:
+                    pass
+            pools.release(pool)
+        channel.close()
+        raise
