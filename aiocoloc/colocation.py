@@ -70,7 +70,13 @@ class LocalPools:
                 os.close(fd)
                 entry.refs += 1
                 return entry.pool
-            pool = Pool.attach(MemfdSegment.from_fd(fd), timeout=1.0)
+            segment = MemfdSegment.from_fd(fd)
+            try:
+                # The peer formatted it before sending it: no waiting (in the event loop).
+                pool = Pool.attach(segment, timeout=0.0)
+            except BaseException:
+                segment.close()
+                raise
             if str(pool.id) != pool_id:
                 pool.close()
                 raise PoolError(
@@ -94,6 +100,12 @@ class LocalPools:
                 self._serving = None
         _log.debug("closing pool %s (no more users)", key)
         pool.close()
+
+    def get(self, pool_id: str) -> Pool | None:
+        """The pool ``pool_id`` if this process uses it."""
+        with self._lock:
+            entry = self._pools.get(pool_id)
+            return entry.pool if entry is not None else None
 
     def in_use(self) -> dict[str, int]:
         """References held, by pool id (for tests and the CLI)."""

@@ -364,9 +364,6 @@ async def server_handshake(
 
     try:
         try:
-            uid = peer_uid(sock)
-            if not trust.allows(uid):
-                raise HandshakeFailed(fallback.NOT_TRUSTED, f"client runs as uid {uid}")
             message, fds = await channel.recv()
             _expect(message, fds, "hello", 0)
             if message.get("version") != PROTOCOL_VERSION:
@@ -385,6 +382,9 @@ async def server_handshake(
                 raise HandshakeFailed(fallback.PROTOCOL_ERROR, "'hello': bad 'conn'")
             # Named from the client's side: (client ip, port, server ip, port).
             transport = await find(connection_key((conn[0], conn[1]), (conn[2], conn[3])))
+            uid = peer_uid(sock)
+            if not trust.allows(uid):
+                raise HandshakeFailed(fallback.NOT_TRUSTED, f"client runs as uid {uid}")
             try:
                 pool = pools.serving(pool_size)
             except (PoolError, SegmentError, OSError) as exc:

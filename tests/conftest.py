@@ -1,14 +1,16 @@
-"""Shared fixtures: both ring implementations, and a /dev/shm leak check."""
+"""Shared fixtures: both ring implementations, a /dev/shm leak check, and a
+private registry directory per test."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from aiocoloc import _ring_py
+from aiocoloc import _ring_py, policy
 
 try:
     from aiocoloc import _ring as _ring_c
@@ -49,3 +51,24 @@ def no_shm_leak() -> Iterator[None]:
     yield
     leaked = _shm_entries() - before
     assert not leaked, f"test left shared memory behind: {sorted(leaked)}"
+
+
+@pytest.fixture(autouse=True)
+def private_registry(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Path]:
+    """Each test gets its own registry directory and the default policy, so
+    tests never see each other's servers (child processes inherit it)."""
+    directory = tmp_path_factory.mktemp("registry")
+    directory.chmod(0o700)
+    monkeypatch.setenv("AIOCOLOC_RUNTIME_DIR", str(directory))
+    monkeypatch.delenv("AIOCOLOC_MODE", raising=False)
+    monkeypatch.delenv("AIOCOLOC_TRUST", raising=False)
+    policy.reset()
+    yield directory
+    policy.reset()
+
+
+def open_fds() -> set[int]:
+    """This process's open descriptors (to check nothing leaks)."""
+    return {int(name) for name in os.listdir("/proc/self/fd")}

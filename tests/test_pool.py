@@ -4,6 +4,7 @@ reclaim, the allocator lock, header validation, exhaustion, and churn."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -357,3 +358,37 @@ class PoolChurn(RuleBasedStateMachine):
 
 TestPoolChurn = PoolChurn.TestCase
 TestPoolChurn.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+
+
+LEAVER = """
+import os, sys
+from aiocoloc.pool import Pool
+from aiocoloc.segments import MemfdSegment
+for _ in range(int(sys.argv[2])):
+    Pool.attach(MemfdSegment.from_fd(os.dup(int(sys.argv[1])))).close()
+"""
+
+
+def test_members_leaving_are_not_taken_for_dead_lock_holders(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A leaving member gives up its slot just before it unlocks: others must
+    not mistake it for a dead holder and "repair" tables under its feet."""
+    pool = Pool.create(MemfdSegment.create(1 << 20), SMALL)
+    try:
+        leaver = subprocess.Popen(
+            [sys.executable, "-c", LEAVER, str(pool.segment.fd), "150"],
+            pass_fds=(pool.segment.fd,),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        with caplog.at_level(logging.WARNING, logger="aiocoloc.pool"):
+            while leaver.poll() is None:
+                pool.destroy_pipe(pool.create_pipe(pool.slot, pool.slot))
+        _, errors = leaver.communicate()
+        assert leaver.returncode == 0, errors
+        assert "took the lock over" not in errors
+        assert not [r for r in caplog.records if "took the lock" in r.getMessage()]
+        assert pool.stats()["members"] == 1
+    finally:
+        pool.close()

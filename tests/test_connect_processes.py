@@ -1,0 +1,111 @@
+"""The connection API between two real processes: upgrade, bytes intact both
+ways, and a peer killed with SIGKILL after the upgrade."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import aiocoloc
+from aiocoloc.colocation import local_pools
+
+from .test_connect import info, until, upgraded
+from .test_transport import LOOPS, run
+
+PEER = Path(__file__).with_name("connect_peer.py")
+
+
+@pytest.fixture(params=list(LOOPS))
+def loop_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def spawn(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(PEER), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+
+
+async def line(child: subprocess.Popen[str]) -> str:
+    assert child.stdout is not None
+    text = await asyncio.get_running_loop().run_in_executor(None, child.stdout.readline)
+    assert text, f"peer exited with {child.poll()}"
+    return text
+
+
+def finish(child: subprocess.Popen[str]) -> None:
+    if child.poll() is None:
+        child.kill()
+    child.wait()
+
+
+def test_client_upgrades_to_a_server_process_and_survives_its_death(loop_kind: str) -> None:
+    async def scenario() -> None:
+        child = spawn("server", loop_kind)
+        try:
+            port = int(await line(child))
+            reader, writer = await aiocoloc.open_connection("127.0.0.1", port, upgrade="always")
+            await upgraded(writer)
+            assert json.loads(await line(child)) == {"upgraded": True}
+            payload = os.urandom(8 << 20)
+            writer.write(payload)
+            echoed = await reader.readexactly(len(payload))
+            assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+            assert info(writer)["pool"] in local_pools().in_use()
+
+            writer.write(os.urandom(1 << 20))
+            child.kill()
+            killed = time.monotonic()
+            with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+                await reader.readexactly(64 << 20)
+            assert time.monotonic() - killed < 1.0
+            writer.close()
+            await until(lambda: local_pools().in_use() == {}, "the pool to be released")
+        finally:
+            finish(child)
+
+    run(loop_kind, scenario)
+
+
+def test_server_gives_pipes_back_when_a_client_process_dies(loop_kind: str) -> None:
+    async def scenario() -> None:
+        lost: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+                lost.set_result(None)
+            except ConnectionError as exc:
+                lost.set_result(exc)
+            finally:
+                writer.close()
+
+        server = await aiocoloc.start_server(handle, "127.0.0.1", 0, upgrade="always")
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            child = spawn("client", loop_kind, str(port))
+            try:
+                assert json.loads(await line(child)) == {"upgraded": True}
+                pools = local_pools().in_use()
+                assert len(pools) == 1
+                pool = local_pools().get(next(iter(pools)))
+                assert pool is not None and pool.stats()["pipes"] == 2
+                child.kill()
+                killed = time.monotonic()
+                assert isinstance(await asyncio.wait_for(lost, 2), ConnectionResetError)
+                assert time.monotonic() - killed < 0.5
+                await until(lambda: local_pools().in_use() == {}, "the pipes to come back")
+            finally:
+                finish(child)
+
+    run(loop_kind, scenario)
