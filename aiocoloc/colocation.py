@@ -2,13 +2,17 @@
 
 A serving process offers one memfd pool to all its clients (created when the
 first server starts); a client process attaches each server pool it is given
-once, however many connections use it.  Every user holds a reference;
-the pool is closed (our membership left, the mapping dropped) when the last
-one goes.  A client of a server in its own process reuses that pool.
+once, however many connections use it.  Every user (a server, a connection)
+holds a reference.  When the last one goes the pool lingers for ``LINGER``
+seconds -- the next connection to the same server then costs no new mapping
+-- and is closed after that (our membership left, the mapping dropped), or
+at once by ``close_idle()`` and at exit.  A client of a server in its own
+process reuses that pool.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -18,18 +22,28 @@ from aiocoloc.errors import PoolError
 from aiocoloc.pool import Pool, PoolConfig
 from aiocoloc.segments import MemfdSegment
 
-__all__ = ["SERVING_POOL", "LocalPools", "local_pools"]
+__all__ = ["LINGER", "SERVING_POOL", "LocalPools", "local_pools"]
 
 _log = logging.getLogger("aiocoloc.colocation")
 
 #: The pool a serving process offers: 64 KiB slices, room for 256 connections.
 SERVING_POOL = PoolConfig(slice_size=64 * 1024, max_members=128, max_pipes=512)
+#: Seconds an unused pool stays open for the next connection.
+LINGER = 10.0
 
 
 @dataclass
 class _Entry:
     pool: Pool
     refs: int
+    expiry: threading.Timer | None = None
+
+    def take(self) -> Pool:
+        self.refs += 1
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+        return self.pool
 
 
 class LocalPools:
@@ -52,9 +66,7 @@ class LocalPools:
         with self._lock:
             self._check_fork()
             if self._serving is not None and self._serving in self._pools:
-                entry = self._pools[self._serving]
-                entry.refs += 1
-                return entry.pool
+                return self._pools[self._serving].take()
             pool = Pool.create(MemfdSegment.create(size, "aiocoloc-serving"), SERVING_POOL)
             self._pools[str(pool.id)] = _Entry(pool, 1)
             self._serving = str(pool.id)
@@ -68,8 +80,7 @@ class LocalPools:
             entry = self._pools.get(pool_id)
             if entry is not None:
                 os.close(fd)
-                entry.refs += 1
-                return entry.pool
+                return entry.take()
             segment = MemfdSegment.from_fd(fd)
             try:
                 # The peer formatted it before sending it: no waiting (in the event loop).
@@ -86,20 +97,50 @@ class LocalPools:
             return pool
 
     def release(self, pool: Pool) -> None:
-        """Drop one reference; the last one closes the pool."""
+        """Drop one reference; after the last one the pool lingers (``LINGER``)."""
         with self._lock:
             key = str(pool.id)
             entry = self._pools.get(key)
-            if entry is None or entry.pool is not pool:
+            if entry is None or entry.pool is not pool or entry.refs <= 0:
                 return
             entry.refs -= 1
             if entry.refs > 0:
                 return
-            del self._pools[key]
-            if self._serving == key:
-                self._serving = None
-        _log.debug("closing pool %s (no more users)", key)
+            if LINGER > 0:
+                entry.expiry = threading.Timer(LINGER, self._expire, (key, entry))
+                entry.expiry.daemon = True
+                entry.expiry.start()
+                return
+            self._forget(key)
+        self._close(pool)
+
+    def _expire(self, key: str, entry: _Entry) -> None:
+        with self._lock:
+            if self._pools.get(key) is not entry or entry.refs > 0:
+                return
+            self._forget(key)
+        self._close(entry.pool)
+
+    def _forget(self, key: str) -> None:
+        del self._pools[key]
+        if self._serving == key:
+            self._serving = None
+
+    @staticmethod
+    def _close(pool: Pool) -> None:
+        _log.debug("closing pool %s (no more users)", pool.id)
         pool.close()
+
+    def close_idle(self) -> None:
+        """Close every pool nobody uses now, without waiting for ``LINGER``."""
+        with self._lock:
+            idle = [(key, entry) for key, entry in self._pools.items() if entry.refs == 0]
+            for key, entry in idle:
+                if entry.expiry is not None:
+                    entry.expiry.cancel()
+                self._forget(key)
+        for _, entry in idle:
+            self._close(entry.pool)
 
     def get(self, pool_id: str) -> Pool | None:
         """The pool ``pool_id`` if this process uses it."""
@@ -108,12 +149,19 @@ class LocalPools:
             return entry.pool if entry is not None else None
 
     def in_use(self) -> dict[str, int]:
-        """References held, by pool id (for tests and the CLI)."""
+        """References held, by pool id, of pools somebody uses (lingering ones
+        are left out; see ``open_pools``)."""
         with self._lock:
-            return {key: entry.refs for key, entry in self._pools.items()}
+            return {key: entry.refs for key, entry in self._pools.items() if entry.refs}
+
+    def open_pools(self) -> list[str]:
+        """Every pool this process has open, lingering ones included."""
+        with self._lock:
+            return list(self._pools)
 
 
 _local = LocalPools()
+atexit.register(_local.close_idle)
 
 
 def local_pools() -> LocalPools:

@@ -28,6 +28,7 @@ from typing import Any
 
 from aiocoloc import fallback
 from aiocoloc.colocation import local_pools
+from aiocoloc.errors import PoolError, SegmentError
 from aiocoloc.handshake import (
     Agreement,
     ConnKey,
@@ -99,10 +100,11 @@ _saved: dict[tuple[type, str], tuple[Any, bool]] = {}
 
 def _original(loop: asyncio.AbstractEventLoop, name: str) -> Callable[..., Awaitable[Any]]:
     """``loop.<name>`` as the loop itself defines it, even when installed."""
-    for klass in type(loop).__mro__:
-        saved = _saved.get((klass, name))
-        if saved is not None:
-            return saved[0].__get__(loop)  # type: ignore[no-any-return]
+    if _saved:
+        for klass in type(loop).__mro__:
+            saved = _saved.get((klass, name))
+            if saved is not None:
+                return saved[0].__get__(loop)  # type: ignore[no-any-return]
     return getattr(loop, name)  # type: ignore[no-any-return]
 
 
@@ -168,14 +170,15 @@ _upgrades: set[asyncio.Task[None]] = set()
 def _begin_upgrade(
     transport: SwitchableTransport, mode: Upgrade, trust: Trust, settings: Settings
 ) -> None:
-    where = _describe(transport.get_extra_info("peername"))
     if mode.never:
+        where = _describe(transport.get_extra_info("peername"))
         fallback.record(transport, fallback.DISABLED, "upgrade policy is 'never'", where=where)
         return
 
     def start() -> None:
         if transport.is_closing():
             return
+        where = _describe(transport.get_extra_info("peername"))
         task = asyncio.get_running_loop().create_task(
             _upgrade_client(transport, trust, settings, where)
         )
@@ -328,8 +331,10 @@ class ControlEndpoint:
         self._loop = loop
         self._settings = settings
         self._trust = trust
-        self._connections: dict[ConnKey, SwitchableTransport] = {}
-        self._waiting: dict[ConnKey, asyncio.Future[SwitchableTransport]] = {}
+        # By (client port, server port) only: cheap for every accepted
+        # connection; addresses are compared when a client asks.
+        self._connections: dict[tuple[int, int], SwitchableTransport] = {}
+        self._waiting: dict[tuple[int, int], asyncio.Future[SwitchableTransport]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.address = f"@aiocoloc-ctl-{os.getpid()}-{secrets.token_hex(8)}"
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -345,15 +350,13 @@ class ControlEndpoint:
 
     def register(self, transport: SwitchableTransport) -> None:
         """A connection our server accepted (``Adopter`` callback)."""
-        try:  # named from the client's side, as in its hello
-            key = connection_key(
-                transport.get_extra_info("peername"), transport.get_extra_info("sockname")
-            )
-        except (TypeError, IndexError, ValueError):
+        peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
+        if not (isinstance(peer, tuple) and isinstance(local, tuple)):
             return  # not an IP connection
-        self._connections[key] = transport
-        transport.add_close_callback(lambda _: self._connections.pop(key, None))
-        waiter = self._waiting.pop(key, None)
+        ports = (peer[1], local[1])
+        self._connections[ports] = transport
+        transport.add_close_callback(lambda _: self._connections.pop(ports, None))
+        waiter = self._waiting.pop(ports, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(transport)
 
@@ -371,18 +374,23 @@ class ControlEndpoint:
             task.add_done_callback(self._tasks.discard)
 
     async def _find(self, key: ConnKey) -> SwitchableTransport:
-        transport = self._connections.get(key)
+        ports = (key[1], key[3])
+        transport = self._connections.get(ports)
         if transport is None:
-            waiter = self._waiting.setdefault(key, self._loop.create_future())
+            waiter = self._waiting.setdefault(ports, self._loop.create_future())
             try:
                 transport = await asyncio.wait_for(asyncio.shield(waiter), ACCEPT_GRACE)
             except TimeoutError:
-                raise HandshakeFailed(
-                    fallback.UNKNOWN_CONNECTION, f"no TCP connection {key} on this server"
-                ) from None
+                transport = None
             finally:
-                if self._waiting.get(key) is waiter and not waiter.done():
-                    del self._waiting[key]
+                if self._waiting.get(ports) is waiter and not waiter.done():
+                    del self._waiting[ports]
+        if transport is None or key != connection_key(
+            transport.get_extra_info("peername"), transport.get_extra_info("sockname")
+        ):
+            raise HandshakeFailed(
+                fallback.UNKNOWN_CONNECTION, f"no TCP connection {key} on this server"
+            )
         if transport.is_closing() or transport.get_extra_info("aiocoloc")["pool"] is not None:
             raise HandshakeFailed(fallback.PROTOCOL_ERROR, f"connection {key} cannot be upgraded")
         return transport
@@ -444,11 +452,13 @@ class Server(asyncio.AbstractServer):
         endpoint: ControlEndpoint | None,
         records: Iterable[Any],
         registry: Registry | None,
+        pool: Any = None,
     ) -> None:
         self._inner = inner
         self._endpoint = endpoint
         self._records = list(records)
         self._registry = registry
+        self._pool = pool
 
     @property
     def control_address(self) -> str | None:
@@ -462,6 +472,9 @@ class Server(asyncio.AbstractServer):
             self._records.clear()
         if self._endpoint is not None:
             self._endpoint.close()
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            local_pools().release(pool)
         self._inner.close()
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
@@ -517,6 +530,12 @@ async def create_server(
     settings, mode, trusted = _options(upgrade, trust)
     endpoint = None if mode.never else ControlEndpoint(loop, settings, trusted)
     on_adopted = endpoint.register if endpoint is not None else None
+    pool = None
+    if endpoint is not None:
+        try:  # the pool lives as long as the server: no client waits for its creation
+            pool = local_pools().serving(settings.pool_size)
+        except (PoolError, SegmentError, OSError) as exc:
+            _log.warning("no shared-memory pool for this server (clients stay on TCP): %s", exc)
 
     def application() -> asyncio.BaseProtocol:
         protocol = protocol_factory()
@@ -540,6 +559,8 @@ async def create_server(
     except BaseException:
         if endpoint is not None:
             endpoint.close()
+        if pool is not None:
+            local_pools().release(pool)
         raise
     registry: Registry | None = None
     records = []
@@ -552,7 +573,7 @@ async def create_server(
                     records.append(registry.publish(address[0], address[1], endpoint.address))
         except (RegistryError, OSError) as exc:
             _log.warning("clients of this server cannot upgrade: %s", exc)
-    return Server(inner, endpoint, records, registry)
+    return Server(inner, endpoint, records, registry, pool)
 
 
 # --- streams ---------------------------------------------------------------------------

@@ -64,7 +64,9 @@ _log = logging.getLogger("aiocoloc.handshake")
 
 PROTOCOL_VERSION = 1
 NONCE_SIZE = 16
-INITIAL_SLICES = 4
+#: Slices a new pipe starts with, largest first: a busy pipe should not wait
+#: for the elastic policy to be useful, a crowded pool still gets a pipe.
+INITIAL_SLICES = (16, 4, 1)
 _MAX_FDS = 4
 _CRED = struct.Struct("3i")
 
@@ -253,6 +255,19 @@ def _read_nonce(pool: Pool, handle: PipeHandle) -> bytes:
         consumer.release()
 
 
+def _new_pipe(pool: Pool, producer: int, consumer: int) -> PipeHandle:
+    failure: PoolExhausted | None = None
+    for initial in INITIAL_SLICES:
+        if initial > pool.geometry.max_slices_per_pipe:
+            continue
+        try:
+            return pool.create_pipe(producer, consumer, initial=initial)
+        except PoolExhausted as exc:
+            failure = exc
+    assert failure is not None
+    raise failure
+
+
 @dataclass
 class Agreement:
     """What a successful handshake leaves us with (all owned by the holder)."""
@@ -399,9 +414,9 @@ async def server_handshake(
             _expect(message, fds, "join", 0)
             client = _field(message, "slot", int)
             try:
-                up = pool.create_pipe(client, pool.slot, initial=INITIAL_SLICES)
+                up = _new_pipe(pool, client, pool.slot)
                 created.append(up)
-                down = pool.create_pipe(pool.slot, client, initial=INITIAL_SLICES)
+                down = _new_pipe(pool, pool.slot, client)
                 created.append(down)
             except PoolExhausted as exc:
                 raise HandshakeFailed(fallback.POOL_EXHAUSTED, str(exc)) from None

@@ -104,32 +104,6 @@ class ShmPath:
             self._on_close(incoming_done, outgoing_done)
 
 
-class _TcpSide(asyncio.Protocol):
-    """Forwards the inner TCP transport's events to the switchable transport."""
-
-    def __init__(self, outer: SwitchableTransport) -> None:
-        self.outer = outer
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        pass
-
-    def data_received(self, data: bytes) -> None:
-        self.outer._tcp_data(data)
-
-    def eof_received(self) -> bool:
-        self.outer._tcp_eof()
-        return True  # half-close: we decide when to close
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.outer._tcp_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.outer._maybe_pause_protocol()
-
-    def resume_writing(self) -> None:
-        self.outer._maybe_resume_protocol()
-
-
 class SwitchableTransport(asyncio.transports._FlowControlMixin):
     """A TCP connection that can carry its bytes through shared memory.
 
@@ -140,6 +114,51 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
     _start_tls_compatible = True
     _sendfile_compatible = asyncio.constants._SendfileMode.FALLBACK
 
+    # Immutable starting values live on the class: a connection that never
+    # leaves TCP sets only what it changes (connection set-up cost counts for
+    # short connections).
+    _entered = False
+    _protocol_paused: bool  # set by _FlowControlMixin
+    _tcp: asyncio.Transport | None = None
+    _shm: ShmPath | None = None
+    _link: ControlLink | None = None
+    # Sending.
+    _tx = TCP
+    _tx_pos = 0
+    _eof_pending = False  # write_eof() waits for the overflow
+    _eof_written = False
+    _waiting_space = False
+    _unacked_switch: int | None = None  # offset the peer has not acknowledged
+    _deferred_switch: str | None = None  # asked for while one was unacknowledged
+    # Receiving.
+    _rx = TCP
+    _rx_pos = 0
+    _backlog_paused = False
+    _tcp_reading = True
+    _tcp_eof_seen = False
+    _rx_eof = False
+    _drain_scheduled = False
+    _spin: SpinPolicy | None = None
+    _spin_handle: asyncio.Handle | None = None
+    _rx_asleep = False  # our consumer announced it sleeps
+    _rang = False  # we woke the peer since the pipe last ran empty
+    _slept_at = 0
+    _slept_for = AFTER_EMPTY  # what we sleep after: the pipe ran empty, or a write
+    _tick_handle: asyncio.TimerHandle | None = None
+    # Life cycle.
+    _paused_reading = False
+    _closing = False
+    _tcp_closed = False
+    _conn_lost = 0
+    _lost_called = False
+    _fallback_reason: str | None = None
+    _fallback_detail: str | None = None
+    _traffic_goal: int | None = None  # call _on_traffic once this many bytes moved
+    _on_traffic: Callable[[], None] | None = None
+    _peer_closed_link = False
+    _peer_gone = False
+    switches = 0
+
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
@@ -147,69 +166,28 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         *,
         extra: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(extra, loop)
+        super().__init__(extra, loop)  # limits: asyncio's defaults, 64 KiB / 16 KiB
         self._loop = loop
         self._context = contextvars.copy_context()
-        self._entered = False
         self._protocol: asyncio.BaseProtocol = protocol
         self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
-        self._tcp: asyncio.Transport | None = None
-        self._shm: ShmPath | None = None
-        self._link: ControlLink | None = None
-        # Sending.
-        self._tx = TCP
-        self._tx_pos = 0
         self._overflow = bytearray()
-        self._eof_pending = False  # write_eof() waits for the overflow
-        self._eof_written = False
-        self._waiting_space = False
-        self._unacked_switch: int | None = None  # offset the peer has not acknowledged
-        self._deferred_switch: str | None = None  # asked for while one was unacknowledged
-        # Receiving.
-        self._rx = TCP
-        self._rx_pos = 0
         self._rx_switches: collections.deque[tuple[int, str]] = collections.deque()
         self._tcp_backlog = bytearray()  # TCP bytes not delivered yet (a later TCP segment)
-        self._backlog_paused = False
-        self._tcp_reading = True
-        self._tcp_eof_seen = False
-        self._rx_eof = False
-        self._drain_scheduled = False
-        self._spin: SpinPolicy | None = None
-        self._spin_handle: asyncio.Handle | None = None
-        self._rx_asleep = False  # our consumer announced it sleeps
-        self._rang = False  # we woke the peer since the pipe last ran empty
-        self._slept_at = 0
-        self._slept_for = AFTER_EMPTY  # what we sleep after: the pipe ran empty, or a write
-        self._tick_handle: asyncio.TimerHandle | None = None
-        # Life cycle.
-        self._paused_reading = False
-        self._protocol_paused = False
-        self._high_water = 64 * 1024
-        self._low_water = 16 * 1024
-        self._closing = False
-        self._tcp_closed = False
-        self._conn_lost = 0
-        self._lost_called = False
-        self._fallback_reason: str | None = None
-        self._fallback_detail: str | None = None
-        self._traffic_goal: int | None = None  # call _on_traffic once this many bytes moved
-        self._on_traffic: Callable[[], None] | None = None
         self._close_callbacks: list[Callable[[SwitchableTransport], object]] = []
-        self._peer_closed_link = False
-        self._peer_gone = False
         self._early_control: list[dict[str, Any]] = []
-        self.switches = 0
 
     # ------------------------------------------------------------------ set-up
 
     def _adopt(self, inner: Any) -> None:
         """Take over the loop's TCP transport (asyncio's or uvloop's, which is
-        not an ``asyncio.Transport`` subclass) as our TCP side."""
+        not an ``asyncio.Transport`` subclass) as our TCP side; its protocol,
+        the ``Adopter``, forwards its events to us."""
         self._tcp = inner
-        inner.set_protocol(_TcpSide(self))
         inner.set_write_buffer_limits(self._high_water, self._low_water)
-        self._loop.call_soon(self._connection_made)
+        # The loop called us from a call_soon already (as asyncio's transports
+        # call connection_made): no second hop.
+        self._connection_made()
 
     def _connection_made(self) -> None:
         self._call(self._protocol.connection_made, self, what="connection_made")
@@ -406,8 +384,9 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         self._tx_pos += size
         if self._tx == TCP:
             assert self._tcp is not None
-            self._tcp.write(data)
-            self._maybe_pause_protocol()
+            self._tcp.write(data)  # its pause_writing reaches us through the Adopter
+            if self._overflow:
+                self._maybe_pause_protocol()
             if self._traffic_goal is not None:
                 self._check_traffic()
             return
@@ -619,6 +598,11 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
 
     def _tcp_data(self, data: bytes) -> None:
         if self._lost_called:
+            return
+        if self._rx == TCP and not (self._rx_switches or self._tcp_backlog or self._paused_reading):
+            self._deliver(data)  # the common case: straight through, no copy
+            if self._traffic_goal is not None:
+                self._check_traffic()
             return
         self._tcp_backlog += data
         self._feed_tcp()
@@ -838,11 +822,11 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         if self._lost_called:
             return
         if self._closing:
-            self._finish_close()
+            self._finish_close(now=True)
         elif exc is not None:
             self._fatal_error(exc, "TCP connection lost")
         elif self._rx == TCP and self._tx == TCP and self._shm is None:
-            self._force_close(None)
+            self._force_close(None, now=True)
         else:
             self._fatal_error(
                 ConnectionResetError("TCP connection closed by the peer"), "TCP connection lost"
@@ -917,13 +901,13 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         if self._closing:
             return
         self._closing = True
-        if self._tcp is not None:
-            self._tcp.pause_reading()
+        if self._shm is not None and self._tcp is not None:
+            self._tcp.pause_reading()  # (on TCP alone, closing it stops reading)
         if self._tx == SHM and self._overflow:
             return  # _flush_overflow finishes the close
         self._finish_close()
 
-    def _finish_close(self) -> None:
+    def _finish_close(self, now: bool = False) -> None:
         """Once our bytes are placed: EOF on the pipe, close TCP, then connection_lost."""
         if self._lost_called:
             return
@@ -939,7 +923,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
             if not self._tcp.is_closing():
                 self._tcp.close()
             return  # _tcp_lost calls us again
-        self._force_close(None)
+        self._force_close(None, now)
 
     def abort(self) -> None:
         self._force_close(None)
@@ -958,7 +942,10 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
             )
         self._force_close(exc)
 
-    def _force_close(self, exc: BaseException | None) -> None:
+    def _force_close(self, exc: BaseException | None, now: bool = False) -> None:
+        """Release everything; ``connection_lost`` follows via ``call_soon``, or
+        at once with ``now`` (when we are in a loop callback already: the TCP
+        side's own ``connection_lost``)."""
         if self._lost_called:
             return
         self._lost_called = True
@@ -979,7 +966,10 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
             self._link.close()
         if self._shm is not None:
             self._shm.close(peer_gone=self._peer_gone)
-        self._loop.call_soon(self._call_connection_lost, exc)
+        if now:
+            self._call_connection_lost(exc)
+        else:
+            self._loop.call_soon(self._call_connection_lost, exc)
 
     def _call_connection_lost(self, exc: BaseException | None) -> None:
         try:
@@ -1006,7 +996,8 @@ class Adopter(asyncio.Protocol):
     TCP transport in a ``SwitchableTransport`` carrying the user's protocol.
 
     ``transport`` and ``protocol`` are what the user gets; ``on_adopted`` (if
-    any) is called with the new transport, e.g. to start an upgrade.
+    any) is called with the new transport, e.g. to start an upgrade.  The
+    adopter stays the loop transport's protocol and forwards its events.
     """
 
     def __init__(
@@ -1034,8 +1025,22 @@ class Adopter(asyncio.Protocol):
         if self._on_adopted is not None:
             self._on_adopted(self.transport)
 
-    def connection_lost(self, exc: Exception | None) -> None:  # only before adoption
-        pass
+    def data_received(self, data: bytes) -> None:
+        self.transport._tcp_data(data)  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        self.transport._tcp_eof()  # type: ignore[union-attr]
+        return True  # half-close: the switchable transport decides when to close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is not None:
+            self.transport._tcp_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.transport._maybe_pause_protocol()  # type: ignore[union-attr]
+
+    def resume_writing(self) -> None:
+        self.transport._maybe_resume_protocol()  # type: ignore[union-attr]
 
 
 async def open_transport(

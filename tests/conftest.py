@@ -11,6 +11,7 @@ from types import ModuleType
 import pytest
 
 from aiocoloc import _ring_py, policy
+from aiocoloc.colocation import local_pools
 
 try:
     from aiocoloc import _ring as _ring_c
@@ -65,8 +66,10 @@ def private_registry(
     monkeypatch.delenv("AIOCOLOC_MODE", raising=False)
     monkeypatch.delenv("AIOCOLOC_TRUST", raising=False)
     policy.reset()
+    local_pools().close_idle()
     yield directory
     policy.reset()
+    local_pools().close_idle()  # pools lingering for a next connection
 
 
 def open_fds() -> set[int]:

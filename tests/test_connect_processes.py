@@ -98,13 +98,15 @@ def test_server_gives_pipes_back_when_a_client_process_dies(loop_kind: str) -> N
                 assert json.loads(await line(child)) == {"upgraded": True}
                 pools = local_pools().in_use()
                 assert len(pools) == 1
-                pool = local_pools().get(next(iter(pools)))
+                pool_id = next(iter(pools))
+                pool = local_pools().get(pool_id)
                 assert pool is not None and pool.stats()["pipes"] == 2
                 child.kill()
                 killed = time.monotonic()
                 assert isinstance(await asyncio.wait_for(lost, 2), ConnectionResetError)
                 assert time.monotonic() - killed < 0.5
-                await until(lambda: local_pools().in_use() == {}, "the pipes to come back")
+                await until(lambda: pool.stats()["pipes"] == 0, "the pipes to come back")
+                assert local_pools().in_use() == {pool_id: 1}  # the server's own reference
             finally:
                 finish(child)
 

@@ -137,6 +137,7 @@ def test_any_control_endpoint_leaves_a_working_tcp_connection(script: list[Any])
         finally:
             await fake.close()
         assert local_pools().in_use() == {}
+        local_pools().close_idle()
 
     fds = open_fds()
     run("asyncio", scenario, timeout=10)
