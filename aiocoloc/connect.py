@@ -128,7 +128,11 @@ async def create_connection(
     """``loop.create_connection`` with every keyword it takes, upgraded to
     shared memory when the peer is co-located.  ``upgrade``/``trust``
     override the process-wide policy (``aiocoloc.policy``) for this call."""
-    _check_ssl_options(ssl, server_hostname, ssl_handshake_timeout, ssl_shutdown_timeout)
+    if ssl or any(
+        option is not None
+        for option in (server_hostname, ssl_handshake_timeout, ssl_shutdown_timeout)
+    ):
+        _check_ssl_options(ssl, server_hostname, ssl_handshake_timeout, ssl_shutdown_timeout)
     if ssl and server_hostname is None:
         if not host:
             raise ValueError("You must set server_hostname when using ssl without a host")
@@ -149,7 +153,7 @@ async def create_connection(
             ssl_handshake_timeout=ssl_handshake_timeout,  # type: ignore[arg-type]
             ssl_shutdown_timeout=ssl_shutdown_timeout,
         )
-    adopter = Adopter(lambda: inner)
+    adopter = Adopter(lambda: inner, loop=loop)
     await _original(loop, "create_connection")(lambda: adopter, host, port, **kwargs)
     transport = adopter.transport
     assert transport is not None
@@ -350,7 +354,9 @@ class ControlEndpoint:
 
     def register(self, transport: SwitchableTransport) -> None:
         """A connection our server accepted (``Adopter`` callback)."""
-        peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
+        tcp = transport._tcp
+        assert tcp is not None
+        peer, local = tcp.get_extra_info("peername"), tcp.get_extra_info("sockname")
         if not (isinstance(peer, tuple) and isinstance(local, tuple)):
             return  # not an IP connection
         ports = (peer[1], local[1])
@@ -552,7 +558,7 @@ async def create_server(
         )
 
     def accepted() -> asyncio.BaseProtocol:
-        return Adopter(application, on_adopted)
+        return Adopter(application, on_adopted, loop=loop)
 
     try:
         inner = await _original(loop, "create_server")(accepted, host, port, **kwargs)

@@ -224,7 +224,13 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
     def _call(self, callback: Callable[..., Any], *args: Any, what: str) -> Any:
         """Run a protocol callback in the connection's context, with asyncio's guard."""
         try:
-            return self._in_context(callback, *args)
+            if self._entered:
+                return callback(*args)
+            self._entered = True
+            try:
+                return self._context.run(callback, *args)
+            finally:
+                self._entered = False
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
@@ -663,7 +669,9 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
                 view = view[n:]
                 self._call(self._protocol.buffer_updated, n, what="buffer_updated")  # type: ignore[attr-defined]
         else:
-            self._call(self._protocol.data_received, bytes(data), what="data_received")  # type: ignore[attr-defined]
+            if type(data) is not bytes:
+                data = bytes(data)
+            self._call(self._protocol.data_received, data, what="data_received")  # type: ignore[attr-defined]
 
     def _on_doorbell(self) -> None:
         self._in_context(self._woken)
@@ -1004,14 +1012,17 @@ class Adopter(asyncio.Protocol):
         self,
         protocol_factory: Callable[[], asyncio.BaseProtocol],
         on_adopted: Callable[[SwitchableTransport], None] | None = None,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self._factory = protocol_factory
         self._on_adopted = on_adopted
+        self._loop = loop
         self.transport: SwitchableTransport | None = None
         self.protocol: asyncio.BaseProtocol | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         try:
             self.protocol = self._factory()
         except Exception as exc:  # as asyncio's server does: report, drop the connection

@@ -3,15 +3,30 @@
 
 Every contender runs on asyncio's loop and on uvloop, with the server in a
 separate process, in one run:
-  tcp     asyncio streams over TCP loopback
+  tcp     asyncio streams over TCP loopback (asyncio.start_server/open_connection)
   uds     asyncio streams over a Unix socket
-  shm     asyncio streams over an aiocoloc SwitchableTransport in shared-memory
-          mode (set up by hand until the connection API arrives)
+  shm     aiocoloc.start_server/open_connection(upgrade="always"): measured once
+          the connection has upgraded itself to shared memory both ways
 
 Cells: one-way streams (write + await drain() per write) for 64 B .. 1 MiB
 writes (MB/s); ping-pong for 64 B, 1 KiB, 64 KiB (round trips/s, p50, p99);
 a low-rate ping (one 64 B message per ms: p50/p99 latency); idle CPU of a
 connected pair over one second.  Ratios are against the best socket peer.
+
+Connection cells, against plain TCP (asyncio client, asyncio server) on the
+same loop, in the same run:
+  set-up  connect -> first 64 B echo round trip done (p50 over N connections);
+          for shm the round trip goes over shared memory both ways, so the time
+          includes the upgrade (registry lookup, handshake, pipes)
+  short   connect, one 64 B request, a 1 KiB reply, close + wait_closed, one
+          connection after the other: connections/s of aiocoloc's client and
+          server with the DEFAULT policy ("auto": such a connection never
+          upgrades) vs plain asyncio.  Blocks of the two alternate (4 x
+          --seconds of each in all); the ratio is the median of the
+          per-round ratios (target: >= 0.90).
+  Set-up is measured warm (the client has the server's pool mapped: another
+  connection used it within the last few seconds) and cold (the client
+  maps the server's pool anew: ``close_idle()`` before each connection).
 
 Usage: bench/streams.py [--seconds 0.5] [--loops asyncio,uvloop] [--json]
 """
@@ -20,14 +35,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
-import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +51,8 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from aiocoloc.doorbell import new_eventfd
-from aiocoloc.pool import PipeHandle, Pool, PoolConfig
-from aiocoloc.segments import MemfdSegment
-from aiocoloc.transport import attach_shared_memory, open_transport
+import aiocoloc
+from aiocoloc.colocation import local_pools
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
@@ -47,8 +61,20 @@ LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
 KINDS = ["tcp", "uds", "shm"]
 STREAM_SIZES = [64, 1024, 65536, 1 << 20]
 RR_SIZES = [64, 1024, 65536]
-POOL = PoolConfig(slice_size=65536, max_pipes=4, max_slices_per_pipe=64, lease=30)
+#: How long a shm connection may take to upgrade before the bench gives up.
+UPGRADE_DEADLINE = 5.0
+#: Connection cells: request size; the reply to b"E..." is the request itself,
+#: to b"K..." this many bytes.
+REQUEST = 64
+REPLY = 1024
+#: Short-lived connections: alternating blocks of each contender.
+SHORT_ROUNDS = 10
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+Opener = Callable[..., Awaitable[Streams]]
+
+
+class NotUpgraded(RuntimeError):
+    """An ``upgrade="always"`` connection stayed on TCP."""
 
 
 # --- the server process ------------------------------------------------------------------
@@ -56,7 +82,10 @@ Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
-        header = await reader.readexactly(9)
+        try:
+            header = await reader.readexactly(9)
+        except asyncio.IncompleteReadError:
+            return  # the client gave up before it began (it did not upgrade)
         kind, size = header[:1], int.from_bytes(header[1:], "big")
         if kind == b"S":  # bulk: count until EOF, report
             n = 0
@@ -76,22 +105,43 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 await writer.drain()
     finally:
         writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
 
 
-def streams_over(
-    transport: Any, protocol: asyncio.StreamReaderProtocol, reader: asyncio.StreamReader
-) -> Streams:
-    return reader, asyncio.StreamWriter(transport, protocol, reader, asyncio.get_running_loop())
+async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Connection cells: answer each request (echo, or REPLY bytes) until EOF."""
+    reply = bytes(REPLY)
+    try:
+        while True:
+            try:
+                request = await reader.readexactly(REQUEST)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            writer.write(request if request[:1] == b"E" else reply)
+            await writer.drain()
+    finally:
+        writer.close()
 
 
 async def serve(kind: str, args: list[str]) -> None:
     loop = asyncio.get_running_loop()
+    if kind in ("conn-plain", "conn-coloc"):  # many connections, until stdin closes
+        start = asyncio.start_server if kind == "conn-plain" else aiocoloc.start_server
+        server = await start(answer, "127.0.0.1", 0)
+        print(server.sockets[0].getsockname()[1], flush=True)
+        async with server:
+            await loop.run_in_executor(None, sys.stdin.read)
+        return
+
     done = loop.create_future()
 
     async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await handle(reader, writer)
-        if not done.done():
-            done.set_result(None)
+        try:
+            await handle(reader, writer)
+        finally:
+            if not done.done():
+                done.set_result(None)
 
     if kind == "tcp":
         server = await asyncio.start_server(one, "127.0.0.1", 0)
@@ -100,33 +150,55 @@ async def serve(kind: str, args: list[str]) -> None:
         server = await asyncio.start_unix_server(one, args[0])
         print(args[0], flush=True)
     else:
-        tcp_fd, ctrl_fd, memfd, listen_fd, ring_fd = map(int, args)
-        pool = Pool.attach(MemfdSegment.from_fd(memfd))
-        print(pool.slot, flush=True)
-        line = await loop.run_in_executor(None, sys.stdin.readline)
-        up_s, up_g, down_s, down_g = map(int, line.split())
-        reader = asyncio.StreamReader()
-        protocol = asyncio.StreamReaderProtocol(reader)
-        transport, _ = await open_transport(loop, lambda: protocol, socket.socket(fileno=tcp_fd))
-        await attach_shared_memory(
-            transport,
-            pool,
-            send=PipeHandle(down_s, down_g),
-            receive=PipeHandle(up_s, up_g),
-            listen_fd=listen_fd,
-            ring_fd=ring_fd,
-            control=socket.socket(fileno=ctrl_fd),
-        )
-        transport.switch_tx("shm")
-        await asyncio.sleep(0)
-        await one(*streams_over(transport, protocol, reader))
-        await asyncio.sleep(0.05)
-        pool.close()
-        return
-    await done
+        server = await aiocoloc.start_server(one, "127.0.0.1", 0)
+        print(server.sockets[0].getsockname()[1], flush=True)
+    async with server:
+        await done
 
 
 # --- the client side ---------------------------------------------------------------------------
+
+
+def spawn(kind: str, loop_name: str, args: list[str]) -> tuple[subprocess.Popen[str], str]:
+    """A server process of ``kind``; returns it and the first line it prints."""
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--serve", kind, "--loop", loop_name, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    return child, child.stdout.readline().strip()
+
+
+def stop(child: subprocess.Popen[str]) -> None:
+    if child.stdin is not None:
+        with contextlib.suppress(OSError):
+            child.stdin.close()
+    try:
+        child.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
+async def upgraded(writer: asyncio.StreamWriter, timeout: float = UPGRADE_DEADLINE) -> None:
+    """Wait until both directions of an aiocoloc connection are on shared memory."""
+    deadline = time.perf_counter() + timeout
+    while True:
+        info = writer.transport.get_extra_info("aiocoloc")
+        if info is None:
+            raise NotUpgraded("not an aiocoloc connection")
+        if info["mode"] == "shm" and info["rx_mode"] == "shm":
+            return
+        if info["fallback_reason"] is not None or time.perf_counter() > deadline:
+            raise NotUpgraded(
+                f"mode={info['mode']} rx_mode={info['rx_mode']} after "
+                f"{timeout - deadline + time.perf_counter():.3f} s; "
+                f"fallback_reason={info['fallback_reason']!r} "
+                f"detail={info['fallback_detail']!r}"
+            )
+        await asyncio.sleep(0)
 
 
 class Connection:
@@ -135,19 +207,11 @@ class Connection:
     def __init__(self, kind: str, loop_name: str) -> None:
         self.kind, self.loop_name = kind, loop_name
         self.child: subprocess.Popen[str] | None = None
-        self.pool: Pool | None = None
         self.path = ""
 
-    def _spawn(self, args: list[str], pass_fds: tuple[int, ...] = ()) -> str:
-        self.child = subprocess.Popen(
-            [sys.executable, __file__, "--serve", self.kind, "--loop", self.loop_name, *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            pass_fds=pass_fds,
-        )
-        assert self.child.stdout is not None
-        return self.child.stdout.readline().strip()
+    def _spawn(self, args: list[str]) -> str:
+        self.child, line = spawn(self.kind, self.loop_name, args)
+        return line
 
     async def open(self) -> Streams:
         if self.kind == "tcp":
@@ -157,50 +221,18 @@ class Connection:
             self.path = tempfile.mktemp(prefix="aiocoloc-bench-", suffix=".sock")
             await asyncio.get_running_loop().run_in_executor(None, self._spawn, [self.path])
             return await asyncio.open_unix_connection(self.path)
-        loop = asyncio.get_running_loop()
-        self.pool = pool = Pool.create(MemfdSegment.create(16 << 20), POOL)
-        listener = socket.create_server(("127.0.0.1", 0))
-        mine = socket.create_connection(listener.getsockname())
-        theirs, _ = listener.accept()
-        listener.close()
-        ctrl_mine, ctrl_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        my_bell, their_bell = new_eventfd(), new_eventfd()
-        fds = (theirs.fileno(), ctrl_theirs.fileno(), pool.segment.fd, their_bell, my_bell)
-        peer = int(await loop.run_in_executor(None, self._spawn, list(map(str, fds)), fds))
-        theirs.close()
-        ctrl_theirs.close()
-        up = pool.create_pipe(pool.slot, peer, initial=16)
-        down = pool.create_pipe(peer, pool.slot, initial=16)
-        assert self.child is not None and self.child.stdin is not None
-        self.child.stdin.write(f"{up.slot} {up.generation} {down.slot} {down.generation}\n")
-        self.child.stdin.flush()
-        reader = asyncio.StreamReader()
-        protocol = asyncio.StreamReaderProtocol(reader)
-        transport, _ = await open_transport(loop, lambda: protocol, mine)
-        await attach_shared_memory(
-            transport,
-            pool,
-            send=up,
-            receive=down,
-            listen_fd=my_bell,
-            ring_fd=os.dup(their_bell),
-            control=ctrl_mine,
-        )
-        os.close(their_bell)
-        transport.switch_tx("shm")
-        await asyncio.sleep(0.02)
-        assert transport.get_extra_info("aiocoloc")["mode"] == "shm"
-        return streams_over(transport, protocol, reader)
+        port = int(self._spawn([]))
+        reader, writer = await aiocoloc.open_connection("127.0.0.1", port, upgrade="always")
+        try:
+            await upgraded(writer)
+        except NotUpgraded:
+            writer.close()  # the server process ends with its connection
+            raise
+        return reader, writer
 
     def close(self) -> None:
         if self.child is not None:
-            try:
-                self.child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.child.kill()
-                self.child.wait()
-        if self.pool is not None:
-            self.pool.close()
+            stop(self.child)
         if self.path:
             Path(self.path).unlink(missing_ok=True)
 
@@ -278,8 +310,129 @@ def run_cell(kind: str, loop_name: str, make: Callable[[Connection], Any]) -> An
         conn.close()
 
 
-def measure(loops: list[str], seconds: float, progress: Callable[[str], None]) -> dict[str, Any]:
+# --- connection cells ----------------------------------------------------------------------
+
+
+async def setup_time(port: int, shm: bool) -> tuple[float, str | None]:
+    """Seconds from connecting to the end of the first 64 B echo round trip
+    (over shared memory both ways for ``shm``), and the pool used."""
+    request = b"E" + bytes(REQUEST - 1)
+    t0 = time.perf_counter()
+    if shm:
+        reader, writer = await aiocoloc.open_connection("127.0.0.1", port, upgrade="always")
+        await upgraded(writer)
+    else:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await reader.readexactly(REQUEST)
+    elapsed = time.perf_counter() - t0
+    pool = None
+    if shm:
+        info = writer.transport.get_extra_info("aiocoloc")
+        assert info["mode"] == info["rx_mode"] == "shm", info
+        pool = info["pool"]
+    writer.close()
+    await writer.wait_closed()
+    return elapsed, pool
+
+
+async def setup_cells(plain: int, coloc: int, n: int) -> dict[str, Any]:
+    """Set-up times, shm alternating with plain TCP.  Warm: the server's pool
+    is still mapped here (pools linger after their last connection); cold:
+    mapped anew for each connection."""
+    tcp: list[float] = []
+    shm: dict[str, list[float]] = {"cold": [], "warm": []}
+    for shm_ in (False, True):  # warm up (imports, the registry directory)
+        for _ in range(3):
+            await setup_time(coloc if shm_ else plain, shm_)
+    for phase in ("cold", "warm"):
+        for i in range(n):
+            for shm_ in (i % 2 == 0, i % 2 == 1):
+                if phase == "cold" and shm_:
+                    local_pools().close_idle()  # map the server's pool anew
+                elapsed, _ = await setup_time(coloc if shm_ else plain, shm_)
+                (shm[phase] if shm_ else tcp).append(elapsed)
+    return {
+        "setup_connections": n,
+        "tcp_setup_p50_us": statistics.median(tcp) * 1e6,
+        "shm_setup_p50_us": statistics.median(shm["warm"]) * 1e6,
+        "shm_setup_p99_us": sorted(shm["warm"])[int(len(shm["warm"]) * 0.99)] * 1e6,
+        "shm_cold_setup_p50_us": statistics.median(shm["cold"]) * 1e6,
+    }
+
+
+async def short_connection(open_connection: Opener, port: int) -> None:
+    reader, writer = await open_connection("127.0.0.1", port)
+    writer.write(b"K" + bytes(REQUEST - 1))
+    await reader.readexactly(REPLY)
+    writer.close()
+    await writer.wait_closed()
+
+
+async def short_block(open_connection: Opener, port: int, seconds: float) -> tuple[float, float]:
+    """Short connections one after the other for ``seconds``: (conn/s, p50 s)."""
+    latencies = []
+    start = time.perf_counter()
+    deadline = start + seconds
+    while (t0 := time.perf_counter()) < deadline:
+        await short_connection(open_connection, port)
+        latencies.append(time.perf_counter() - t0)
+    return len(latencies) / (time.perf_counter() - start), statistics.median(latencies)
+
+
+async def connection_cells(plain: int, coloc: int, seconds: float) -> dict[str, Any]:
+    """``plain``: port of an asyncio server, ``coloc``: of an aiocoloc server."""
+    row = await setup_cells(plain, coloc, max(20, round(100 * seconds)))
+    contenders: dict[str, tuple[Opener, int]] = {
+        "plain": (asyncio.open_connection, plain),
+        "aiocoloc": (aiocoloc.open_connection, coloc),  # the default policy: "auto"
+    }
+    for open_connection, port in contenders.values():
+        for _ in range(20):
+            await short_connection(open_connection, port)
+    block = 4 * seconds / SHORT_ROUNDS  # 4 x --seconds of each contender in all
+    upgrades = aiocoloc.stats()["upgrades"]
+    rates: dict[str, list[float]] = {name: [] for name in contenders}
+    p50s: dict[str, list[float]] = {name: [] for name in contenders}
+    for round_ in range(SHORT_ROUNDS):
+        order = list(contenders) if round_ % 2 == 0 else list(reversed(contenders))
+        for name in order:
+            rate, p50 = await short_block(*contenders[name], block)
+            rates[name].append(rate)
+            p50s[name].append(p50)
+    row["short_upgrades"] = aiocoloc.stats()["upgrades"] - upgrades  # "auto": none expected
+    for name in contenders:
+        row[f"short_{name}_conn_per_s"] = statistics.median(rates[name])
+        row[f"short_{name}_p50_us"] = statistics.median(p50s[name]) * 1e6
+    row["short_ratio"] = statistics.median(
+        c / p for c, p in zip(rates["aiocoloc"], rates["plain"], strict=True)
+    )
+    return row
+
+
+def run_connection_cells(loop_name: str, seconds: float) -> dict[str, Any]:
+    children = []
+    try:
+        ports = []
+        for kind in ("conn-plain", "conn-coloc"):
+            child, line = spawn(kind, loop_name, [])
+            children.append(child)
+            ports.append(int(line))
+        with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
+            return runner.run(asyncio.wait_for(connection_cells(*ports, seconds), 300))
+    finally:
+        for child in children:
+            stop(child)
+
+
+# --- running it all ------------------------------------------------------------------------
+
+
+def measure(
+    loops: list[str], seconds: float, progress: Callable[[str], None]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     results: dict[str, Any] = {}
+    connections: dict[str, Any] = {}
     for loop_name in loops:
         for kind in KINDS:
             key = f"{kind}/{loop_name}"
@@ -299,11 +452,16 @@ def measure(loops: list[str], seconds: float, progress: Callable[[str], None]) -
             progress(f"{key} idle")
             row["idle_cpu"] = run_cell(kind, loop_name, lambda c: idle_cell(c, 1.0))
             results[key] = row
-    return results
+        progress(f"connections/{loop_name}: set-up and short-lived")
+        connections[loop_name] = run_connection_cells(loop_name, seconds)
+    return results, connections
 
 
-def ratios(results: dict[str, Any], loops: list[str]) -> dict[str, Any]:
-    """Each shm cell against the best socket peer (any kind, any loop)."""
+def ratios(
+    results: dict[str, Any], connections: dict[str, Any], loops: list[str]
+) -> dict[str, Any]:
+    """Each shm cell against the best socket peer (any kind, any loop); the
+    connection cells against plain TCP on the same loop."""
     peers = [results[f"{k}/{lp}"] for k in ("tcp", "uds") for lp in loops]
     out: dict[str, Any] = {}
     for lp in loops:
@@ -316,6 +474,10 @@ def ratios(results: dict[str, Any], loops: list[str]) -> dict[str, Any]:
             out[f"{lp}/rr_{size}_p50"] = shm[f"rr_{size}"]["p50_us"] / best
         best = min(p["lowrate"]["p50_us"] for p in peers)
         out[f"{lp}/lowrate_p50"] = shm["lowrate"]["p50_us"] / best
+        conn = connections[lp]
+        out[f"{lp}/setup_p50"] = conn["shm_setup_p50_us"] / conn["tcp_setup_p50_us"]
+        out[f"{lp}/setup_cold_p50"] = conn["shm_cold_setup_p50_us"] / conn["tcp_setup_p50_us"]
+        out[f"{lp}/short_conn_per_s"] = conn["short_ratio"]
     return out
 
 
@@ -343,9 +505,15 @@ def main() -> int:
 
     loops = args.loops.split(",")
     console = Console(stderr=True)
-    with console.status("measuring") as status:
-        results = measure(loops, args.seconds, lambda what: status.update(f"measuring {what}"))
-    rel = ratios(results, loops)
+    try:
+        with console.status("measuring") as status:
+            results, connections = measure(
+                loops, args.seconds, lambda what: status.update(f"measuring {what}")
+            )
+    except NotUpgraded as exc:
+        console.print(f"[bold red]the shm contender never upgraded to shared memory:[/] {exc}")
+        return 1
+    rel = ratios(results, connections, loops)
     out = Console(width=max(Console().width, 150))
     table = Table(title="asyncio streams, server in another process (MB/s; latency in us)")
     columns = (
@@ -365,14 +533,56 @@ def main() -> int:
             f"{row['idle_cpu']:.1%}",
         )
     out.print(table)
-    table = Table(title="shm vs the best socket peer (stream: higher is better; latency: lower)")
+    table = Table(
+        title="connections, server in another process "
+        f"(set-up: connect -> first {REQUEST} B echo, p50 in us, cold: the pool mapped anew; "
+        f"short: {REQUEST} B request, {_size(REPLY)} reply, close)"
+    )
+    for column in (
+        "loop",
+        "set-up tcp",
+        "set-up shm",
+        "set-up shm cold",
+        "short plain conn/s",
+        "short aiocoloc conn/s",
+        "short plain p50",
+        "short aiocoloc p50",
+    ):
+        table.add_column(column, justify="right")
+    for lp, conn in connections.items():
+        table.add_row(
+            lp,
+            f"{conn['tcp_setup_p50_us']:.0f}",
+            f"{conn['shm_setup_p50_us']:.0f}",
+            f"{conn['shm_cold_setup_p50_us']:.0f}",
+            f"{conn['short_plain_conn_per_s']:,.0f}",
+            f"{conn['short_aiocoloc_conn_per_s']:,.0f}",
+            f"{conn['short_plain_p50_us']:.0f}",
+            f"{conn['short_aiocoloc_p50_us']:.0f}",
+        )
+    out.print(table)
+    out.print(
+        "ratios: streams and latencies of shm vs the best socket peer (stream: higher is "
+        "better; latency: lower); connection cells vs plain TCP on the same loop (set-up: "
+        "lower is better; short_conn_per_s: higher, target >= 0.90)"
+    )
+    table = Table(title="ratios")
     table.add_column("cell")
     table.add_column("ratio", justify="right")
     for key, value in rel.items():
         table.add_row(key, f"{value:.2f}x")
     out.print(table)
     if args.json:
-        print(json.dumps({"benchmark": "streams", "results": results, "ratios": rel}))
+        print(
+            json.dumps(
+                {
+                    "benchmark": "streams",
+                    "results": results,
+                    "connections": connections,
+                    "ratios": rel,
+                }
+            )
+        )
     return 0
 
 
