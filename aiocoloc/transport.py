@@ -823,11 +823,21 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
 
     def _tcp_eof(self) -> None:
         self._tcp_eof_seen = True
+        if self._shm is None and not (self._tcp_backlog or self._rx_eof or self._lost_called):
+            self._on_rx_eof()  # TCP alone, nothing held back: as asyncio's transport does
+            return
         self._feed_tcp()
 
     def _tcp_lost(self, exc: Exception | None) -> None:
         self._tcp_closed = True
         if self._lost_called:
+            return
+        if self._shm is None and (exc is None or self._closing) and not self._overflow:
+            # TCP alone and nothing of ours pending: just pass the news on.
+            self._lost_called = self._closing = True
+            self._conn_lost += 1
+            self._traffic_goal = self._on_traffic = None
+            self._call_connection_lost(None if self._closing and exc is None else exc)
             return
         if self._closing:
             self._finish_close(now=True)
@@ -909,8 +919,11 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         if self._closing:
             return
         self._closing = True
-        if self._shm is not None and self._tcp is not None:
-            self._tcp.pause_reading()  # (on TCP alone, closing it stops reading)
+        if self._shm is None and self._tcp is not None:
+            self._tcp.close()  # TCP alone: it flushes, stops reading, then tells us
+            return
+        if self._tcp is not None:
+            self._tcp.pause_reading()
         if self._tx == SHM and self._overflow:
             return  # _flush_overflow finishes the close
         self._finish_close()
@@ -959,6 +972,9 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         self._lost_called = True
         self._closing = True
         self._overflow.clear()
+        # Hooks often close over this transport: drop them, so that a closed
+        # connection is freed by reference counting, not by the cycle collector.
+        self._traffic_goal = self._on_traffic = None
         self._conn_lost += 1
         if self._tick_handle is not None:
             self._tick_handle.cancel()
