@@ -112,7 +112,9 @@ async def client(seconds: float) -> list[tuple[str, dict[str, object]]]:
     server, port = spawn(plain=False)
     try:
         rows.append(("aiocoloc server", await stream(port, seconds, None)))
-        rows.append(("aiocoloc server, upgrade='never'", await stream(port, seconds, "never")))
+        rows.append(
+            ("aiocoloc server, client upgrade='never'", await stream(port, seconds, "never"))
+        )
     finally:
         stop(server)
     plain, port = spawn(plain=True)
