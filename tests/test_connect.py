@@ -773,3 +773,28 @@ def test_a_closed_connection_is_freed_without_the_cycle_collector(loop_kind: str
         return ours
 
     assert run(loop_kind, scenario) == []
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+def test_ipv6_loopback_upgrades_too(loop_kind: str) -> None:
+    async def scenario() -> None:
+        server = await aiocoloc.start_server(echo, "::1", 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            reader, writer = await aiocoloc.open_connection("::1", port, upgrade="always")
+            await roundtrip(reader, writer, 1000)
+            await upgraded(writer)
+            await roundtrip(reader, writer, 1 << 20)
+            writer.close()
+            await writer.wait_closed()
+
+    run(loop_kind, scenario)
