@@ -158,6 +158,11 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
     _peer_closed_link = False
     _peer_gone = False
     switches = 0
+    # Made when first needed (switches only happen once shared memory is attached).
+    # (maxlen=0: this shared placeholder can never hold anything)
+    _rx_switches: collections.deque[tuple[int, str]] = collections.deque(maxlen=0)
+    _close_callbacks: tuple[Callable[[SwitchableTransport], object], ...] = ()
+    _early_control: tuple[dict[str, Any], ...] = ()
 
     def __init__(
         self,
@@ -172,10 +177,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         self._protocol: asyncio.BaseProtocol = protocol
         self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
         self._overflow = bytearray()
-        self._rx_switches: collections.deque[tuple[int, str]] = collections.deque()
         self._tcp_backlog = bytearray()  # TCP bytes not delivered yet (a later TCP segment)
-        self._close_callbacks: list[Callable[[SwitchableTransport], object]] = []
-        self._early_control: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ set-up
 
@@ -205,7 +207,8 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         if path.spin is not None:
             self._spin = SpinPolicy(path.spin)
         path.doorbell.listen(self._loop, self._on_doorbell)
-        early, self._early_control = self._early_control, []
+        self._rx_switches = collections.deque()
+        early, self._early_control = self._early_control, ()
         for message in early:
             self._on_control(message)
 
@@ -286,7 +289,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
 
     def _on_control(self, message: dict[str, Any]) -> None:
         if self._shm is None:  # the link delivers before attach_shm() returned
-            self._early_control.append(message)
+            self._early_control = (*self._early_control, message)
             return
         op = message.get("op")
         if op == "switch-ack":
@@ -589,7 +592,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
 
     def add_close_callback(self, callback: Callable[[SwitchableTransport], object]) -> None:
         """Call ``callback(transport)`` right after ``connection_lost``."""
-        self._close_callbacks.append(callback)
+        self._close_callbacks = (*self._close_callbacks, callback)
 
     def note_fallback(self, reason: str, detail: str | None = None) -> None:
         """Record why this connection stays on (or went back to) TCP."""
@@ -605,8 +608,24 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
     def _tcp_data(self, data: bytes) -> None:
         if self._lost_called:
             return
-        if self._rx == TCP and not (self._rx_switches or self._tcp_backlog or self._paused_reading):
-            self._deliver(data)  # the common case: straight through, no copy
+        if self._rx == TCP and not (
+            self._rx_switches or self._tcp_backlog or self._paused_reading or self._buffered
+        ):
+            # The common case, straight through: _deliver and _call, inlined.
+            self._rx_pos += len(data)
+            try:
+                if self._entered:
+                    self._protocol.data_received(data)  # type: ignore[attr-defined]
+                else:
+                    self._entered = True
+                    try:
+                        self._context.run(self._protocol.data_received, data)  # type: ignore[attr-defined]
+                    finally:
+                        self._entered = False
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
             if self._traffic_goal is not None:
                 self._check_traffic()
             return
@@ -1000,7 +1019,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
             self._in_context(self._protocol.connection_lost, exc)
         finally:
             self._protocol = None  # type: ignore[assignment]
-            callbacks, self._close_callbacks = self._close_callbacks, []
+            callbacks, self._close_callbacks = self._close_callbacks, ()
             for callback in callbacks:
                 try:
                     callback(self)
@@ -1047,10 +1066,13 @@ class Adopter(asyncio.Protocol):
             )
             transport.abort()  # type: ignore[attr-defined]
             return
-        self.transport = SwitchableTransport(loop, self.protocol)
-        self.transport._adopt(transport)
+        outer = self.transport = SwitchableTransport(loop, self.protocol)
+        # asyncio's transports look these up on every event: skip our frame.
+        self.data_received = outer._tcp_data  # type: ignore[method-assign]
+        self.connection_lost = outer._tcp_lost  # type: ignore[method-assign]
+        outer._adopt(transport)
         if self._on_adopted is not None:
-            self._on_adopted(self.transport)
+            self._on_adopted(outer)
 
     def data_received(self, data: bytes) -> None:
         self.transport._tcp_data(data)  # type: ignore[union-attr]
