@@ -57,6 +57,9 @@ ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 #: How long a control request waits for the server's side of its TCP
 #: connection to be accepted (the client's connect returns first).
 ACCEPT_GRACE = 1.0
+#: A server forgets its closed connections whenever this many more are known
+#: (cheaper than a callback per connection).
+PRUNE_AT = 1024
 
 
 # --- choosing the options ------------------------------------------------------------
@@ -338,6 +341,7 @@ class ControlEndpoint:
         # By (client port, server port) only: cheap for every accepted
         # connection; addresses are compared when a client asks.
         self._connections: dict[tuple[int, int], SwitchableTransport] = {}
+        self._prune_at = PRUNE_AT
         self._waiting: dict[tuple[int, int], asyncio.Future[SwitchableTransport]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.address = f"@aiocoloc-ctl-{os.getpid()}-{secrets.token_hex(8)}"
@@ -361,7 +365,10 @@ class ControlEndpoint:
             return  # not an IP connection
         ports = (peer[1], local[1])
         self._connections[ports] = transport
-        transport.add_close_callback(lambda _: self._connections.pop(ports, None))
+        if len(self._connections) > self._prune_at:  # closed ones, now and then
+            for key in [k for k, t in self._connections.items() if t.is_closing()]:
+                del self._connections[key]
+            self._prune_at = max(PRUNE_AT, 2 * len(self._connections))
         waiter = self._waiting.pop(ports, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(transport)

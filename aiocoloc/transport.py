@@ -582,7 +582,8 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         """Call ``callback`` (once, soon) when ``nbytes`` have been written and
         received in all; at once if they already have.  One hook at a time."""
         self._traffic_goal, self._on_traffic = nbytes, callback
-        self._check_traffic()
+        if self._tx_pos + self._rx_pos >= nbytes:
+            self._check_traffic()
 
     def _check_traffic(self) -> None:
         goal, callback = self._traffic_goal, self._on_traffic
