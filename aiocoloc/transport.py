@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from aiocoloc import fallback
 from aiocoloc.control import ControlLink
 from aiocoloc.doorbell import ControlDoorbell, Doorbell
 from aiocoloc.elastic import ElasticConfig, ElasticProducer
@@ -371,7 +372,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         shm, self._shm, self._link = self._shm, None, None
         if shm is not None:
             shm.close()
-        self.note_fallback("handshake protocol error", f"control channel lost: {exc}")
+        fallback.record(self, fallback.PROTOCOL_ERROR, f"control channel lost: {exc}")
 
     # ------------------------------------------------------------ writing
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import socket
 from collections.abc import Awaitable, Callable
@@ -601,5 +602,37 @@ def test_pipes_are_freed_by_whichever_side_closes_last(loop_kind: str) -> None:
         await pair.server_protocol.lost
         assert pair.pool.stats()["slices_used"] == 0
         pair.pool.close()
+
+    run(loop_kind, scenario)
+
+
+def test_control_channel_lost_before_any_switch_leaves_a_tcp_connection(loop_kind: str) -> None:
+    """Attached but not switched yet (an upgrade that broke off at the last
+    step): losing the control channel is no reason to lose the connection."""
+
+    async def scenario() -> None:
+        pair = await make_pair(Recorder, Recorder)
+        try:
+            await pair.client_protocol.made
+            await pair.server_protocol.made
+            assert pair.client._link is not None
+            pair.client._link.transport.abort()  # the client's end of the link drops
+            await asyncio.sleep(0.05)
+            info = pair.server.get_extra_info("aiocoloc")
+            assert info["fallback_reason"] == "handshake protocol error"
+            assert info["pool"] is None  # the pipes were given back
+            payload = os.urandom(100_000)
+            pair.client.write(payload)
+            await pair.server_protocol.wait_for_bytes(len(payload))
+            assert pair.server_protocol.data == payload
+            pair.server.write(b"still here")
+            await pair.client_protocol.wait_for_bytes(10)
+            assert not pair.server_protocol.lost.done()
+        finally:
+            pair.client.abort()
+            pair.server.abort()
+            await asyncio.sleep(0)
+            if pair.pool is not None:
+                pair.pool.close()
 
     run(loop_kind, scenario)
