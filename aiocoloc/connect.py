@@ -33,6 +33,7 @@ from aiocoloc.handshake import (
     Agreement,
     ConnKey,
     HandshakeFailed,
+    abandon_pipes,
     client_handshake,
     connection_key,
     server_handshake,
@@ -318,13 +319,16 @@ async def _attach(transport: SwitchableTransport, agreement: Agreement) -> None:
 
 
 def _abandon(agreement: Agreement) -> None:
+    """Give up an agreement: its pipes, descriptors, socket and pool reference."""
+    pool = agreement.pool
+    abandon_pipes(pool, agreement.send, agreement.receive)
     for fd in (agreement.listen_fd, agreement.ring_fd):
         try:
             os.close(fd)
         except OSError:
             pass
     agreement.control.close()
-    local_pools().release(agreement.pool)
+    local_pools().release(pool)
 
 
 # --- server side -----------------------------------------------------------------------

@@ -48,12 +48,14 @@ from aiocoloc.doorbell import new_eventfd
 from aiocoloc.errors import AiocolocError, PoolError, PoolExhausted, RingError, SegmentError
 from aiocoloc.policy import Trust
 from aiocoloc.pool import PipeHandle, Pool
+from aiocoloc.transport import close_end
 
 __all__ = [
     "PROTOCOL_VERSION",
     "Agreement",
     "Channel",
     "HandshakeFailed",
+    "abandon_pipes",
     "client_handshake",
     "connection_key",
     "peer_uid",
@@ -67,6 +69,9 @@ NONCE_SIZE = 16
 #: Slices a new pipe starts with, largest first: a busy pipe should not wait
 #: for the elastic policy to be useful, a crowded pool still gets a pipe.
 INITIAL_SLICES = (16, 4, 1)
+#: A new pipe starts with at most this share of the free slices, so that the
+#: connections after it find room too (busy pipes grow by demand later).
+INITIAL_SHARE = 1 / 16
 _MAX_FDS = 4
 _CRED = struct.Struct("3i")
 
@@ -257,8 +262,9 @@ def _read_nonce(pool: Pool, handle: PipeHandle) -> bytes:
 
 def _new_pipe(pool: Pool, producer: int, consumer: int) -> PipeHandle:
     failure: PoolExhausted | None = None
+    room = pool.free_slice_count() * INITIAL_SHARE
     for initial in INITIAL_SLICES:
-        if initial > pool.geometry.max_slices_per_pipe:
+        if initial > pool.geometry.max_slices_per_pipe or (initial > 1 and initial > room):
             continue
         try:
             return pool.create_pipe(producer, consumer, initial=initial)
@@ -266,6 +272,21 @@ def _new_pipe(pool: Pool, producer: int, consumer: int) -> PipeHandle:
             failure = exc
     assert failure is not None
     raise failure
+
+
+def abandon_pipes(pool: Pool, send: PipeHandle, receive: PipeHandle) -> None:
+    """Give up agreed pipes we will never use: close our ends, so the peer
+    frees them when it closes its own, and free those it is done with."""
+    for handle, open_end in ((send, pool.pipe_producer), (receive, pool.pipe_consumer)):
+        try:
+            done = close_end(open_end(handle))
+        except (PoolError, RingError, ValueError):
+            continue  # gone already
+        if done:
+            try:
+                pool.destroy_pipe(handle)
+            except PoolError:
+                pass  # the peer freed it first
 
 
 @dataclass
@@ -289,6 +310,7 @@ async def client_handshake(
     closed on failure, handed over in the ``Agreement`` on success)."""
     channel = Channel(sock)
     pool: Pool | None = None
+    pipes: tuple[PipeHandle, PipeHandle] | None = None
     my_bell = -1
     fds: list[int] = []
     try:
@@ -321,6 +343,7 @@ async def client_handshake(
         ring_fd = fds.pop()
         fds = [ring_fd]
         up, down = _handle(message, "up"), _handle(message, "down")
+        pipes = (up, down)
         nonce = _field(message, "nonce", bytes)
         try:
             found = _read_nonce(pool, down)
@@ -346,6 +369,8 @@ async def client_handshake(
         if my_bell >= 0:
             os.close(my_bell)
         if pool is not None:
+            if pipes is not None:  # the server may go on with them: tell it we do not
+                abandon_pipes(pool, *pipes)
             pools.release(pool)
         channel.close()
         raise

@@ -631,6 +631,13 @@ class Pool:
             raise PoolError(f"pipe {handle} no longer exists in pool {self.id}")
         return off
 
+    def free_slice_count(self) -> int:
+        """Slices no pipe owns right now (a snapshot: others may be allocating)."""
+        words, entry = self._words, self._slice_entry
+        return sum(
+            1 for index in range(self.geometry.slice_count) if words.load32(entry(index)) == 0
+        )
+
     def _free_slices(self, count: int) -> list[int]:
         found = []
         for index in range(self.geometry.slice_count):

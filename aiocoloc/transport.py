@@ -90,19 +90,29 @@ class ShmPath:
         if self.closed:
             return
         self.closed = True
-        incoming_done = outgoing_done = peer_gone
-        if not self.producer.released and not self.producer.corrupted:
-            outgoing_done = outgoing_done or bool(self.producer.peer_closed)
-        if not self.consumer.released and not self.consumer.corrupted:
-            incoming_done = incoming_done or bool(self.consumer.peer_closed)
-        for end in (self.producer, self.consumer):
-            if not end.released:
-                if not end.corrupted:
-                    end.close()
-                end.release()
+        outgoing_done = close_end(self.producer) or peer_gone
+        incoming_done = close_end(self.consumer) or peer_gone
         self.doorbell.close()
         if self._on_close is not None:
             self._on_close(incoming_done, outgoing_done)
+
+
+def close_end(end: Any) -> bool:
+    """Close and release one pipe end; True if the peer is done with the pipe.
+
+    Our end is closed *before* we look at the peer's: when both sides close
+    at once, both then see the other's flag and both free the pipe (the
+    second free fails harmlessly on the generation), where looking first
+    could let both miss it and leak the pipe.
+    """
+    if end.released:
+        return False
+    done = False
+    if not end.corrupted:
+        end.close()
+        done = bool(end.peer_closed)
+    end.release()
+    return done
 
 
 class SwitchableTransport(asyncio.transports._FlowControlMixin):

@@ -72,6 +72,20 @@ def private_registry(
     local_pools().close_idle()  # pools lingering for a next connection
 
 
+_uvloop_warm = False
+
+
 def open_fds() -> set[int]:
-    """This process's open descriptors (to check nothing leaks)."""
+    """This process's open descriptors (to check nothing leaks).
+
+    uvloop keeps a pipe for the whole process from its first run on: run it
+    once first, so that pipe is never counted as a leak."""
+    global _uvloop_warm
+    if not _uvloop_warm:
+        import asyncio
+
+        import uvloop
+
+        uvloop.run(asyncio.sleep(0))
+        _uvloop_warm = True
     return {int(name) for name in os.listdir("/proc/self/fd")}

@@ -798,3 +798,50 @@ def test_ipv6_loopback_upgrades_too(loop_kind: str) -> None:
             await writer.wait_closed()
 
     run(loop_kind, scenario)
+
+
+def test_closing_while_the_upgrade_runs_leaks_nothing(loop_kind: str) -> None:
+    async def scenario() -> None:
+        server = await aiocoloc.start_server(echo, "127.0.0.1", 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            for delay in (0, 0.0005, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.005) * 2:
+                _, writer = await aiocoloc.open_connection("127.0.0.1", port, upgrade="always")
+                await asyncio.sleep(delay)  # somewhere in the handshake
+                writer.close()
+                await writer.wait_closed()
+            await until(lambda: list(local_pools().in_use().values()) == [1], "pipes back")
+            pool = local_pools().get(next(iter(local_pools().in_use())))
+            assert pool is not None
+            await until(lambda: pool.stats()["pipes"] == 0, "the server's pipes back")
+        no_pools_in_use()
+
+    fds = open_fds()
+    run(loop_kind, scenario)
+    assert open_fds() <= fds, sorted(open_fds() - fds)
+
+
+def test_many_connections_upgrade_at_once_and_share_the_pool(loop_kind: str) -> None:
+    """More connections than the pool holds at the pipes' first size: later
+    ones start smaller, all upgrade, all bytes arrive."""
+
+    async def scenario() -> None:
+        server = await aiocoloc.start_server(echo, "127.0.0.1", 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            streams = await asyncio.gather(
+                *(aiocoloc.open_connection("127.0.0.1", port, upgrade="always") for _ in range(48))
+            )
+            await asyncio.gather(*(upgraded(writer) for _, writer in streams))
+
+            async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                await roundtrip(reader, writer, 256 * 1024)
+
+            await asyncio.gather(*(exchange(*pair) for pair in streams))
+            pool_id = info(streams[0][1])["pool"]
+            assert {info(writer)["pool"] for _, writer in streams} == {pool_id}
+            for _, writer in streams:
+                writer.close()
+                await writer.wait_closed()
+
+    run(loop_kind, scenario, timeout=60)
