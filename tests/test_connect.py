@@ -845,3 +845,44 @@ def test_many_connections_upgrade_at_once_and_share_the_pool(loop_kind: str) -> 
                 await writer.wait_closed()
 
     run(loop_kind, scenario, timeout=60)
+
+
+def test_connections_outlive_their_server(loop_kind: str) -> None:
+    """As with asyncio: closing a server stops new connections, not the
+    upgraded ones already made."""
+
+    async def scenario() -> None:
+        server = await aiocoloc.start_server(echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await aiocoloc.open_connection("127.0.0.1", port, upgrade="always")
+        await upgraded(writer)
+        server.close()
+        await server.wait_closed()
+        await roundtrip(reader, writer, 1 << 20)
+        assert info(writer)["mode"] == "shm"
+        writer.close()
+        await writer.wait_closed()
+        await until(lambda: local_pools().in_use() == {}, "the pools to be released")
+
+    run(loop_kind, scenario)
+
+
+def test_half_close_while_the_upgrade_runs(loop_kind: str) -> None:
+    """write_eof() before the upgrade could switch our direction: the bytes and
+    the EOF still arrive, and the answer comes back whole."""
+
+    async def scenario() -> None:
+        server = await aiocoloc.start_server(echo, "127.0.0.1", 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            for delay in (0, 0.001, 0.002, 0.004):
+                reader, writer = await aiocoloc.open_connection("127.0.0.1", port, upgrade="always")
+                payload = os.urandom(300_000)
+                writer.write(payload)
+                await asyncio.sleep(delay)
+                writer.write_eof()
+                assert await reader.read() == payload
+                writer.close()
+                await writer.wait_closed()
+
+    run(loop_kind, scenario)
