@@ -314,7 +314,8 @@ async def _attach(transport: SwitchableTransport, agreement: Agreement) -> None:
         raise
     if transport.is_closing():
         return  # closing gives the pipes back
-    transport.switch_tx("shm")
+    if not transport.tx_finished:  # after write_eof() only the other direction moves
+        transport.switch_tx("shm")
     fallback.record_upgrade()
 
 

@@ -611,6 +611,11 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         self._fallback_reason, self._fallback_detail = reason, detail
 
     @property
+    def tx_finished(self) -> bool:
+        """True once ``write_eof()`` was called: our direction carries no more bytes."""
+        return self._eof_written or self._eof_pending
+
+    @property
     def rx_mode(self) -> str:
         """The path incoming bytes currently come from."""
         return self._rx

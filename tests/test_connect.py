@@ -882,6 +882,7 @@ def test_half_close_while_the_upgrade_runs(loop_kind: str) -> None:
                 await asyncio.sleep(delay)
                 writer.write_eof()
                 assert await reader.read() == payload
+                assert info(writer)["fallback_reason"] is None
                 writer.close()
                 await writer.wait_closed()
 
