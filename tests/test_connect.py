@@ -887,3 +887,27 @@ def test_half_close_while_the_upgrade_runs(loop_kind: str) -> None:
                 await writer.wait_closed()
 
     run(loop_kind, scenario)
+
+
+def test_default_policy_upgrades_mid_stream_with_bytes_in_flight_both_ways(loop_kind: str) -> None:
+    async def scenario() -> None:
+        server = await aiocoloc.start_server(echo, "127.0.0.1", 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            reader, writer = await aiocoloc.open_connection("127.0.0.1", port)  # "auto"
+            payload = os.urandom(6 << 20)
+
+            async def send() -> None:
+                for i in range(0, len(payload), 100_000):  # crosses the threshold mid-write
+                    writer.write(payload[i : i + 100_000])
+                    await writer.drain()
+
+            sending = asyncio.get_running_loop().create_task(send())
+            echoed = await reader.readexactly(len(payload))
+            await sending
+            assert echoed == payload
+            assert info(writer)["mode"] == "shm" and info(writer)["switches"] == 1
+            writer.close()
+            await writer.wait_closed()
+
+    run(loop_kind, scenario)
