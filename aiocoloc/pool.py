@@ -599,8 +599,7 @@ class Pool:
 
     def _repair(self) -> None:
         """Under the lock, after a take-over: free slices whose pipe is not active."""
-        for index in range(self.geometry.slice_count):
-            owner = self._words.load32(self._slice_entry(index))
+        for index, owner in enumerate(self._slice_table()):
             if owner == 0:
                 continue
             p = owner - 1
@@ -631,17 +630,23 @@ class Pool:
             raise PoolError(f"pipe {handle} no longer exists in pool {self.id}")
         return off
 
+    def _slice_table(self) -> list[int]:
+        """A snapshot of every slice's owner entry (0: free), read in bulk.
+        Exact under the lock, where every owner change happens."""
+        g = self.geometry
+        start = g.slice_table_offset
+        with memoryview(self._region) as region, region[start : start + 4 * g.slice_count] as raw:
+            with raw.cast("I") as table:
+                return table.tolist()
+
     def free_slice_count(self) -> int:
         """Slices no pipe owns right now (a snapshot: others may be allocating)."""
-        words, entry = self._words, self._slice_entry
-        return sum(
-            1 for index in range(self.geometry.slice_count) if words.load32(entry(index)) == 0
-        )
+        return self._slice_table().count(0)
 
     def _free_slices(self, count: int) -> list[int]:
         found = []
-        for index in range(self.geometry.slice_count):
-            if self._words.load32(self._slice_entry(index)) == 0:
+        for index, owner in enumerate(self._slice_table()):
+            if owner == 0:
                 found.append(index)
                 if len(found) == count:
                     break
@@ -713,8 +718,8 @@ class Pool:
     def _destroy_pipe_locked(self, slot: int) -> int:
         self._close_pipe_locked(slot)
         freed = 0
-        for index in range(self.geometry.slice_count):
-            if self._words.load32(self._slice_entry(index)) == slot + 1:
+        for index, owner in enumerate(self._slice_table()):
+            if owner == slot + 1:
                 self._words.store32(self._slice_entry(index), 0)
                 freed += 1
         self._words.store32(self._pipe_offset(slot) + _P_STATE, _FREE)
@@ -752,17 +757,11 @@ class Pool:
                 self._words.store32(self._slice_entry(index), 0)
 
     def _owned(self, slot: int) -> int:
-        return sum(
-            1
-            for i in range(self.geometry.slice_count)
-            if self._words.load32(self._slice_entry(i)) == slot + 1
-        )
+        return self._slice_table().count(slot + 1)
 
     def slice_owners(self) -> list[int]:
         """For each slice, the owning pipe slot, or -1 when free."""
-        return [
-            self._words.load32(self._slice_entry(i)) - 1 for i in range(self.geometry.slice_count)
-        ]
+        return [owner - 1 for owner in self._slice_table()]
 
     def pipes(self) -> list[PipeInfo]:
         """Snapshots of every active pipe."""
