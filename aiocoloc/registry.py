@@ -162,7 +162,14 @@ class Registry:
         if not self._secure_directory(create=False):
             return []
         found = []
-        for path in self.directory.glob(f"{port}-*.json"):
+        prefix = f"{port}-"
+        with os.scandir(self.directory) as entries:
+            paths = [
+                Path(entry.path)
+                for entry in entries
+                if entry.name.startswith(prefix) and entry.name.endswith(".json")
+            ]
+        for path in paths:
             record = self._read(path)
             if record is None or not record.matches(host, port):
                 continue
