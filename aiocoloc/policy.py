@@ -34,6 +34,8 @@ __all__ = [
 
 #: Bytes a connection moves on TCP before ``auto`` upgrades it.
 AUTO_UPGRADE_AFTER = 64 * 1024
+#: The smallest pool a serving process may offer.
+MIN_POOL_SIZE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,15 @@ def configure(**changes: Any) -> Settings:
     """Change process-wide settings: ``upgrade``, ``trust``,
     ``handshake_timeout``, ``pool_size``.  Returns the new settings."""
     global _settings
+    unknown = set(changes) - {"upgrade", "trust", "handshake_timeout", "pool_size"}
+    if unknown:
+        raise TypeError(f"configure() got unknown settings: {', '.join(sorted(unknown))}")
+    if "pool_size" in changes and not (
+        isinstance(changes["pool_size"], int) and changes["pool_size"] >= MIN_POOL_SIZE
+    ):
+        raise ValueError(
+            f"pool_size must be an int >= {MIN_POOL_SIZE}, got {changes['pool_size']!r}"
+        )
     if "upgrade" in changes:
         changes["upgrade"] = parse_upgrade(changes["upgrade"])
     if "trust" in changes:

@@ -246,6 +246,11 @@ def test_policy_strings_are_checked() -> None:
             policy.parse_trust(bad_trust)
     with pytest.raises(ValueError, match="handshake_timeout"):
         aiocoloc.configure(handshake_timeout=0)
+    with pytest.raises(ValueError, match="pool_size"):
+        aiocoloc.configure(pool_size=4096)
+    with pytest.raises(TypeError, match="unknown settings: colour"):
+        aiocoloc.configure(colour="blue")
+    assert policy.current() == policy.Settings()  # nothing changed by the refusals
 
 
 def test_bad_environment_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
