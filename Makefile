@@ -45,6 +45,7 @@ test: lint typecheck pytest
 bench: build
 	$(PY) bench/ring.py
 	$(PY) bench/proportional.py
+	$(PY) bench/streams.py
 
 clean:
 	rm -rf build $(VENV) aiocoloc/*.so aiocoloc/*.c *.egg-info .pytest_cache .mypy_cache .hypothesis
