@@ -916,3 +916,44 @@ def test_default_policy_upgrades_mid_stream_with_bytes_in_flight_both_ways(loop_
             await writer.wait_closed()
 
     run(loop_kind, scenario)
+
+
+def test_trust_from_the_environment(loop_kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIOCOLOC_TRUST", "never")
+    policy.reset()
+
+    async def scenario() -> None:
+        server = await aiocoloc.start_server(echo, "127.0.0.1", 0, trust="same-uid")
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            reader, writer = await aiocoloc.open_connection("127.0.0.1", port, upgrade="always")
+            await roundtrip(reader, writer, 10_000)
+            assert await fell_back(writer) == fallback.NOT_TRUSTED
+            writer.close()
+            await writer.wait_closed()
+
+    run(loop_kind, scenario)
+
+
+def test_an_unused_pool_lingers_then_closes(
+    loop_kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aiocoloc import colocation
+
+    monkeypatch.setattr(colocation, "LINGER", 0.3)
+
+    async def scenario() -> None:
+        server = await aiocoloc.start_server(echo, "127.0.0.1", 0, upgrade="always")
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await aiocoloc.open_connection("127.0.0.1", port, upgrade="always")
+        await upgraded(writer)
+        pool_id = info(writer)["pool"]
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+        await until(lambda: local_pools().in_use() == {}, "no more users")
+        assert pool_id in local_pools().open_pools()  # kept for a next connection
+        await until(lambda: pool_id not in local_pools().open_pools(), "the pool to close", 3)
+
+    run(loop_kind, scenario)
