@@ -58,9 +58,6 @@ ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 #: How long a control request waits for the server's side of its TCP
 #: connection to be accepted (the client's connect returns first).
 ACCEPT_GRACE = 1.0
-#: A server forgets its closed connections whenever this many more are known
-#: (cheaper than a callback per connection).
-PRUNE_AT = 1024
 
 
 # --- choosing the options ------------------------------------------------------------
@@ -132,11 +129,7 @@ async def create_connection(
     """``loop.create_connection`` with every keyword it takes, upgraded to
     shared memory when the peer is co-located.  ``upgrade``/``trust``
     override the process-wide policy (``aiocoloc.policy``) for this call."""
-    if ssl or any(
-        option is not None
-        for option in (server_hostname, ssl_handshake_timeout, ssl_shutdown_timeout)
-    ):
-        _check_ssl_options(ssl, server_hostname, ssl_handshake_timeout, ssl_shutdown_timeout)
+    _check_ssl_options(ssl, server_hostname, ssl_handshake_timeout, ssl_shutdown_timeout)
     if ssl and server_hostname is None:
         if not host:
             raise ValueError("You must set server_hostname when using ssl without a host")
@@ -346,7 +339,6 @@ class ControlEndpoint:
         # By (client port, server port) only: cheap for every accepted
         # connection; addresses are compared when a client asks.
         self._connections: dict[tuple[int, int], SwitchableTransport] = {}
-        self._prune_at = PRUNE_AT
         self._waiting: dict[tuple[int, int], asyncio.Future[SwitchableTransport]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.address = f"@aiocoloc-ctl-{os.getpid()}-{secrets.token_hex(8)}"
@@ -370,13 +362,14 @@ class ControlEndpoint:
             return  # not an IP connection
         ports = (peer[1], local[1])
         self._connections[ports] = transport
-        if len(self._connections) > self._prune_at:  # closed ones, now and then
-            for key in [k for k, t in self._connections.items() if t.is_closing()]:
-                del self._connections[key]
-            self._prune_at = max(PRUNE_AT, 2 * len(self._connections))
+        transport.add_close_callback(lambda _: self._forget(ports, transport))
         waiter = self._waiting.pop(ports, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(transport)
+
+    def _forget(self, ports: tuple[int, int], transport: SwitchableTransport) -> None:
+        if self._connections.get(ports) is transport:
+            del self._connections[ports]
 
     def _accept(self) -> None:
         while True:

@@ -169,11 +169,6 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
     _peer_closed_link = False
     _peer_gone = False
     switches = 0
-    # Made when first needed (switches only happen once shared memory is attached).
-    # (maxlen=0: this shared placeholder can never hold anything)
-    _rx_switches: collections.deque[tuple[int, str]] = collections.deque(maxlen=0)
-    _close_callbacks: tuple[Callable[[SwitchableTransport], object], ...] = ()
-    _early_control: tuple[dict[str, Any], ...] = ()
 
     def __init__(
         self,
@@ -189,6 +184,9 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
         self._overflow = bytearray()
         self._tcp_backlog = bytearray()  # TCP bytes not delivered yet (a later TCP segment)
+        self._rx_switches: collections.deque[tuple[int, str]] = collections.deque()
+        self._close_callbacks: list[Callable[[SwitchableTransport], object]] = []
+        self._early_control: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ set-up
 
@@ -218,8 +216,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         if path.spin is not None:
             self._spin = SpinPolicy(path.spin)
         path.doorbell.listen(self._loop, self._on_doorbell)
-        self._rx_switches = collections.deque()
-        early, self._early_control = self._early_control, ()
+        early, self._early_control = self._early_control, []
         for message in early:
             self._on_control(message)
 
@@ -238,13 +235,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
     def _call(self, callback: Callable[..., Any], *args: Any, what: str) -> Any:
         """Run a protocol callback in the connection's context, with asyncio's guard."""
         try:
-            if self._entered:
-                return callback(*args)
-            self._entered = True
-            try:
-                return self._context.run(callback, *args)
-            finally:
-                self._entered = False
+            return self._in_context(callback, *args)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
@@ -300,7 +291,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
 
     def _on_control(self, message: dict[str, Any]) -> None:
         if self._shm is None:  # the link delivers before attach_shm() returned
-            self._early_control = (*self._early_control, message)
+            self._early_control.append(message)
             return
         op = message.get("op")
         if op == "switch-ack":
@@ -604,7 +595,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
 
     def add_close_callback(self, callback: Callable[[SwitchableTransport], object]) -> None:
         """Call ``callback(transport)`` right after ``connection_lost``."""
-        self._close_callbacks = (*self._close_callbacks, callback)
+        self._close_callbacks.append(callback)
 
     def note_fallback(self, reason: str, detail: str | None = None) -> None:
         """Record why this connection stays on (or went back to) TCP."""
@@ -625,24 +616,8 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
     def _tcp_data(self, data: bytes) -> None:
         if self._lost_called:
             return
-        if self._rx == TCP and not (
-            self._rx_switches or self._tcp_backlog or self._paused_reading or self._buffered
-        ):
-            # The common case, straight through: _deliver and _call, inlined.
-            self._rx_pos += len(data)
-            try:
-                if self._entered:
-                    self._protocol.data_received(data)  # type: ignore[attr-defined]
-                else:
-                    self._entered = True
-                    try:
-                        self._context.run(self._protocol.data_received, data)  # type: ignore[attr-defined]
-                    finally:
-                        self._entered = False
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except BaseException as exc:
-                self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+        if self._rx == TCP and not (self._rx_switches or self._tcp_backlog or self._paused_reading):
+            self._deliver(data)  # the common case: straight through, no copy
             if self._traffic_goal is not None:
                 self._check_traffic()
             return
@@ -859,21 +834,11 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
 
     def _tcp_eof(self) -> None:
         self._tcp_eof_seen = True
-        if self._shm is None and not (self._tcp_backlog or self._rx_eof or self._lost_called):
-            self._on_rx_eof()  # TCP alone, nothing held back: as asyncio's transport does
-            return
         self._feed_tcp()
 
     def _tcp_lost(self, exc: Exception | None) -> None:
         self._tcp_closed = True
         if self._lost_called:
-            return
-        if self._shm is None and (exc is None or self._closing) and not self._overflow:
-            # TCP alone and nothing of ours pending: just pass the news on.
-            self._lost_called = self._closing = True
-            self._conn_lost += 1
-            self._traffic_goal = self._on_traffic = None
-            self._call_connection_lost(None if self._closing and exc is None else exc)
             return
         if self._closing:
             self._finish_close(now=True)
@@ -955,11 +920,8 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         if self._closing:
             return
         self._closing = True
-        if self._shm is None and self._tcp is not None:
-            self._tcp.close()  # TCP alone: it flushes, stops reading, then tells us
-            return
-        if self._tcp is not None:
-            self._tcp.pause_reading()
+        if self._shm is not None and self._tcp is not None:
+            self._tcp.pause_reading()  # (on TCP alone, closing it stops reading)
         if self._tx == SHM and self._overflow:
             return  # _flush_overflow finishes the close
         self._finish_close()
@@ -1036,7 +998,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
             self._in_context(self._protocol.connection_lost, exc)
         finally:
             self._protocol = None  # type: ignore[assignment]
-            callbacks, self._close_callbacks = self._close_callbacks, ()
+            callbacks, self._close_callbacks = self._close_callbacks, []
             for callback in callbacks:
                 try:
                     callback(self)
@@ -1084,9 +1046,6 @@ class Adopter(asyncio.Protocol):
             transport.abort()  # type: ignore[attr-defined]
             return
         outer = self.transport = SwitchableTransport(loop, self.protocol)
-        # asyncio's transports look these up on every event: skip our frame.
-        self.data_received = outer._tcp_data  # type: ignore[method-assign]
-        self.connection_lost = outer._tcp_lost  # type: ignore[method-assign]
         outer._adopt(transport)
         if self._on_adopted is not None:
             self._on_adopted(outer)

@@ -184,17 +184,22 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+async def assert_both_idle(remote: Remote, settle: float, seconds: float) -> None:
+    """Neither process uses more than 50 ms of CPU over ``seconds``."""
+    await asyncio.sleep(settle)
+    mine, theirs = _cpu_seconds(os.getpid()), _cpu_seconds(remote.child.pid)
+    await asyncio.sleep(seconds)
+    used_mine = _cpu_seconds(os.getpid()) - mine
+    used_theirs = _cpu_seconds(remote.child.pid) - theirs
+    assert used_mine < 0.05 and used_theirs < 0.05, (used_mine, used_theirs)
+
+
 def test_idle_connection_uses_no_cpu(loop_kind: str) -> None:
     async def scenario() -> None:
         remote = await connect_remote("idle")
         try:
             remote.transport.write(b"wake up once")
-            await asyncio.sleep(0.2)
-            mine, theirs = _cpu_seconds(os.getpid()), _cpu_seconds(remote.child.pid)
-            await asyncio.sleep(2.0)
-            used_mine = _cpu_seconds(os.getpid()) - mine
-            used_theirs = _cpu_seconds(remote.child.pid) - theirs
-            assert used_mine < 0.05 and used_theirs < 0.05, (used_mine, used_theirs)
+            await assert_both_idle(remote, settle=0.2, seconds=2.0)
         finally:
             remote.transport.abort()
             remote.close()
@@ -222,13 +227,7 @@ def test_ping_pong_spins_instead_of_ringing_then_goes_quiet(loop_kind: str) -> N
             rung = bell.rings - rings_before
             assert transport._spin.hits >= rounds // 4, (transport._spin.hits, rung)
             assert rung < rounds * 3 // 4, (transport._spin.hits, rung)
-
-            await asyncio.sleep(0.3)
-            mine, theirs = _cpu_seconds(os.getpid()), _cpu_seconds(remote.child.pid)
-            await asyncio.sleep(1.0)
-            used_mine = _cpu_seconds(os.getpid()) - mine
-            used_theirs = _cpu_seconds(remote.child.pid) - theirs
-            assert used_mine < 0.05 and used_theirs < 0.05, (used_mine, used_theirs)
+            await assert_both_idle(remote, settle=0.3, seconds=1.0)
         finally:
             remote.transport.abort()
             remote.close()
