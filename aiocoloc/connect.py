@@ -22,6 +22,7 @@ import os
 import secrets
 import socket
 import ssl as ssl_module
+import weakref
 from asyncio import sslproto
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -58,6 +59,8 @@ ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 #: How long a control request waits for the server's side of its TCP
 #: connection to be accepted (the client's connect returns first).
 ACCEPT_GRACE = 1.0
+#: A server forgets its closed connections every so many accepts (at least).
+PRUNE_MIN = 256
 
 
 # --- choosing the options ------------------------------------------------------------
@@ -336,8 +339,13 @@ class ControlEndpoint:
         self._loop = loop
         self._settings = settings
         self._trust = trust
-        # By (client port, server port) only: cheap for every accepted
-        # connection; addresses are compared when a client asks.
+        # Accepted connections are indexed by (client port, server port) only
+        # when a client asks: most never do, and looking up the ports costs
+        # two system calls on uvloop.  Addresses are compared on a match.
+        # Weak references: a closed connection must be freed at once, with
+        # everything its protocol holds.
+        self._unindexed: list[weakref.ref[SwitchableTransport]] = []
+        self._prune_at = PRUNE_MIN
         self._connections: dict[tuple[int, int], SwitchableTransport] = {}
         self._waiting: dict[tuple[int, int], asyncio.Future[SwitchableTransport]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -355,21 +363,38 @@ class ControlEndpoint:
 
     def register(self, transport: SwitchableTransport) -> None:
         """A connection our server accepted (``Adopter`` callback)."""
-        tcp = transport._tcp
-        assert tcp is not None
-        peer, local = tcp.get_extra_info("peername"), tcp.get_extra_info("sockname")
-        if not (isinstance(peer, tuple) and isinstance(local, tuple)):
-            return  # not an IP connection
-        ports = (peer[1], local[1])
-        self._connections[ports] = transport
-        transport.add_close_callback(lambda _: self._forget(ports, transport))
-        waiter = self._waiting.pop(ports, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(transport)
+        self._unindexed.append(weakref.ref(transport))
+        if self._waiting:  # a client asked before its connection was accepted
+            self._index()
+        elif len(self._unindexed) + len(self._connections) >= self._prune_at:
+            self._prune()
 
-    def _forget(self, ports: tuple[int, int], transport: SwitchableTransport) -> None:
-        if self._connections.get(ports) is transport:
-            del self._connections[ports]
+    def _index(self) -> None:
+        """Index the open connections accepted since the last call."""
+        pending, self._unindexed = self._unindexed, []
+        for ref in pending:
+            transport = ref()
+            if transport is None or transport._lost_called:
+                continue
+            tcp = transport._tcp
+            assert tcp is not None
+            peer, local = tcp.get_extra_info("peername"), tcp.get_extra_info("sockname")
+            if not (isinstance(peer, tuple) and isinstance(local, tuple)):
+                continue  # not an IP connection
+            ports = (peer[1], local[1])
+            self._connections[ports] = transport
+            waiter = self._waiting.pop(ports, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(transport)
+
+    def _prune(self) -> None:
+        """Forget closed connections; runs after a number of accepts that
+        grows with the number open, so each accept pays O(1) for it."""
+        self._unindexed = [r for r in self._unindexed if (t := r()) and not t._lost_called]
+        for ports, transport in list(self._connections.items()):
+            if transport._lost_called:
+                del self._connections[ports]
+        self._prune_at = max(PRUNE_MIN, 2 * (len(self._unindexed) + len(self._connections)))
 
     def _accept(self) -> None:
         while True:
@@ -386,7 +411,12 @@ class ControlEndpoint:
 
     async def _find(self, key: ConnKey) -> SwitchableTransport:
         ports = (key[1], key[3])
+        if self._unindexed:
+            self._index()
         transport = self._connections.get(ports)
+        if transport is not None and transport._lost_called:  # its ports were reused
+            del self._connections[ports]
+            transport = None
         if transport is None:
             waiter = self._waiting.setdefault(ports, self._loop.create_future())
             try:
@@ -548,13 +578,10 @@ async def create_server(
         except (PoolError, SegmentError, OSError) as exc:
             _log.warning("no shared-memory pool for this server (clients stay on TCP): %s", exc)
 
-    def application() -> asyncio.BaseProtocol:
-        protocol = protocol_factory()
-        if not ssl:
-            return protocol
+    def with_tls() -> asyncio.BaseProtocol:
         return sslproto.SSLProtocol(
             loop,
-            protocol,
+            protocol_factory(),
             ssl,
             None,  # type: ignore[arg-type]  # no waiter: asyncio's server passes one it never awaits
             server_side=True,
@@ -562,8 +589,10 @@ async def create_server(
             ssl_shutdown_timeout=ssl_shutdown_timeout,
         )
 
+    factory = with_tls if ssl else protocol_factory
+
     def accepted() -> asyncio.BaseProtocol:
-        return Adopter(application, on_adopted, loop=loop)
+        return Adopter(factory, on_adopted, loop=loop)
 
     try:
         inner = await _original(loop, "create_server")(accepted, host, port, **kwargs)

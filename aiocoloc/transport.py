@@ -17,6 +17,11 @@ Towards the protocol it behaves as asyncio's TCP transport does
 cannot place, writes after close are dropped with asyncio's warning, flow
 control with strictly paired ``pause_writing``/``resume_writing``, half-close,
 ``BufferedProtocol`` support and the standard guard around callbacks.
+
+Until a shared-memory path is attached (most connections, under the default
+policy), the loop's TCP transport calls the protocol through the ``Adopter``
+with nothing in between: in the loop transport's context, under its guard,
+with its messages.  Short connections pay for little more than one call.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ DRAIN_BUDGET = 4 << 20
 READ_CHUNK = 256 * 1024
 
 TCP, SHM = "tcp", "shm"
+#: ``_traffic_goal`` when no hook waits: more bytes than a connection moves.
+NO_TRAFFIC_GOAL = 1 << 62
 
 
 class ShmPath:
@@ -129,7 +136,14 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
     # leaves TCP sets only what it changes (connection set-up cost counts for
     # short connections).
     _entered = False
-    _protocol_paused: bool  # set by _FlowControlMixin
+    # _FlowControlMixin's state: asyncio's default limits, 64 KiB / 16 KiB.
+    _protocol_paused = False
+    _high_water = 64 * 1024
+    _low_water = 16 * 1024
+    # Until a shared-memory path is attached, the loop's TCP transport calls
+    # the protocol through the Adopter with nothing in between: in its own
+    # context and under its own guard, as for any asyncio connection.
+    _direct = True
     _tcp: asyncio.Transport | None = None
     _shm: ShmPath | None = None
     _link: ControlLink | None = None
@@ -164,7 +178,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
     _lost_called = False
     _fallback_reason: str | None = None
     _fallback_detail: str | None = None
-    _traffic_goal: int | None = None  # call _on_traffic once this many bytes moved
+    _traffic_goal = NO_TRAFFIC_GOAL  # call _on_traffic once this many bytes moved
     _on_traffic: Callable[[], None] | None = None
     _peer_closed_link = False
     _peer_gone = False
@@ -177,11 +191,15 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         *,
         extra: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(extra, loop)  # limits: asyncio's defaults, 64 KiB / 16 KiB
+        # _FlowControlMixin's __init__ is not called: its state starts as the
+        # class attributes below (asyncio's default limits), which saves three
+        # calls on every connection.
+        self._extra = {} if extra is None else extra
         self._loop = loop
         self._context = contextvars.copy_context()
         self._protocol: asyncio.BaseProtocol = protocol
         self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
+        self._direct = not self._buffered
         self._overflow = bytearray()
         self._tcp_backlog = bytearray()  # TCP bytes not delivered yet (a later TCP segment)
         self._rx_switches: collections.deque[tuple[int, str]] = collections.deque()
@@ -189,19 +207,6 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         self._early_control: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ set-up
-
-    def _adopt(self, inner: Any) -> None:
-        """Take over the loop's TCP transport (asyncio's or uvloop's, which is
-        not an ``asyncio.Transport`` subclass) as our TCP side; its protocol,
-        the ``Adopter``, forwards its events to us."""
-        self._tcp = inner
-        inner.set_write_buffer_limits(self._high_water, self._low_water)
-        # The loop called us from a call_soon already (as asyncio's transports
-        # call connection_made): no second hop.
-        self._connection_made()
-
-    def _connection_made(self) -> None:
-        self._call(self._protocol.connection_made, self, what="connection_made")
 
     def attach_shm(self, path: ShmPath, link: ControlLink) -> None:
         """Give the transport its shared-memory path and control channel."""
@@ -213,6 +218,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
             return
         self._shm = path
         self._link = link
+        self._direct = False  # from now on, every callback goes through _call
         if path.spin is not None:
             self._spin = SpinPolicy(path.spin)
         path.doorbell.listen(self._loop, self._on_doorbell)
@@ -398,7 +404,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
             self._tcp.write(data)  # its pause_writing reaches us through the Adopter
             if self._overflow:
                 self._maybe_pause_protocol()
-            if self._traffic_goal is not None:
+            if self._tx_pos + self._rx_pos >= self._traffic_goal:
                 self._check_traffic()
             return
         assert self._shm is not None
@@ -588,9 +594,11 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
             self._check_traffic()
 
     def _check_traffic(self) -> None:
-        goal, callback = self._traffic_goal, self._on_traffic
-        if goal is not None and callback is not None and self._tx_pos + self._rx_pos >= goal:
-            self._traffic_goal = self._on_traffic = None
+        """Call the traffic hook if its goal is reached (callers test that
+        first on hot paths: ``_tx_pos + _rx_pos >= _traffic_goal``)."""
+        callback = self._on_traffic
+        if callback is not None and self._tx_pos + self._rx_pos >= self._traffic_goal:
+            self._traffic_goal, self._on_traffic = NO_TRAFFIC_GOAL, None
             self._loop.call_soon(callback, context=self._context)
 
     def add_close_callback(self, callback: Callable[[SwitchableTransport], object]) -> None:
@@ -618,7 +626,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
             return
         if self._rx == TCP and not (self._rx_switches or self._tcp_backlog or self._paused_reading):
             self._deliver(data)  # the common case: straight through, no copy
-            if self._traffic_goal is not None:
+            if self._tx_pos + self._rx_pos >= self._traffic_goal:
                 self._check_traffic()
             return
         self._tcp_backlog += data
@@ -643,7 +651,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
             chunk = bytes(self._tcp_backlog[:n])
             del self._tcp_backlog[:n]
             self._deliver(chunk)
-            if self._traffic_goal is not None:
+            if self._tx_pos + self._rx_pos >= self._traffic_goal:
                 self._check_traffic()
             if self._rx_switches and self._rx_switches[0][0] == self._rx_pos:
                 self._advance_rx()
@@ -840,7 +848,9 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         self._tcp_closed = True
         if self._lost_called:
             return
-        if self._closing:
+        if self._direct:  # the loop's transport has reported any error already
+            self._force_close(exc, now=True)
+        elif self._closing:
             self._finish_close(now=True)
         elif exc is not None:
             self._fatal_error(exc, "TCP connection lost")
@@ -890,6 +900,8 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._protocol = protocol
         self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
+        if self._buffered:  # we copy into its buffers: no direct calls
+            self._direct = False
 
     def get_protocol(self) -> asyncio.BaseProtocol:
         return self._protocol
@@ -904,7 +916,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
                 "fallback_detail": self._fallback_detail,
                 "switches": self.switches,
             }
-        extra: dict[str, Any] = self._extra  # type: ignore[attr-defined]
+        extra: dict[str, Any] = self._extra
         if name in extra:
             return extra[name]
         if self._tcp is not None:
@@ -920,6 +932,10 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         if self._closing:
             return
         self._closing = True
+        if self._direct:  # TCP alone: closing it is all; _tcp_lost follows
+            assert self._tcp is not None
+            self._tcp.close()
+            return
         if self._shm is not None and self._tcp is not None:
             self._tcp.pause_reading()  # (on TCP alone, closing it stops reading)
         if self._tx == SHM and self._overflow:
@@ -969,11 +985,21 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
             return
         self._lost_called = True
         self._closing = True
-        self._overflow.clear()
         # Hooks often close over this transport: drop them, so that a closed
         # connection is freed by reference counting, not by the cycle collector.
-        self._traffic_goal = self._on_traffic = None
+        self._traffic_goal, self._on_traffic = NO_TRAFFIC_GOAL, None
         self._conn_lost += 1
+        if self._tcp is not None and not self._tcp_closed:
+            self._tcp.abort()
+        if not self._direct:
+            self._release_shared_memory()
+        if now:
+            self._call_connection_lost(exc)
+        else:
+            self._loop.call_soon(self._call_connection_lost, exc)
+
+    def _release_shared_memory(self) -> None:
+        self._overflow.clear()
         if self._tick_handle is not None:
             self._tick_handle.cancel()
             self._tick_handle = None
@@ -982,20 +1008,17 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
             self._spin_handle = None
             assert self._spin is not None
             self._spin.release(self._loop)
-        if self._tcp is not None and not self._tcp_closed:
-            self._tcp.abort()
         if self._link is not None:
             self._link.close()
         if self._shm is not None:
             self._shm.close(peer_gone=self._peer_gone)
-        if now:
-            self._call_connection_lost(exc)
-        else:
-            self._loop.call_soon(self._call_connection_lost, exc)
 
     def _call_connection_lost(self, exc: BaseException | None) -> None:
         try:
-            self._in_context(self._protocol.connection_lost, exc)
+            if self._direct:
+                self._protocol.connection_lost(exc)  # type: ignore[arg-type]
+            else:
+                self._in_context(self._protocol.connection_lost, exc)
         finally:
             self._protocol = None  # type: ignore[assignment]
             callbacks, self._close_callbacks = self._close_callbacks, []
@@ -1045,16 +1068,39 @@ class Adopter(asyncio.Protocol):
             )
             transport.abort()  # type: ignore[attr-defined]
             return
+        # The loop's TCP transport (asyncio's, or uvloop's, which is not an
+        # asyncio.Transport) becomes the TCP side of ours.
+        # Its write buffer limits are left alone: asyncio's and uvloop's start
+        # with our high-water mark, so it asks us to pause when we would.
         outer = self.transport = SwitchableTransport(loop, self.protocol)
-        outer._adopt(transport)
+        outer._tcp = transport  # type: ignore[assignment]
+        # The loop calls us as it calls connection_made (from a call_soon), so
+        # the protocol gets it from here: no second hop, and the loop's guard.
+        self.protocol.connection_made(outer)
         if self._on_adopted is not None:
             self._on_adopted(outer)
 
     def data_received(self, data: bytes) -> None:
-        self.transport._tcp_data(data)  # type: ignore[union-attr]
+        outer = self.transport
+        assert outer is not None
+        if outer._direct:  # TCP alone: straight to the protocol, no copy
+            outer._rx_pos += len(data)
+            outer._protocol.data_received(data)  # type: ignore[attr-defined]
+            if outer._tx_pos + outer._rx_pos >= outer._traffic_goal:
+                outer._check_traffic()
+        else:
+            outer._tcp_data(data)
 
     def eof_received(self) -> bool:
-        self.transport._tcp_eof()  # type: ignore[union-attr]
+        outer = self.transport
+        assert outer is not None
+        if outer._direct:  # TCP alone: the loop's transport acts on the answer
+            outer._tcp_eof_seen = outer._rx_eof = True
+            keep_open = bool(outer._protocol.eof_received())  # type: ignore[attr-defined]
+            if not keep_open:
+                outer._closing = True  # the loop's transport closes; _tcp_lost follows
+            return keep_open
+        outer._tcp_eof()
         return True  # half-close: the switchable transport decides when to close
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -780,6 +780,51 @@ def test_a_closed_connection_is_freed_without_the_cycle_collector(loop_kind: str
     assert run(loop_kind, scenario) == []
 
 
+def test_a_server_frees_closed_connections_at_once_and_still_upgrades(
+    loop_kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's control endpoint looks connections up only when a client
+    asks: closed ones must not stay alive in its books, nor make them grow."""
+    import gc
+    import weakref
+
+    from aiocoloc import connect
+
+    monkeypatch.setattr(connect, "PRUNE_MIN", 8)
+    served: list[weakref.ref[asyncio.BaseTransport]] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served.append(weakref.ref(writer.transport))
+        await echo(reader, writer)
+
+    async def scenario() -> None:
+        server = await aiocoloc.start_server(handler, "127.0.0.1", 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            endpoint = server._endpoint
+            assert endpoint is not None
+            gc.disable()  # freed by reference counting, or not at all
+            try:
+                for _ in range(40):
+                    reader, writer = await aiocoloc.open_connection("127.0.0.1", port)
+                    await roundtrip(reader, writer, 100)
+                    writer.close()
+                    await writer.wait_closed()
+                    del reader, writer
+                await until(lambda: all(ref() is None for ref in served), "server sides freed")
+            finally:
+                gc.enable()
+            assert len(endpoint._unindexed) + len(endpoint._connections) <= 2 * 8
+            reader, writer = await aiocoloc.open_connection("127.0.0.1", port, upgrade="always")
+            await roundtrip(reader, writer, 1000)
+            await upgraded(writer)
+            await roundtrip(reader, writer, 1 << 16)
+            writer.close()
+            await writer.wait_closed()
+
+    run(loop_kind, scenario)
+
+
 def _ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
