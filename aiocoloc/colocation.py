@@ -16,6 +16,7 @@ import atexit
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 from aiocoloc.errors import PoolError
@@ -36,13 +37,11 @@ LINGER = 10.0
 class _Entry:
     pool: Pool
     refs: int
-    expiry: threading.Timer | None = None
+    idle_until: float | None = None  # time.monotonic() deadline while unused
 
     def take(self) -> Pool:
         self.refs += 1
-        if self.expiry is not None:
-            self.expiry.cancel()
-            self.expiry = None
+        self.idle_until = None
         return self.pool
 
 
@@ -51,6 +50,10 @@ class LocalPools:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        # One thread closes lingering pools while there are any (a thread
+        # per release cost 40-100 us of the event loop's time, every time).
+        self._reaper: threading.Thread | None = None
         self._pools: dict[str, _Entry] = {}
         self._serving: str | None = None
         self._pid = os.getpid()
@@ -59,6 +62,7 @@ class LocalPools:
         if os.getpid() != self._pid:  # a forked child inherits no membership
             self._pools.clear()
             self._serving = None
+            self._reaper = None
             self._pid = os.getpid()
 
     def serving(self, size: int) -> Pool:
@@ -107,19 +111,39 @@ class LocalPools:
             if entry.refs > 0:
                 return
             if LINGER > 0:
-                entry.expiry = threading.Timer(LINGER, self._expire, (key, entry))
-                entry.expiry.daemon = True
-                entry.expiry.start()
+                entry.idle_until = time.monotonic() + LINGER
+                if self._reaper is None:
+                    self._reaper = threading.Thread(
+                        target=self._reap, name="aiocoloc-pool-linger", daemon=True
+                    )
+                    self._reaper.start()
+                else:
+                    self._wake.notify()
                 return
             self._forget(key)
         self._close(pool)
 
-    def _expire(self, key: str, entry: _Entry) -> None:
-        with self._lock:
-            if self._pools.get(key) is not entry or entry.refs > 0:
-                return
-            self._forget(key)
-        self._close(entry.pool)
+    def _reap(self) -> None:
+        """Close pools whose linger ran out; return when none lingers."""
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                due = [
+                    (key, entry)
+                    for key, entry in self._pools.items()
+                    if entry.idle_until is not None and entry.idle_until <= now
+                ]
+                for key, _ in due:
+                    self._forget(key)
+                if not due:
+                    deadlines = [e.idle_until for e in self._pools.values() if e.idle_until]
+                    if not deadlines:
+                        self._reaper = None
+                        return
+                    self._wake.wait(min(deadlines) - now)
+                    continue
+            for _, entry in due:
+                self._close(entry.pool)
 
     def _forget(self, key: str) -> None:
         del self._pools[key]
@@ -135,9 +159,7 @@ class LocalPools:
         """Close every pool nobody uses now, without waiting for ``LINGER``."""
         with self._lock:
             idle = [(key, entry) for key, entry in self._pools.items() if entry.refs == 0]
-            for key, entry in idle:
-                if entry.expiry is not None:
-                    entry.expiry.cancel()
+            for key, _ in idle:
                 self._forget(key)
         for _, entry in idle:
             self._close(entry.pool)

@@ -34,8 +34,9 @@ __all__ = [
 
 #: Bytes a connection moves on TCP before ``auto`` upgrades it.
 AUTO_UPGRADE_AFTER = 64 * 1024
-#: The smallest pool a serving process may offer.
-MIN_POOL_SIZE = 1 << 20
+#: The smallest pool a serving process may offer: its tables (room for 512
+#: pipes) take 1.2 MB; this leaves 45 slices of 64 KiB.
+MIN_POOL_SIZE = 4 << 20
 
 
 @dataclass(frozen=True)

@@ -145,6 +145,20 @@ def _align(n: int, to: int) -> int:
     return (n + to - 1) // to * to
 
 
+def _positions(table: list[int], value: int, limit: int | None = None) -> list[int]:
+    """Indices of ``value`` in ``table`` (at most ``limit``), searched in C:
+    a pool's slice table has a thousand entries and more."""
+    found: list[int] = []
+    index = -1
+    while limit is None or len(found) < limit:
+        try:
+            index = table.index(value, index + 1)
+        except ValueError:
+            break
+        found.append(index)
+    return found
+
+
 @dataclass(frozen=True)
 class PoolConfig:
     """Knobs of a new pool.  The defaults suit a few dozen connections."""
@@ -644,13 +658,7 @@ class Pool:
         return self._slice_table().count(0)
 
     def _free_slices(self, count: int) -> list[int]:
-        found = []
-        for index, owner in enumerate(self._slice_table()):
-            if owner == 0:
-                found.append(index)
-                if len(found) == count:
-                    break
-        return found
+        return _positions(self._slice_table(), 0, count)
 
     def create_pipe(
         self,
@@ -717,13 +725,11 @@ class Pool:
 
     def _destroy_pipe_locked(self, slot: int) -> int:
         self._close_pipe_locked(slot)
-        freed = 0
-        for index, owner in enumerate(self._slice_table()):
-            if owner == slot + 1:
-                self._words.store32(self._slice_entry(index), 0)
-                freed += 1
+        owned = _positions(self._slice_table(), slot + 1)
+        for index in owned:
+            self._words.store32(self._slice_entry(index), 0)
         self._words.store32(self._pipe_offset(slot) + _P_STATE, _FREE)
-        return freed
+        return len(owned)
 
     def destroy_pipe(self, handle: PipeHandle) -> int:
         """Free the pipe and all its slices; returns how many slices were freed."""

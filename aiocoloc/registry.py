@@ -129,6 +129,7 @@ class Registry:
         """Record that this process serves aiocoloc on ``(host, port)``; returns
         the record's path (pass it to ``withdraw``)."""
         self._secure_directory(create=True)
+        self.sweep()
         pid = os.getpid()
         start = _start_time(pid)
         assert start is not None
@@ -152,6 +153,21 @@ class Registry:
             raise
         _log.debug("published %s:%d -> %s", host, port, control)
         return path
+
+    def sweep(self) -> int:
+        """Remove the records of processes that are gone, whatever their port
+        (a lookup only cleans its own port's); returns how many went."""
+        removed = 0
+        with os.scandir(self.directory) as entries:
+            paths = [Path(e.path) for e in entries if e.name.endswith(".json")]
+        for path in paths:
+            record = self._read(path)
+            if record is not None and not _alive(record.pid, record.start_time):
+                path.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            _log.debug("removed %d stale records from %s", removed, self.directory)
+        return removed
 
     def withdraw(self, path: Path) -> None:
         """Remove a record this process published.  Idempotent."""

@@ -7,6 +7,7 @@ import asyncio
 import os
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -251,6 +252,26 @@ def test_policy_strings_are_checked() -> None:
     with pytest.raises(TypeError, match="unknown settings: colour"):
         aiocoloc.configure(colour="blue")
     assert policy.current() == policy.Settings()  # nothing changed by the refusals
+
+
+def test_the_smallest_pool_allowed_still_serves(loop_kind: str) -> None:
+    """``configure()`` once accepted a pool too small for its own tables:
+    the server then quietly kept every client on TCP."""
+    with pytest.raises(ValueError, match="pool_size"):
+        aiocoloc.configure(pool_size=policy.MIN_POOL_SIZE - 1)
+    aiocoloc.configure(pool_size=policy.MIN_POOL_SIZE)
+
+    async def scenario() -> None:
+        server = await aiocoloc.start_server(echo, "127.0.0.1", 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            reader, writer = await aiocoloc.open_connection("127.0.0.1", port, upgrade="always")
+            await upgraded(writer)
+            await roundtrip(reader, writer, 1 << 20)
+            writer.close()
+            await writer.wait_closed()
+
+    run(loop_kind, scenario)
 
 
 def test_bad_environment_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1002,3 +1023,27 @@ def test_an_unused_pool_lingers_then_closes(
         await until(lambda: pool_id not in local_pools().open_pools(), "the pool to close", 3)
 
     run(loop_kind, scenario)
+
+
+def test_lingering_pools_are_watched_by_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Releasing the last reference used to start a timer thread each time
+    (40-100 us of the event loop's time per upgraded connection)."""
+    from aiocoloc import colocation
+
+    monkeypatch.setattr(colocation, "LINGER", 0.3)
+    pools = colocation.LocalPools()
+
+    def lingerers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "aiocoloc-pool-linger"]
+
+    ids = set()
+    for _ in range(5):
+        pool = pools.serving(policy.MIN_POOL_SIZE)
+        ids.add(str(pool.id))
+        pools.release(pool)  # the last reference: it lingers
+        assert len(lingerers()) == 1
+    assert pools.open_pools() == list(ids)  # one pool, taken back each time
+    deadline = time.monotonic() + 3
+    while (pools.open_pools() or lingerers()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert pools.open_pools() == [] and lingerers() == []

@@ -75,6 +75,22 @@ def test_a_reused_pid_is_not_mistaken_for_the_publisher(registry: Registry) -> N
     assert registry.lookup("127.0.0.1", 7001) == []
 
 
+def test_publishing_sweeps_records_of_dead_processes_on_any_port(registry: Registry) -> None:
+    """A lookup cleans only its own port: without a sweep, records of servers
+    that were killed would pile up for ports nobody asks for again."""
+    live = registry.publish("127.0.0.1", 7003, "/live")
+    for stale in [registry.publish("127.0.0.1", port, "/dead") for port in (7004, 7005, 7006)]:
+        data = json.loads(stale.read_text())
+        data["start_time"] -= 1  # its process is gone (its pid now someone else's)
+        stale.write_text(json.dumps(data))
+    (registry.directory / "7007-1-odd.json").write_text("not json")  # not ours to judge
+    assert registry.sweep() == 3
+    fresh = registry.publish("127.0.0.1", 7008, "/fresh")
+    assert sorted(p.name for p in registry.directory.iterdir()) == sorted(
+        [live.name, fresh.name, "7007-1-odd.json"]
+    )
+
+
 @pytest.mark.parametrize(
     "content",
     [
