@@ -17,9 +17,21 @@ The policy keeps that cheap where it does not pay:
   ``misses_to_stop`` spins in a row that found nothing, so a one-way writer
   or a slow server costs two spins, then nothing;
 * no spin right after we rang the peer: the scheduler likes to wake it on
-  our CPU, where our spin would only delay the bytes we wait for;
+  our CPU, where our spin would only delay the bytes we wait for.  Except
+  as a probe, when the last wake-up after that trigger came within
+  ``max_ns``: two peers that ring each other never spin (each sleeps when
+  the other writes), and one spin that catches the reply is enough for
+  both to stop ringing.  A probe that catches nothing, or catches it no
+  sooner than the last wake-up did, waits for twice as many rings next
+  time (up to ``max_backoff``);
 * a stopped trigger starts again when a wake-up comes within ``max_ns`` of
-  going to sleep or of our last write (a spin would have caught it);
+  going to sleep or of our last write (a spin would have caught it), or
+  within ``rearm_ns``: replies slower than a spin while both sides sleep
+  (each pays a wake-up) are often faster than one once both spin again --
+  a 64 KiB ping-pong took 140 us asleep and 40 us spinning, and used to
+  stay asleep for good after two slow replies.  A trigger started that way
+  that catches nothing waits for twice as many such wake-ups in a row next
+  time (up to ``max_backoff``), so a peer that is simply slow costs little;
 * at most one reader per event loop spins at a time, and nothing spins when
   the process may use fewer than two CPUs (a spinner there would only delay
   the peer it waits for).
@@ -55,12 +67,18 @@ class SpinConfig:
 
     max_ns: int = 100_000
     misses_to_stop: int = 2
+    rearm_ns: int = 300_000
+    max_backoff: int = 64
 
     def __post_init__(self) -> None:
         if self.max_ns < 0:
             raise ValueError(f"max_ns must be >= 0, got {self.max_ns!r}")
         if self.misses_to_stop < 1:
             raise ValueError(f"misses_to_stop must be >= 1, got {self.misses_to_stop!r}")
+        if self.rearm_ns < self.max_ns:
+            raise ValueError(f"rearm_ns must be >= max_ns, got {self.rearm_ns!r}")
+        if self.max_backoff < 1:
+            raise ValueError(f"max_backoff must be >= 1, got {self.max_backoff!r}")
 
 
 class SpinPolicy:
@@ -73,6 +91,14 @@ class SpinPolicy:
         self.config = config
         self.enabled = config.max_ns > 0 and (cpus if cpus is not None else usable_cpus()) >= 2
         self._misses = [0, 0]
+        # Per trigger: wake-ups within rearm_ns needed to start it again, how
+        # many came, and whether it was started that way and caught nothing.
+        self._backoff = [1, 1]
+        self._slow_wakes = [0, 0]
+        self._on_probation = [False, False]
+        self._last_wake_ns = [1 << 62, 1 << 62]  # the last wake-up after each trigger
+        self._probe_backoff = 1  # rings between probes (see may_spin_after_ring)
+        self._rings = 0
         self.spins = 0
         self.hits = 0
 
@@ -97,11 +123,49 @@ class SpinPolicy:
         if found:
             self.hits += 1
             self._misses[trigger] = 0
+            self._backoff[trigger] = 1
+            self._on_probation[trigger] = False
+            return
+        self._misses[trigger] += 1
+        if self._misses[trigger] >= self.config.misses_to_stop and self._on_probation[trigger]:
+            self._on_probation[trigger] = False
+            self._backoff[trigger] = min(2 * self._backoff[trigger], self.config.max_backoff)
+
+    def may_spin_after_ring(self, trigger: int) -> bool:
+        """Whether to spin for ``trigger`` although we just rang the peer: a
+        probe, when the last wake-up after ``trigger`` came within ``max_ns``."""
+        if self._last_wake_ns[trigger] > self.config.max_ns:
+            return False
+        self._rings += 1
+        if self._rings < self._probe_backoff:
+            return False
+        self._rings = 0
+        return True
+
+    def probed(self, trigger: int, caught_after_ns: int | None) -> None:
+        """The result of a spin that ``may_spin_after_ring`` allowed: the
+        bytes came ``caught_after_ns`` after ``trigger`` (None: not at all).
+        A probe pays only if that beats the last wake-up: a peer woken on
+        our CPU answers a spinner late, and a late catch is a loss too."""
+        if caught_after_ns is not None and caught_after_ns < self._last_wake_ns[trigger]:
+            self._probe_backoff = 1
         else:
-            self._misses[trigger] += 1
+            self._probe_backoff = min(2 * self._probe_backoff, self.config.max_backoff)
 
     def woken_after(self, trigger: int, slept_ns: int) -> None:
         """A doorbell woke us ``slept_ns`` after ``trigger`` (the pipe ran
-        empty, or our last write): a spin there would have caught it."""
-        if slept_ns <= self.config.max_ns:
+        empty, or our last write)."""
+        self._last_wake_ns[trigger] = slept_ns
+        if self._misses[trigger] < self.config.misses_to_stop:
+            return  # the trigger spins already
+        if slept_ns <= self.config.max_ns:  # a spin would have caught it
             self._misses[trigger] = 0
+            self._slow_wakes[trigger] = 0
+        elif slept_ns <= self.config.rearm_ns:
+            self._slow_wakes[trigger] += 1
+            if self._slow_wakes[trigger] >= self._backoff[trigger]:
+                self._misses[trigger] = 0
+                self._slow_wakes[trigger] = 0
+                self._on_probation[trigger] = True
+        else:
+            self._slow_wakes[trigger] = 0  # the evidence must come in a row

@@ -772,17 +772,24 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         rang, self._rang = self._rang, False
         if (
             policy is not None
-            and not rang  # the peer we just woke may be placed on our CPU: leave it free
             and self._spin_handle is None
             and policy.wants(trigger)
+            # The peer we just woke may be placed on our CPU: leave it free,
+            # but for a probe now and then.
+            and (not rang or policy.may_spin_after_ring(trigger))
             and policy.claim(self._loop)
         ):
             if self._rx_asleep:
                 self._rx_asleep = False
                 shm.consumer.cancel_sleep()  # awake: the writer need not ring
+            # A probe is judged against the wake-ups after the same trigger:
+            # from our write, or from the pipe running empty (now).
+            probe_from = 0
+            if rang:
+                probe_from = self._slept_at if trigger == AFTER_WRITE else time.monotonic_ns()
             # After the callbacks already queued: a task that wants to write
             # first (the next request) does so before we wait for the reply.
-            self._spin_handle = self._loop.call_soon(self._spin_wait, trigger)
+            self._spin_handle = self._loop.call_soon(self._spin_wait, trigger, probe_from)
         elif not self._rx_asleep:
             self._sleep()
 
@@ -796,7 +803,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         else:
             self._schedule_drain()
 
-    def _spin_wait(self, trigger: int) -> None:
+    def _spin_wait(self, trigger: int, probe_from: int) -> None:
         policy, shm = self._spin, self._shm
         assert policy is not None
         self._spin_handle = None
@@ -808,6 +815,8 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         try:
             found = shm.consumer.spin_until_readable(policy.config.max_ns)
             policy.record(trigger, found)
+            if probe_from:
+                policy.probed(trigger, time.monotonic_ns() - probe_from if found else None)
             if found:
                 self._drain()
             else:

@@ -19,6 +19,10 @@ def test_config_rejects_nonsense() -> None:
         SpinConfig(max_ns=-1)
     with pytest.raises(ValueError, match="misses_to_stop"):
         SpinConfig(misses_to_stop=0)
+    with pytest.raises(ValueError, match="rearm_ns"):
+        SpinConfig(max_ns=100_000, rearm_ns=50_000)
+    with pytest.raises(ValueError, match="max_backoff"):
+        SpinConfig(max_backoff=0)
 
 
 def test_nothing_spins_on_one_cpu_or_with_a_zero_budget() -> None:
@@ -38,7 +42,7 @@ def test_usable_cpus_follows_the_affinity_mask() -> None:
 
 
 def test_each_trigger_stops_after_its_misses_and_restarts_on_a_quick_wake() -> None:
-    policy = SpinPolicy(SpinConfig(max_ns=50_000, misses_to_stop=2), cpus=2)
+    policy = SpinPolicy(SpinConfig(max_ns=50_000, misses_to_stop=2, rearm_ns=50_000), cpus=2)
     policy.record(AFTER_EMPTY, False)
     assert policy.wants(AFTER_EMPTY)
     policy.record(AFTER_EMPTY, False)
@@ -53,6 +57,65 @@ def test_each_trigger_stops_after_its_misses_and_restarts_on_a_quick_wake() -> N
     policy.record(AFTER_WRITE, False)
     assert policy.wants(AFTER_WRITE)
     assert (policy.spins, policy.hits) == (5, 1)
+
+
+def test_a_trigger_restarts_on_slower_wakes_with_backoff() -> None:
+    """Replies slower than a spin while both sides sleep may be quick once
+    both spin; a peer that is simply slow must not keep us spinning."""
+    policy = SpinPolicy(SpinConfig(max_ns=50_000, rearm_ns=150_000, max_backoff=4), cpus=2)
+
+    def stop() -> None:
+        policy.record(AFTER_WRITE, False)
+        policy.record(AFTER_WRITE, False)
+        assert not policy.wants(AFTER_WRITE)
+
+    def wakes_to_restart() -> int:
+        for n in range(1, 10):
+            policy.woken_after(AFTER_WRITE, 120_000)  # slower than a spin, within rearm_ns
+            if policy.wants(AFTER_WRITE):
+                return n
+        raise AssertionError("never restarted")
+
+    stop()
+    policy.woken_after(AFTER_WRITE, 200_000)  # beyond rearm_ns: no evidence at all
+    assert not policy.wants(AFTER_WRITE)
+    assert wakes_to_restart() == 1
+    stop()  # restarted that way, it caught nothing: twice the evidence next time
+    assert wakes_to_restart() == 2
+    stop()
+    assert wakes_to_restart() == 4
+    stop()
+    assert wakes_to_restart() == 4  # max_backoff
+    policy.record(AFTER_WRITE, True)  # a catch forgives
+    stop()
+    assert wakes_to_restart() == 1
+
+
+def test_spinning_right_after_a_ring_is_a_probe_with_backoff() -> None:
+    policy = SpinPolicy(SpinConfig(max_ns=50_000, max_backoff=8), cpus=2)
+    assert not policy.may_spin_after_ring(AFTER_WRITE)  # no wake-up seen yet: no evidence
+    policy.woken_after(AFTER_WRITE, 90_000)  # replies slower than a spin: none either
+    assert not policy.may_spin_after_ring(AFTER_WRITE)
+    policy.woken_after(AFTER_WRITE, 40_000)  # a spin would have caught this one
+
+    def rings_to_probe() -> int:
+        for n in range(1, 20):
+            if policy.may_spin_after_ring(AFTER_WRITE):
+                return n
+        raise AssertionError("never probed")
+
+    assert rings_to_probe() == 1
+    policy.probed(AFTER_WRITE, None)  # caught nothing
+    assert rings_to_probe() == 2
+    policy.probed(AFTER_WRITE, 45_000)  # caught, but no sooner than a wake-up (40 us)
+    assert rings_to_probe() == 4
+    policy.probed(AFTER_WRITE, None)
+    assert rings_to_probe() == 8
+    policy.probed(AFTER_WRITE, None)
+    assert rings_to_probe() == 8  # max_backoff
+    policy.probed(AFTER_WRITE, 10_000)  # caught sooner than a wake-up: probe every ring
+    assert rings_to_probe() == 1
+    assert not policy.may_spin_after_ring(AFTER_EMPTY)  # evidence is per trigger
 
 
 def test_one_spinner_per_event_loop() -> None:
