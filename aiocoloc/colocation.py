@@ -164,6 +164,14 @@ class LocalPools:
         for _, entry in idle:
             self._close(entry.pool)
 
+    def take(self, pool_id: str) -> Pool | None:
+        """A new reference to pool ``pool_id`` if this process has it open
+        (lingering included), else None."""
+        with self._lock:
+            self._check_fork()
+            entry = self._pools.get(pool_id)
+            return entry.take() if entry is not None else None
+
     def get(self, pool_id: str) -> Pool | None:
         """The pool ``pool_id`` if this process uses it."""
         with self._lock:

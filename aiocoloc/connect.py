@@ -16,6 +16,7 @@ memory the pipes carry the TLS records, exactly as the socket would.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import os
@@ -203,30 +204,34 @@ def _describe(address: Any) -> str:
     return str(address)
 
 
-def _on_this_host(local: Any, remote: Any) -> bool:
+def _on_this_host(key: ConnKey) -> bool:
     """A connection to one of our own addresses has the same address at both
     ends (Linux picks the destination as the source), or is loopback."""
-    if not (isinstance(local, tuple) and isinstance(remote, tuple)):
-        return False
-    key = connection_key(local, remote)
+    return key[0] == key[2] or _is_loopback(key[2])
+
+
+@functools.lru_cache(maxsize=256)
+def _is_loopback(ip: str) -> bool:
     try:
-        if ipaddress.ip_address(key[2]).is_loopback:
-            return True
+        return ipaddress.ip_address(ip).is_loopback
     except ValueError:
         return False
-    return key[0] == key[2]
 
 
 async def _upgrade_client(
     transport: SwitchableTransport, trust: Trust, settings: Settings, where: str
 ) -> None:
     local, remote = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
-    if not _on_this_host(local, remote):
+    conn = (
+        connection_key(local, remote)
+        if isinstance(local, tuple) and isinstance(remote, tuple)
+        else None
+    )
+    if conn is None or not _on_this_host(conn):
         fallback.record(
             transport, fallback.NO_REGISTRY_ENTRY, "the peer is not on this host", where=where
         )
         return
-    conn = connection_key(local, remote)
     try:
         records = Registry().lookup(conn[2], conn[3])
     except RegistryError as exc:
@@ -263,7 +268,7 @@ async def _agree(records: list[Any], conn: ConnKey, pools: Any, trust: Trust) ->
     for record in records:
         try:
             control = await _connect_control(record.control)
-            return await client_handshake(control, conn, pools, trust)
+            return await client_handshake(control, conn, pools, trust, record.pool)
         except HandshakeFailed as failed:
             if failed.reason not in (fallback.NOT_AIOCOLOC, fallback.UNKNOWN_CONNECTION):
                 raise
@@ -610,7 +615,14 @@ async def create_server(
             for sock in inner.sockets:
                 if sock.family in (socket.AF_INET, socket.AF_INET6):
                     address = sock.getsockname()
-                    records.append(registry.publish(address[0], address[1], endpoint.address))
+                    records.append(
+                        registry.publish(
+                            address[0],
+                            address[1],
+                            endpoint.address,
+                            pool=str(pool.id) if pool is not None else None,
+                        )
+                    )
         except (RegistryError, OSError) as exc:
             _log.warning("clients of this server cannot upgrade: %s", exc)
     return Server(inner, endpoint, records, registry, pool)

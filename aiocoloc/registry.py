@@ -57,14 +57,31 @@ def default_directory() -> Path:
 def _start_time(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (None if it is gone)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+        fields = _read_small(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
         return None
-    return int(fields[19])
+
+
+def _read_small(path: str) -> bytes:
+    """A small file's bytes, with the fewest calls (lookups are on the
+    connection set-up path)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 65536)
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int, start_time: int) -> bool:
     return _start_time(pid) == start_time
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 @dataclass(frozen=True)
@@ -159,11 +176,11 @@ class Registry:
         (a lookup only cleans its own port's); returns how many went."""
         removed = 0
         with os.scandir(self.directory) as entries:
-            paths = [Path(e.path) for e in entries if e.name.endswith(".json")]
+            paths = [e.path for e in entries if e.name.endswith(".json")]
         for path in paths:
             record = self._read(path)
             if record is not None and not _alive(record.pid, record.start_time):
-                path.unlink(missing_ok=True)
+                _unlink(path)
                 removed += 1
         if removed:
             _log.debug("removed %d stale records from %s", removed, self.directory)
@@ -181,7 +198,7 @@ class Registry:
         prefix = f"{port}-"
         with os.scandir(self.directory) as entries:
             paths = [
-                Path(entry.path)
+                entry.path
                 for entry in entries
                 if entry.name.startswith(prefix) and entry.name.endswith(".json")
             ]
@@ -190,15 +207,15 @@ class Registry:
             if record is None or not record.matches(host, port):
                 continue
             if not _alive(record.pid, record.start_time):
-                _log.debug("removing stale record %s (pid %d is gone)", path.name, record.pid)
-                path.unlink(missing_ok=True)
+                _log.debug("removing stale record %s (pid %d is gone)", path, record.pid)
+                _unlink(path)
                 continue
             found.append(record)
         return found
 
-    def _read(self, path: Path) -> Record | None:
+    def _read(self, path: str) -> Record | None:
         try:
-            data: Any = json.loads(path.read_text())
+            data: Any = json.loads(_read_small(path))
             if data.get("version") != RECORD_VERSION:
                 return None
             record = Record(**data)
@@ -211,5 +228,5 @@ class Registry:
                 return None
             return record
         except (OSError, ValueError, TypeError, AttributeError) as exc:
-            _log.debug("ignoring unreadable registry entry %s: %s", path.name, exc)
+            _log.debug("ignoring unreadable registry entry %s: %s", path, exc)
             return None

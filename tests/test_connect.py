@@ -327,7 +327,10 @@ def test_plain_asyncio_client_of_an_aiocoloc_server(loop_kind: str) -> None:
 class FakeControl:
     """A control endpoint we script, advertised for a real (plain) TCP server."""
 
-    def __init__(self, behave: Callable[[socket.socket], Awaitable[None]]) -> None:
+    def __init__(
+        self, behave: Callable[[socket.socket], Awaitable[None]], pool: str | None = None
+    ) -> None:
+        self.pool = pool  # the pool id advertised (a client that has it open offers it)
         self.address = f"@aiocoloc-test-{os.getpid()}-{os.urandom(6).hex()}"
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind("\0" + self.address[1:])
@@ -341,7 +344,7 @@ class FakeControl:
     async def start(self) -> int:
         self.server = await asyncio.start_server(echo, "127.0.0.1", 0)
         port: int = self.server.sockets[0].getsockname()[1]
-        self.record = Registry().publish("127.0.0.1", port, self.address)
+        self.record = Registry().publish("127.0.0.1", port, self.address, pool=self.pool)
         self.tasks.append(asyncio.get_running_loop().create_task(self._accept()))
         return port
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -111,3 +112,41 @@ def test_server_gives_pipes_back_when_a_client_process_dies(loop_kind: str) -> N
                 finish(child)
 
     run(loop_kind, scenario)
+
+
+def test_later_connections_skip_the_pool_exchange(
+    loop_kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first connection to a server process maps its pool (pool, join);
+    the next ones offer that pool in their hello and go straight to pipes."""
+    from aiocoloc import handshake
+
+    sent: list[list[str]] = []
+    original = handshake.Channel.send
+
+    async def spy(self: handshake.Channel, message: dict[str, Any], fds: Any = ()) -> None:
+        offer = message["op"] == "hello" and "pool" in message
+        sent[-1].append(message["op"] + ("+offer" if offer else ""))
+        await original(self, message, fds)
+
+    monkeypatch.setattr(handshake.Channel, "send", spy)
+
+    async def scenario() -> None:
+        child = spawn("server", loop_kind)
+        try:
+            port = int(await line(child))
+            for _ in range(3):
+                sent.append([])
+                reader, writer = await aiocoloc.open_connection("127.0.0.1", port, upgrade="always")
+                await upgraded(writer)
+                assert json.loads(await line(child)) == {"upgraded": True}
+                payload = os.urandom(1 << 20)
+                writer.write(payload)
+                assert await reader.readexactly(len(payload)) == payload
+                writer.close()
+                await writer.wait_closed()
+        finally:
+            finish(child)
+
+    run(loop_kind, scenario)
+    assert sent == [["hello", "join", "proof"]] + [["hello+offer", "proof"]] * 2

@@ -107,15 +107,28 @@ async def _play(script: list[Any], sock: socket.socket) -> None:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(script=steps)
-@example(script=[("frame", {"op": "pipes"}, ["pipe"])])  # descriptors with the wrong message
-@example(script=[("frame", {"op": "pool", "version": 1, "pool": "p"}, ["memfd"])])  # no pool in it
-@example(script=[("frame", {"op": "pool", "version": 1, "pool": "p"}, ["unsealed"])])
-@example(script=[("frame", {"op": "pool", "version": 1, "pool": "p"}, ["memfd", "pipe"])])
-@example(script=[("read",), ("raw", b"\xff\xff\xff\xff")])  # a frame longer than allowed
-@example(script=[("read",), ("close",)])
-@example(script=[])  # silence
-def test_any_control_endpoint_leaves_a_working_tcp_connection(script: list[Any]) -> None:
+@given(script=steps, warm=st.booleans())
+@example(script=[("frame", {"op": "pipes"}, ["pipe"])], warm=False)  # fds with the wrong message
+@example(script=[("frame", {"op": "pool", "version": 1, "pool": "p"}, ["memfd"])], warm=False)
+@example(script=[("frame", {"op": "pool", "version": 1, "pool": "p"}, ["unsealed"])], warm=False)
+@example(
+    script=[("frame", {"op": "pool", "version": 1, "pool": "p"}, ["memfd", "pipe"])], warm=False
+)
+@example(script=[("read",), ("raw", b"\xff\xff\xff\xff")], warm=False)  # a frame too long
+@example(script=[("read",), ("close",)], warm=False)
+@example(script=[], warm=False)  # silence
+# An advertised pool we have open: the client offers it in its hello.
+@example(
+    script=[("read",), ("frame", {"op": "pipes", "up": [0, 1], "down": [1, 1]}, ["eventfd"])],
+    warm=True,
+)
+@example(script=[("read",), ("frame", {"op": "pipes", "nonce": b"x" * 16}, [])], warm=True)
+@example(
+    script=[("read",), ("frame", {"op": "pool", "version": 1, "pool": "p"}, ["memfd"])], warm=True
+)
+def test_any_control_endpoint_leaves_a_working_tcp_connection(
+    script: list[Any], warm: bool
+) -> None:
     policy.reset()
     aiocoloc.configure(upgrade="always", handshake_timeout=0.3)
 
@@ -123,7 +136,8 @@ def test_any_control_endpoint_leaves_a_working_tcp_connection(script: list[Any])
         await _play(script, sock)
 
     async def scenario() -> None:
-        fake = FakeControl(behave)
+        pool = local_pools().serving(policy.MIN_POOL_SIZE) if warm else None
+        fake = FakeControl(behave, pool=str(pool.id) if pool is not None else None)
         port = await fake.start()
         try:
             reader, writer = await aiocoloc.open_connection("127.0.0.1", port)
@@ -136,6 +150,9 @@ def test_any_control_endpoint_leaves_a_working_tcp_connection(script: list[Any])
             await writer.wait_closed()
         finally:
             await fake.close()
+        if pool is not None:
+            assert pool.stats()["pipes"] == 0  # nothing created in it stays behind
+            local_pools().release(pool)
         assert local_pools().in_use() == {}
         local_pools().close_idle()
 
