@@ -18,12 +18,12 @@ The policy keeps that cheap where it does not pay:
   or a slow server costs two spins, then nothing;
 * no spin right after we rang the peer: the scheduler likes to wake it on
   our CPU, where our spin would only delay the bytes we wait for.  Except
-  as a probe, when the last wake-up after that trigger came within
-  ``max_ns``: two peers that ring each other never spin (each sleeps when
-  the other writes), and one spin that catches the reply is enough for
-  both to stop ringing.  A probe that catches nothing, or catches it no
-  sooner than the last wake-up did, waits for twice as many rings next
-  time (up to ``max_backoff``);
+  as a probe after a request (our write), when the last wake-up after one
+  came within ``max_ns``: two peers that ring each other never spin (each
+  sleeps when the other writes), and one spin that catches the reply is
+  enough for both to stop ringing.  A probe that catches nothing, or
+  catches it no sooner than the last wake-up did, waits for twice as many
+  rings next time (up to ``max_backoff``);
 * a stopped trigger starts again when a wake-up comes within ``max_ns`` of
   going to sleep or of our last write (a spin would have caught it), or
   within ``rearm_ns``: replies slower than a spin while both sides sleep
@@ -133,8 +133,10 @@ class SpinPolicy:
 
     def may_spin_after_ring(self, trigger: int) -> bool:
         """Whether to spin for ``trigger`` although we just rang the peer: a
-        probe, when the last wake-up after ``trigger`` came within ``max_ns``."""
-        if self._last_wake_ns[trigger] > self.config.max_ns:
+        probe, after our write (a request), when the last wake-up after one
+        came within ``max_ns``.  Never after freeing space for a blocked
+        writer (``AFTER_EMPTY``): that writer is the one a spin would hold up."""
+        if trigger != AFTER_WRITE or self._last_wake_ns[trigger] > self.config.max_ns:
             return False
         self._rings += 1
         if self._rings < self._probe_backoff:

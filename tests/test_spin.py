@@ -115,7 +115,8 @@ def test_spinning_right_after_a_ring_is_a_probe_with_backoff() -> None:
     assert rings_to_probe() == 8  # max_backoff
     policy.probed(AFTER_WRITE, 10_000)  # caught sooner than a wake-up: probe every ring
     assert rings_to_probe() == 1
-    assert not policy.may_spin_after_ring(AFTER_EMPTY)  # evidence is per trigger
+    policy.woken_after(AFTER_EMPTY, 10_000)
+    assert not policy.may_spin_after_ring(AFTER_EMPTY)  # never for a writer we unblocked
 
 
 def test_one_spinner_per_event_loop() -> None:
