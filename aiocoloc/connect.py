@@ -336,6 +336,12 @@ def _abandon(agreement: Agreement) -> None:
 # --- server side -----------------------------------------------------------------------
 
 
+def _open(ref: weakref.ref[SwitchableTransport]) -> bool:
+    """The connection is alive and has not lost its TCP connection yet."""
+    transport = ref()
+    return transport is not None and not transport._lost_called
+
+
 class ControlEndpoint:
     """A server's control socket: runs the server side of handshakes for the
     TCP connections its server accepted (found by their 4-tuple)."""
@@ -351,7 +357,7 @@ class ControlEndpoint:
         # everything its protocol holds.
         self._unindexed: list[weakref.ref[SwitchableTransport]] = []
         self._prune_at = PRUNE_MIN
-        self._connections: dict[tuple[int, int], SwitchableTransport] = {}
+        self._connections: dict[tuple[int, int], weakref.ref[SwitchableTransport]] = {}
         self._waiting: dict[tuple[int, int], asyncio.Future[SwitchableTransport]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.address = f"@aiocoloc-ctl-{os.getpid()}-{secrets.token_hex(8)}"
@@ -387,7 +393,7 @@ class ControlEndpoint:
             if not (isinstance(peer, tuple) and isinstance(local, tuple)):
                 continue  # not an IP connection
             ports = (peer[1], local[1])
-            self._connections[ports] = transport
+            self._connections[ports] = ref
             waiter = self._waiting.pop(ports, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(transport)
@@ -395,9 +401,9 @@ class ControlEndpoint:
     def _prune(self) -> None:
         """Forget closed connections; runs after a number of accepts that
         grows with the number open, so each accept pays O(1) for it."""
-        self._unindexed = [r for r in self._unindexed if (t := r()) and not t._lost_called]
-        for ports, transport in list(self._connections.items()):
-            if transport._lost_called:
+        self._unindexed = [r for r in self._unindexed if _open(r)]
+        for ports, ref in list(self._connections.items()):
+            if not _open(ref):
                 del self._connections[ports]
         self._prune_at = max(PRUNE_MIN, 2 * (len(self._unindexed) + len(self._connections)))
 
@@ -418,8 +424,9 @@ class ControlEndpoint:
         ports = (key[1], key[3])
         if self._unindexed:
             self._index()
-        transport = self._connections.get(ports)
-        if transport is not None and transport._lost_called:  # its ports were reused
+        ref = self._connections.get(ports)
+        transport = ref() if ref is not None else None
+        if ref is not None and not _open(ref):  # closed (and its ports may be reused)
             del self._connections[ports]
             transport = None
         if transport is None:

@@ -112,7 +112,14 @@ class ControlLink(asyncio.Protocol):
     def _lost(self, exc: BaseException | None) -> None:
         if not self.closed:
             self.closed = True
-            self._on_lost(exc)
+            on_lost = self._on_lost
+            self._forget_callbacks()
+            on_lost(exc)
+
+    def _forget_callbacks(self) -> None:
+        # They are bound to our owner, which holds us: a closed link must not
+        # keep that cycle for the garbage collector to find.
+        self._on_message = self._on_lost = _ignore
 
     def send(self, message: dict[str, Any]) -> None:
         if self.closed or (self.transport is not None and self.transport.is_closing()):
@@ -124,5 +131,10 @@ class ControlLink(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        self._forget_callbacks()
         if self.transport is not None:
             self.transport.close()
+
+
+def _ignore(*_: Any) -> None:
+    pass

@@ -762,10 +762,14 @@ def test_install_routes_unmodified_asyncio_code(loop_kind: str) -> None:
     run(loop_kind, scenario)
 
 
-def test_a_closed_connection_is_freed_without_the_cycle_collector(loop_kind: str) -> None:
-    """Short connections must not leave reference cycles of ours behind (they
-    made every connection slower through garbage collection).  asyncio's own
-    selector transport has a cycle of its own; only our objects count."""
+@pytest.mark.parametrize("upgrade", ["auto", "always"])
+def test_a_closed_connection_is_freed_without_the_cycle_collector(
+    loop_kind: str, upgrade: str
+) -> None:
+    """Connections must not leave reference cycles of ours behind (they made
+    every short connection slower through garbage collection, and an upgraded
+    one kept its pipe ends and control link).  asyncio's own selector
+    transport has a cycle of its own; only our objects count."""
     import gc
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -782,7 +786,11 @@ def test_a_closed_connection_is_freed_without_the_cycle_collector(loop_kind: str
             gc.set_debug(gc.DEBUG_SAVEALL)
             try:
                 for _ in range(20):
-                    reader, writer = await aiocoloc.open_connection("127.0.0.1", port)
+                    reader, writer = await aiocoloc.open_connection(
+                        "127.0.0.1", port, upgrade=upgrade
+                    )
+                    if upgrade == "always":
+                        await upgraded(writer)
                     writer.write(b"K" * 64)
                     await reader.readexactly(1024)
                     writer.close()
@@ -829,6 +837,14 @@ def test_a_server_frees_closed_connections_at_once_and_still_upgrades(
             assert endpoint is not None
             gc.disable()  # freed by reference counting, or not at all
             try:
+                # An upgrade makes the server index every connection open then.
+                held = [await aiocoloc.open_connection("127.0.0.1", port) for _ in range(5)]
+                reader, writer = await aiocoloc.open_connection("127.0.0.1", port, upgrade="always")
+                await upgraded(writer)
+                for _, w in [*held, (reader, writer)]:
+                    w.close()
+                    await w.wait_closed()
+                del held, reader, writer, w
                 for _ in range(40):
                     reader, writer = await aiocoloc.open_connection("127.0.0.1", port)
                     await roundtrip(reader, writer, 100)
