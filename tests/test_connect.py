@@ -710,6 +710,87 @@ def test_connection_errors_are_asyncios(loop_kind: str) -> None:
     run(loop_kind, scenario)
 
 
+@pytest.mark.parametrize("failing", ["connection_made", "data_received", "eof_received"])
+def test_a_failing_protocol_meets_what_the_loop_itself_does(loop_kind: str, failing: str) -> None:
+    """On TCP the loop's own transport calls the protocol (through the
+    Adopter): a protocol that raises gets exactly what it gets from the loop
+    itself -- the same report, the connection closed or kept the same way."""
+
+    class Failing(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+            self.transport: asyncio.BaseTransport | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+            if failing == "connection_made":
+                raise RuntimeError("boom")
+
+        def data_received(self, data: bytes) -> None:
+            if failing == "data_received":
+                raise RuntimeError("boom")
+
+        def eof_received(self) -> bool:
+            if failing == "eof_received":
+                raise RuntimeError("boom")
+            return True
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if not self.lost.done():
+                self.lost.set_result(exc)
+
+    async def outcome(serve: Callable[..., Awaitable[Any]]) -> tuple[Any, ...]:
+        loop = asyncio.get_running_loop()
+        reports: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _, context: reports.append(context))
+        protocols: list[Failing] = []
+
+        def factory() -> Failing:
+            protocols.append(Failing())
+            return protocols[-1]
+
+        server = await serve(loop, factory, "127.0.0.1", 0)
+        try:
+            port = server.sockets[0].getsockname()[1]
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"x")
+            writer.write_eof()
+            try:  # closed by the server, or kept open
+                closed = await asyncio.wait_for(reader.read(), 0.5) == b""
+            except TimeoutError:
+                closed = False
+            writer.close()
+            try:
+                lost = type(await asyncio.wait_for(protocols[0].lost, 0.5)).__name__
+            except TimeoutError:
+                lost = "no connection_lost"
+            for protocol in protocols:  # asyncio's server.close() leaves them open
+                if protocol.transport is not None:
+                    protocol.transport.abort()
+        finally:
+            server.close()
+            await server.wait_closed()
+            loop.set_exception_handler(None)
+        return (
+            closed,
+            lost,
+            [type(r.get("exception")).__name__ for r in reports],
+            # The words, not the object names ("Exception in callback
+            # <callback>(...)" names the loop's callback: ours is the Adopter's).
+            [r["message"].split("(")[0].split(" on ")[0].rsplit(".", 1)[-1] for r in reports],
+        )
+
+    async def scenario() -> None:
+        loop_own = await outcome(
+            lambda loop, *args: loop.create_server(*args)  # type: ignore[no-any-return]
+        )
+        ours = await outcome(aiocoloc.create_server)
+        assert ours == loop_own
+        assert loop_own[2] == ["RuntimeError"]  # reported once
+
+    run(loop_kind, scenario)
+
+
 def test_tls_rides_on_shared_memory(loop_kind: str) -> None:
     ca = trustme.CA()
     cert = ca.issue_cert("localhost")
