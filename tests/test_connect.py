@@ -719,10 +719,10 @@ def test_a_failing_protocol_meets_what_the_loop_itself_does(loop_kind: str, fail
     class Failing(asyncio.Protocol):
         def __init__(self) -> None:
             self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
-            self.transport: asyncio.BaseTransport | None = None
+            self.transport: asyncio.Transport | None = None
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.transport = transport
+            self.transport = transport  # type: ignore[assignment]
             if failing == "connection_made":
                 raise RuntimeError("boom")
 
@@ -781,9 +781,7 @@ def test_a_failing_protocol_meets_what_the_loop_itself_does(loop_kind: str, fail
         )
 
     async def scenario() -> None:
-        loop_own = await outcome(
-            lambda loop, *args: loop.create_server(*args)  # type: ignore[no-any-return]
-        )
+        loop_own = await outcome(lambda loop, *args: loop.create_server(*args))
         ours = await outcome(aiocoloc.create_server)
         assert ours == loop_own
         assert loop_own[2] == ["RuntimeError"]  # reported once
