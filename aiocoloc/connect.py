@@ -42,6 +42,7 @@ from aiocoloc.handshake import (
 )
 from aiocoloc.policy import Settings, Trust, Upgrade, current, parse_trust, parse_upgrade
 from aiocoloc.registry import Registry, RegistryError
+from aiocoloc.tls import let_loop_start_tls
 from aiocoloc.transport import Adopter, SwitchableTransport, attach_shared_memory
 
 __all__ = [
@@ -139,6 +140,7 @@ async def create_connection(
             raise ValueError("You must set server_hostname when using ssl without a host")
         server_hostname = host
     settings, mode, trusted = _options(upgrade, trust)
+    let_loop_start_tls(loop)  # STARTTLS on our transports, on uvloop too
     protocol = protocol_factory()
     waiter: asyncio.Future[None] | None = None
     inner: asyncio.BaseProtocol = protocol
@@ -581,6 +583,7 @@ async def create_server(
     if ssl and not isinstance(ssl, ssl_module.SSLContext):
         raise TypeError(f"ssl argument must be an SSLContext or None, not {ssl!r}")
     settings, mode, trusted = _options(upgrade, trust)
+    let_loop_start_tls(loop)
     endpoint = None if mode.never else ControlEndpoint(loop, settings, trusted)
     on_adopted = endpoint.register if endpoint is not None else None
     pool = None

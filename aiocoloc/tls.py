@@ -15,7 +15,7 @@ import ssl
 from asyncio import sslproto
 from typing import Any
 
-__all__ = ["start_tls"]
+__all__ = ["let_loop_start_tls", "start_tls"]
 
 
 async def start_tls(
@@ -69,3 +69,58 @@ async def start_tls(
         transport.close()
         raise
     return tls._app_transport
+
+
+def let_loop_start_tls(loop: asyncio.AbstractEventLoop) -> None:
+    """Make ``loop.start_tls`` (hence ``StreamWriter.start_tls``, STARTTLS in
+    libraries) accept our transports on this loop's class.
+
+    asyncio's loop wraps any transport that declares ``_start_tls_compatible``;
+    uvloop's raises ``TypeError`` for all but its own.  Its class gets a
+    ``start_tls`` that hands such transports to ``start_tls`` above and every
+    other one to uvloop.  Idempotent; asyncio's loops are left alone.
+    """
+    klass = type(loop)
+    if isinstance(loop, asyncio.BaseEventLoop) or klass in _taught:
+        return
+    _taught.add(klass)
+    own = klass.start_tls
+
+    async def start_tls_too(
+        self: asyncio.AbstractEventLoop,
+        transport: asyncio.BaseTransport,
+        protocol: asyncio.BaseProtocol,
+        sslcontext: ssl.SSLContext,
+        *,
+        server_side: bool = False,
+        server_hostname: str | None = None,
+        ssl_handshake_timeout: float | None = None,
+        ssl_shutdown_timeout: float | None = None,
+    ) -> asyncio.Transport | None:
+        if getattr(transport, "_start_tls_compatible", False):
+            return await start_tls(
+                transport,
+                protocol,
+                sslcontext,
+                server_side=server_side,
+                server_hostname=server_hostname,
+                ssl_handshake_timeout=ssl_handshake_timeout,
+                ssl_shutdown_timeout=ssl_shutdown_timeout,
+            )
+        return await own(
+            self,
+            transport,  # type: ignore[arg-type]
+            protocol,
+            sslcontext,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            ssl_handshake_timeout=ssl_handshake_timeout,
+            ssl_shutdown_timeout=ssl_shutdown_timeout,
+        )
+
+    start_tls_too.__doc__ = own.__doc__
+    klass.start_tls = start_tls_too  # type: ignore[method-assign]
+
+
+#: Loop classes whose start_tls accepts our transports.
+_taught: set[type] = set()

@@ -42,6 +42,7 @@ from aiocoloc.doorbell import ControlDoorbell, Doorbell
 from aiocoloc.elastic import ElasticConfig, ElasticProducer
 from aiocoloc.errors import PoolError, RingClosed, RingCorrupted
 from aiocoloc.spin import AFTER_EMPTY, AFTER_WRITE, SpinConfig, SpinPolicy
+from aiocoloc.tls import let_loop_start_tls
 
 __all__ = ["Adopter", "ShmPath", "SwitchableTransport", "attach_shared_memory", "open_transport"]
 
@@ -1129,6 +1130,7 @@ async def open_transport(
     sock: socket.socket,
 ) -> tuple[SwitchableTransport, asyncio.BaseProtocol]:
     """Wrap a connected TCP socket in a ``SwitchableTransport`` (TCP mode)."""
+    let_loop_start_tls(loop)
     sock.setblocking(False)
     adopter = Adopter(protocol_factory)
     await loop.connect_accepted_socket(lambda: adopter, sock=sock)

@@ -815,6 +815,45 @@ def test_tls_rides_on_shared_memory(loop_kind: str) -> None:
     run(loop_kind, scenario)
 
 
+@pytest.mark.parametrize("upgrade", ["never", "always"])
+def test_starttls_with_the_loops_own_start_tls(loop_kind: str, upgrade: str) -> None:
+    """``StreamWriter.start_tls`` (``loop.start_tls``: STARTTLS in SMTP, IMAP,
+    PostgreSQL clients) on both ends.  uvloop's start_tls refused any
+    transport but its own until aiocoloc taught it ours."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert await reader.readline() == b"STARTTLS\n"
+        writer.write(b"go ahead\n")
+        await writer.drain()
+        await writer.start_tls(server_context)
+        await echo(reader, writer)
+
+    async def scenario() -> None:
+        server = await aiocoloc.start_server(handle, "127.0.0.1", 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            reader, writer = await aiocoloc.open_connection("127.0.0.1", port, upgrade=upgrade)
+            if upgrade == "always":
+                await upgraded(writer)
+            writer.write(b"STARTTLS\n")
+            assert await reader.readline() == b"go ahead\n"
+            await writer.start_tls(client_context, server_hostname="localhost")
+            assert writer.get_extra_info("peercert") is not None
+            payload = os.urandom(1 << 20)
+            writer.write(payload)
+            assert await reader.readexactly(len(payload)) == payload
+            writer.close()
+            await writer.wait_closed()
+
+    run(loop_kind, scenario)
+
+
 def test_install_routes_unmodified_asyncio_code(loop_kind: str) -> None:
     async def scenario() -> None:
         aiocoloc.configure(upgrade="always")
