@@ -42,7 +42,7 @@ from aiocoloc.handshake import (
 )
 from aiocoloc.policy import Settings, Trust, Upgrade, current, parse_trust, parse_upgrade
 from aiocoloc.registry import Registry, RegistryError
-from aiocoloc.tls import let_loop_start_tls
+from aiocoloc.tls import TAUGHT, let_loop_start_tls
 from aiocoloc.transport import Adopter, SwitchableTransport, attach_shared_memory
 
 __all__ = [
@@ -140,7 +140,8 @@ async def create_connection(
             raise ValueError("You must set server_hostname when using ssl without a host")
         server_hostname = host
     settings, mode, trusted = _options(upgrade, trust)
-    let_loop_start_tls(loop)  # STARTTLS on our transports, on uvloop too
+    if type(loop) not in TAUGHT:  # STARTTLS on our transports, on uvloop too
+        let_loop_start_tls(loop)
     protocol = protocol_factory()
     waiter: asyncio.Future[None] | None = None
     inner: asyncio.BaseProtocol = protocol

@@ -81,9 +81,11 @@ def let_loop_start_tls(loop: asyncio.AbstractEventLoop) -> None:
     other one to uvloop.  Idempotent; asyncio's loops are left alone.
     """
     klass = type(loop)
-    if isinstance(loop, asyncio.BaseEventLoop) or klass in _taught:
+    if klass in TAUGHT:
         return
-    _taught.add(klass)
+    TAUGHT.add(klass)
+    if isinstance(loop, asyncio.BaseEventLoop):
+        return  # asyncio's start_tls takes any transport that says it can
     own = klass.start_tls
 
     async def start_tls_too(
@@ -122,5 +124,6 @@ def let_loop_start_tls(loop: asyncio.AbstractEventLoop) -> None:
     klass.start_tls = start_tls_too  # type: ignore[method-assign]
 
 
-#: Loop classes whose start_tls accepts our transports.
-_taught: set[type] = set()
+#: Loop classes whose start_tls accepts our transports (callers on hot
+#: paths test ``type(loop) in TAUGHT`` before calling ``let_loop_start_tls``).
+TAUGHT: set[type] = set()
