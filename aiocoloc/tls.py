@@ -93,32 +93,11 @@ def let_loop_start_tls(loop: asyncio.AbstractEventLoop) -> None:
         transport: asyncio.BaseTransport,
         protocol: asyncio.BaseProtocol,
         sslcontext: ssl.SSLContext,
-        *,
-        server_side: bool = False,
-        server_hostname: str | None = None,
-        ssl_handshake_timeout: float | None = None,
-        ssl_shutdown_timeout: float | None = None,
+        **options: Any,
     ) -> asyncio.Transport | None:
         if getattr(transport, "_start_tls_compatible", False):
-            return await start_tls(
-                transport,
-                protocol,
-                sslcontext,
-                server_side=server_side,
-                server_hostname=server_hostname,
-                ssl_handshake_timeout=ssl_handshake_timeout,
-                ssl_shutdown_timeout=ssl_shutdown_timeout,
-            )
-        return await own(
-            self,
-            transport,  # type: ignore[arg-type]
-            protocol,
-            sslcontext,
-            server_side=server_side,
-            server_hostname=server_hostname,
-            ssl_handshake_timeout=ssl_handshake_timeout,
-            ssl_shutdown_timeout=ssl_shutdown_timeout,
-        )
+            return await start_tls(transport, protocol, sslcontext, **options)
+        return await own(self, transport, protocol, sslcontext, **options)  # type: ignore[arg-type]
 
     start_tls_too.__doc__ = own.__doc__
     klass.start_tls = start_tls_too  # type: ignore[method-assign]

@@ -942,10 +942,6 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         if self._closing:
             return
         self._closing = True
-        if self._direct:  # TCP alone: closing it is all; _tcp_lost follows
-            assert self._tcp is not None
-            self._tcp.close()
-            return
         if self._shm is not None and self._tcp is not None:
             self._tcp.pause_reading()  # (on TCP alone, closing it stops reading)
         if self._tx == SHM and self._overflow:
