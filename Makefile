@@ -46,6 +46,7 @@ bench: build
 	$(PY) bench/ring.py
 	$(PY) bench/proportional.py
 	$(PY) bench/streams.py
+	$(PY) bench/many.py
 
 clean:
 	rm -rf build $(VENV) aiocoloc/*.so aiocoloc/*.c *.egg-info .pytest_cache .mypy_cache .hypothesis

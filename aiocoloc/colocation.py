@@ -161,6 +161,7 @@ class LocalPools:
             idle = [(key, entry) for key, entry in self._pools.items() if entry.refs == 0]
             for key, _ in idle:
                 self._forget(key)
+            self._wake.notify()  # the linger thread exits when nothing lingers any more
         for _, entry in idle:
             self._close(entry.pool)
 

@@ -16,6 +16,7 @@ memory the pipes carry the TLS records, exactly as the socket would.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import ipaddress
 import logging
@@ -29,21 +30,15 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from aiocoloc import fallback
+from aiocoloc.agreement import CONTROL_BACKLOG, ClientGone, agree, attach, until_accepted
+from aiocoloc.agreement import describe as _describe
 from aiocoloc.colocation import local_pools
 from aiocoloc.errors import PoolError, SegmentError
-from aiocoloc.handshake import (
-    Agreement,
-    ConnKey,
-    HandshakeFailed,
-    abandon_pipes,
-    client_handshake,
-    connection_key,
-    server_handshake,
-)
+from aiocoloc.handshake import ConnKey, HandshakeFailed, connection_key, server_handshake
 from aiocoloc.policy import Settings, Trust, Upgrade, current, parse_trust, parse_upgrade
-from aiocoloc.registry import Registry, RegistryError
+from aiocoloc.registry import Record, Registry, RegistryError
 from aiocoloc.tls import TAUGHT, let_loop_start_tls
-from aiocoloc.transport import Adopter, SwitchableTransport, attach_shared_memory
+from aiocoloc.transport import Adopter, SwitchableTransport
 
 __all__ = [
     "Server",
@@ -59,10 +54,24 @@ _log = logging.getLogger("aiocoloc.connect")
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
 #: How long a control request waits for the server's side of its TCP
-#: connection to be accepted (the client's connect returns first).
+#: connection to be accepted (the client's connect returns first); a client
+#: that hangs up meanwhile ends the wait at once.
 ACCEPT_GRACE = 1.0
 #: A server forgets its closed connections every so many accepts (at least).
 PRUNE_MIN = 256
+#: Pauses of a control endpoint that cannot accept (out of descriptors, say),
+#: doubling from the first to the last while the error lasts.
+ACCEPT_RETRY_FIRST = 0.05
+ACCEPT_RETRY_MAX = 1.0
+#: accept() errors saying the process or system is out of a resource.
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: While a connection's upgrade runs, a writer that never yields to the event
+#: loop is paused once it kept the loop from running this long (seconds):
+#: each step of the handshake needs the loop (``SwitchableTransport.watch_loop``).
+UPGRADE_WATCH = 0.0005
+#: A server's connections, which a client may ask to upgrade at any time: the
+#: first step (accepting on the control socket) waits at most this long.
+SERVER_WATCH = 0.004
 
 
 # --- choosing the options ------------------------------------------------------------
@@ -192,19 +201,15 @@ def _begin_upgrade(
         )
         _upgrades.add(task)
         task.add_done_callback(_upgrades.discard)
+        task.add_done_callback(lambda _: transport.watch_loop(None))
         transport.add_close_callback(lambda _: task.cancel())
 
     assert mode.after is not None
     if mode.after == 0:
+        transport.watch_loop(UPGRADE_WATCH)
         start()
-    else:
-        transport.call_after_traffic(mode.after, start)
-
-
-def _describe(address: Any) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        return f"{address[0]}:{address[1]}"
-    return str(address)
+    else:  # watched from the goal on: a writer that never yields upgrades too
+        transport.call_after_traffic(mode.after, start, watch=UPGRADE_WATCH)
 
 
 def _on_this_host(key: ConnKey) -> bool:
@@ -224,32 +229,18 @@ def _is_loopback(ip: str) -> bool:
 async def _upgrade_client(
     transport: SwitchableTransport, trust: Trust, settings: Settings, where: str
 ) -> None:
-    local, remote = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
-    conn = (
-        connection_key(local, remote)
-        if isinstance(local, tuple) and isinstance(remote, tuple)
-        else None
-    )
-    if conn is None or not _on_this_host(conn):
-        fallback.record(
-            transport, fallback.NO_REGISTRY_ENTRY, "the peer is not on this host", where=where
-        )
-        return
+    """Upgrade ``transport``, or leave it on TCP with a fallback reason:
+    whatever goes wrong (an unreadable registry, a hostile endpoint, no
+    descriptors left) ends in a reason, counted and logged, never in a dead
+    task that leaves the connection without one."""
     try:
-        records = Registry().lookup(conn[2], conn[3])
-    except RegistryError as exc:
-        fallback.record(transport, fallback.NO_REGISTRY_ENTRY, str(exc), where=where)
-        return
-    if not records:
-        fallback.record(
-            transport, fallback.NO_REGISTRY_ENTRY, "no aiocoloc server advertises it", where=where
-        )
-        return
-    pools = local_pools()
-    try:
+        conn, records = _advertised(transport)
         async with asyncio.timeout(settings.handshake_timeout):
-            agreement = await _agree(records, conn, pools, trust)
-        await _attach(transport, agreement)
+            # Half the time for a full accept queue: a busy endpoint is then
+            # reported as such, not as a timeout.
+            budget = settings.handshake_timeout / 2
+            agreement = await agree(records, conn, local_pools(), trust, budget)
+        await attach(transport, agreement)
     except HandshakeFailed as failed:
         fallback.record(transport, failed.reason, failed.detail, where=where)
     except TimeoutError:
@@ -264,76 +255,25 @@ async def _upgrade_client(
         fallback.record(transport, fallback.PROTOCOL_ERROR, repr(exc), where=where)
 
 
-async def _agree(records: list[Any], conn: ConnKey, pools: Any, trust: Trust) -> Agreement:
-    """Handshake with the advertised servers in turn: with several processes
-    on one port (SO_REUSEPORT) only the one that accepted us knows us."""
-    failure: HandshakeFailed | None = None
-    for record in records:
-        try:
-            control = await _connect_control(record.control)
-            return await client_handshake(control, conn, pools, trust, record.pool)
-        except HandshakeFailed as failed:
-            if failed.reason not in (fallback.NOT_AIOCOLOC, fallback.UNKNOWN_CONNECTION):
-                raise
-            failure = failed
-    assert failure is not None
-    raise failure
-
-
-async def _connect_control(address: str) -> socket.socket:
-    path = "\0" + address[1:] if address.startswith("@") else address
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.setblocking(False)
+def _advertised(transport: SwitchableTransport) -> tuple[ConnKey, list[Record]]:
+    """The connection's 4-tuple and the records advertising its peer."""
+    local, remote = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
+    if not (isinstance(local, tuple) and isinstance(remote, tuple)):
+        raise HandshakeFailed(fallback.NO_REGISTRY_ENTRY, "not an IP connection")
+    conn = connection_key(local, remote)
+    if not _on_this_host(conn):
+        raise HandshakeFailed(fallback.NO_REGISTRY_ENTRY, "the peer is not on this host")
     try:
-        await asyncio.get_running_loop().sock_connect(sock, path)
-    except OSError as exc:
-        sock.close()
+        records = Registry().lookup(conn[2], conn[3])
+    except RegistryError as exc:
+        raise HandshakeFailed(fallback.NO_REGISTRY_ENTRY, str(exc)) from None
+    except OSError as exc:  # out of descriptors, say
         raise HandshakeFailed(
-            fallback.NOT_AIOCOLOC, f"control endpoint {address} does not answer: {exc}"
+            fallback.NO_REGISTRY_ENTRY, f"cannot read the registry: {exc}"
         ) from None
-    return sock
-
-
-async def _attach(transport: SwitchableTransport, agreement: Agreement) -> None:
-    """Give the agreed pipes to ``transport`` and send our bytes through them."""
-    pools = local_pools()
-    pool = agreement.pool
-    if transport.is_closing():
-        _abandon(agreement)
-        return
-    try:
-        await attach_shared_memory(
-            transport,
-            pool,
-            send=agreement.send,
-            receive=agreement.receive,
-            listen_fd=agreement.listen_fd,
-            ring_fd=agreement.ring_fd,
-            control=agreement.control,
-            pending_control=agreement.unread,
-            on_detach=lambda: pools.release(pool),
-        )
-    except BaseException:
-        _abandon(agreement)
-        raise
-    if transport.is_closing():
-        return  # closing gives the pipes back
-    if not transport.tx_finished:  # after write_eof() only the other direction moves
-        transport.switch_tx("shm")
-    fallback.record_upgrade()
-
-
-def _abandon(agreement: Agreement) -> None:
-    """Give up an agreement: its pipes, descriptors, socket and pool reference."""
-    pool = agreement.pool
-    abandon_pipes(pool, agreement.send, agreement.receive)
-    for fd in (agreement.listen_fd, agreement.ring_fd):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    agreement.control.close()
-    local_pools().release(pool)
+    if not records:
+        raise HandshakeFailed(fallback.NO_REGISTRY_ENTRY, "no aiocoloc server advertises it")
+    return conn, records
 
 
 # --- server side -----------------------------------------------------------------------
@@ -363,11 +303,13 @@ class ControlEndpoint:
         self._connections: dict[tuple[int, int], weakref.ref[SwitchableTransport]] = {}
         self._waiting: dict[tuple[int, int], asyncio.Future[SwitchableTransport]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._retry: asyncio.TimerHandle | None = None  # accepting again after a back-off
+        self._pause = ACCEPT_RETRY_FIRST
         self.address = f"@aiocoloc-ctl-{os.getpid()}-{secrets.token_hex(8)}"
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._listener.bind("\0" + self.address[1:])
-            self._listener.listen(128)
+            self._listener.listen(CONTROL_BACKLOG)
             self._listener.setblocking(False)
         except BaseException:
             self._listener.close()
@@ -378,6 +320,7 @@ class ControlEndpoint:
     def register(self, transport: SwitchableTransport) -> None:
         """A connection our server accepted (``Adopter`` callback)."""
         self._unindexed.append(weakref.ref(transport))
+        transport.watch_loop(SERVER_WATCH)  # its client may ask to upgrade
         if self._waiting:  # a client asked before its connection was accepted
             self._index()
         elif len(self._unindexed) + len(self._connections) >= self._prune_at:
@@ -416,14 +359,34 @@ class ControlEndpoint:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
+            except ConnectionAbortedError:
+                continue  # that client gave up; the next one may be waiting
             except OSError as exc:
-                _log.warning("control endpoint %s cannot accept: %s", self.address, exc)
+                self._back_off(exc)
                 return
+            if self._pause != ACCEPT_RETRY_FIRST:
+                _log.info("control endpoint %s accepts again", self.address)
+                self._pause = ACCEPT_RETRY_FIRST
             task = self._loop.create_task(self._serve(sock))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _find(self, key: ConnKey) -> SwitchableTransport:
+    def _back_off(self, exc: OSError) -> None:
+        """Stop accepting for a while: the listener stays readable, so trying
+        again at once would spin (asyncio's own servers do the same)."""
+        if self._pause == ACCEPT_RETRY_FIRST:  # once per episode, not per attempt
+            level = logging.WARNING if exc.errno in _OUT_OF_RESOURCES else logging.ERROR
+            _log.log(level, "control endpoint %s cannot accept: %s", self.address, exc)
+        self._loop.remove_reader(self._listener.fileno())
+        self._retry = self._loop.call_later(self._pause, self._resume)
+        self._pause = min(2 * self._pause, ACCEPT_RETRY_MAX)
+
+    def _resume(self) -> None:
+        self._retry = None
+        if not self.closed:
+            self._loop.add_reader(self._listener.fileno(), self._accept)
+
+    async def _find(self, key: ConnKey, sock: socket.socket) -> SwitchableTransport:
         ports = (key[1], key[3])
         if self._unindexed:
             self._index()
@@ -435,9 +398,11 @@ class ControlEndpoint:
         if transport is None:
             waiter = self._waiting.setdefault(ports, self._loop.create_future())
             try:
-                transport = await asyncio.wait_for(asyncio.shield(waiter), ACCEPT_GRACE)
-            except TimeoutError:
-                transport = None
+                transport = await until_accepted(waiter, sock, ACCEPT_GRACE)
+            except ClientGone:
+                raise HandshakeFailed(
+                    fallback.PROTOCOL_ERROR, "the peer closed the control socket"
+                ) from None
             finally:
                 if self._waiting.get(ports) is waiter and not waiter.done():
                     del self._waiting[ports]
@@ -455,8 +420,9 @@ class ControlEndpoint:
         found: list[SwitchableTransport] = []
 
         async def find(key: ConnKey) -> SwitchableTransport:
-            transport = await self._find(key)
+            transport = await self._find(key, sock)
             found.append(transport)
+            transport.watch_loop(UPGRADE_WATCH)  # the next steps, quickly
             return transport
 
         where = "client"
@@ -466,14 +432,21 @@ class ControlEndpoint:
                     sock, find, local_pools(), self._settings.pool_size, self._trust
                 )
             where = _describe(transport.get_extra_info("peername"))
-            await _attach(transport, agreement)
+            await attach(transport, agreement)
         except HandshakeFailed as failed:
             if found:
                 where = _describe(found[0].get_extra_info("peername"))
                 fallback.record(found[0], failed.reason, failed.detail, where=where)
             else:
-                _log.info(
-                    "refused an upgrade from %s: %s (%s)", where, failed.reason, failed.detail
+                # A client that hangs up asked another endpoint too (several
+                # processes on one port): no INFO line for each.
+                hung_up = failed.reason == fallback.PROTOCOL_ERROR and "closed" in failed.detail
+                _log.log(
+                    logging.DEBUG if hung_up else logging.INFO,
+                    "refused an upgrade from %s: %s (%s)",
+                    where,
+                    failed.reason,
+                    failed.detail,
                 )
         except TimeoutError:
             if found:
@@ -482,13 +455,19 @@ class ControlEndpoint:
             _log.debug("handshake with %s failed", where, exc_info=True)
             if found:
                 fallback.record(found[0], fallback.PROTOCOL_ERROR, "handshake failed", where=where)
+        finally:
+            if found:  # upgraded, or its client will not ask again
+                found[0].watch_loop(None)
 
     def close(self) -> None:
         """Stop answering; handshakes in progress are abandoned."""
         if self.closed:
             return
         self.closed = True
-        if not self._loop.is_closed():
+        if self._retry is not None:  # backing off: not reading
+            self._retry.cancel()
+            self._retry = None
+        elif not self._loop.is_closed():
             self._loop.remove_reader(self._listener.fileno())
         self._listener.close()
         for task in list(self._tasks):
@@ -501,6 +480,11 @@ class ControlEndpoint:
 class Server(asyncio.AbstractServer):
     """What ``create_server`` returns: the loop's server, plus the control
     endpoint and registry records that let clients upgrade."""
+
+    #: Servers not closed yet.  The loop keeps its own server alive while it
+    #: serves, whether or not the caller keeps it (asyncio's and uvloop's
+    #: both); ours must live as long, or its records and pool would go.
+    _serving: set[Server] = set()
 
     def __init__(
         self,
@@ -515,6 +499,9 @@ class Server(asyncio.AbstractServer):
         self._records = list(records)
         self._registry = registry
         self._pool = pool
+        # (Those of loops closed since without closing them go now.)
+        Server._serving = {s for s in Server._serving if not s.get_loop().is_closed()}
+        Server._serving.add(self)
 
     @property
     def control_address(self) -> str | None:
@@ -532,6 +519,7 @@ class Server(asyncio.AbstractServer):
             pool, self._pool = self._pool, None
             local_pools().release(pool)
         self._inner.close()
+        Server._serving.discard(self)
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
         return self._inner.get_loop()

@@ -2,26 +2,31 @@
 
 An ``ElasticProducer`` wraps a pool pipe's producer end.  It counts the bytes
 it accepts and the time it spends blocked on a full pipe; every ``interval``
-(on a write, or when its owner calls ``tick()`` -- the transport does so from
-its event loop) it publishes those counters in the pool, reads every pipe's
-counters, computes the pool-wide proportional targets and moves its own pipe
-toward its target: growing with slices the pool can spare now, shrinking at
-the pipe's next safe point and handing the dropped slices back once the
-consumer has passed it.  Nothing here runs on a write that is not due.
+(on a write, or when its owner calls ``tick()``) it publishes those counters
+in the pool, reads every pipe's counters (``DemandTracker``), computes the
+pool-wide proportional targets and moves its own pipe toward its target:
+growing with slices the pool can spare now, shrinking at the pipe's next
+safe point and handing the dropped slices back once the consumer has passed
+it.  Nothing here runs on a write that is not due, and a step that finds
+the pool's allocator busy is simply retried at the next interval.
+
+Transports do not tick their pipes one by one: ``aiocoloc.resizer`` reads
+the pipe table once per pool and interval and ``settle``s each local pipe.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from aiocoloc.allocation import demand_from, proportional_targets
-from aiocoloc.errors import PoolError
-from aiocoloc.pool import PipeHandle, Pool
+from aiocoloc.errors import PoolBusy, PoolError
+from aiocoloc.pool import PipeHandle, PipeInfo, Pool
 
-__all__ = ["ElasticConfig", "ElasticProducer"]
+__all__ = ["DemandTracker", "ElasticConfig", "ElasticProducer", "pipe_targets"]
 
 _log = logging.getLogger("aiocoloc.elastic")
 
@@ -47,6 +52,64 @@ class _Seen:
     quiet: int = 0  # consecutive intervals without a byte
 
 
+class DemandTracker:
+    """The smoothed demand of every pipe of a pool, from the growth of its
+    counters between two looks at the pipe table.
+
+    A pipe first seen starts from the counters its producer last published,
+    so a producer that publishes at every look (``ElasticProducer.settle``)
+    loses no byte to a tracker that starts late.
+    """
+
+    def __init__(self, config: ElasticConfig) -> None:
+        self.config = config
+        self._seen: dict[PipeHandle, _Seen] = {}
+
+    def measure(
+        self,
+        pipes: Sequence[PipeInfo],
+        elapsed: float,
+        local: Mapping[PipeHandle, tuple[int, int]],
+    ) -> list[float]:
+        """Each pipe's demand over the last ``elapsed`` seconds.  ``local``:
+        fresher ``(offered, blocked_ns)`` counters of this process's pipes
+        than the published ones."""
+        a = self.config.smoothing
+        idle_after = self.config.idle_intervals
+        seen_by_handle = self._seen
+        demands: list[float] = []
+        current: dict[PipeHandle, _Seen] = {}
+        for info in pipes:
+            handle = info.handle
+            seen = seen_by_handle.get(handle)
+            if seen is None:
+                seen = _Seen(info.offered_bytes, info.blocked_ns)
+            current[handle] = seen
+            offered, blocked_ns = local.get(handle) or (info.offered_bytes, info.blocked_ns)
+            if offered == seen.offered and blocked_ns == seen.blocked_ns:
+                seen.quiet += 1
+                if seen.quiet >= idle_after:
+                    seen.demand = 0.0
+                else:
+                    seen.demand *= 1 - a
+            else:
+                seen.quiet = 0
+                rate = max(offered - seen.offered, 0) / elapsed
+                blocked_fraction = max(blocked_ns - seen.blocked_ns, 0) / (elapsed * 1e9)
+                seen.demand = a * demand_from(rate, blocked_fraction) + (1 - a) * seen.demand
+                seen.offered, seen.blocked_ns = offered, blocked_ns
+            demands.append(seen.demand)
+        self._seen = current  # pipes gone from the table are forgotten
+        return demands
+
+
+def pipe_targets(pipes: Sequence[PipeInfo], demands: Sequence[float], total: int) -> list[int]:
+    """Every pipe's target, in slices, for ``demands`` (``aiocoloc.allocation``)."""
+    return proportional_targets(
+        demands, [info.min_slices for info in pipes], [info.max_slices for info in pipes], total
+    )
+
+
 class ElasticProducer:
     """Writes into a pool pipe and keeps its size proportional to demand."""
 
@@ -63,8 +126,7 @@ class ElasticProducer:
         self.config = config or ElasticConfig()
         self.end: Any = end if end is not None else pool.pipe_producer(handle)
         self._pending_release: list[int] = []
-        # Our own pipe's baseline is zero; other pipes' is their first sighting.
-        self._seen: dict[tuple[int, int], _Seen] = {(handle.slot, handle.generation): _Seen(0, 0)}
+        self._tracker = DemandTracker(self.config)
         self._last_tick = time.monotonic()
         self.resizes = 0
         self._writes = 0
@@ -115,6 +177,8 @@ class ElasticProducer:
         Returns True while there is more to do (the pipe is busy, not at its
         target, or holds slices to hand back): an owner that ticks from a
         timer may stop once it returns False and start again on a write.
+        (Transports do not tick each pipe: ``aiocoloc.resizer`` looks at the
+        pipe table once per pool and calls ``settle`` for each pipe.)
         """
         now = time.monotonic()
         elapsed = now - self._last_tick
@@ -128,47 +192,30 @@ class ElasticProducer:
             return False
 
     def _tick(self, elapsed: float) -> bool:
-        blocked = self.blocked_ns
-        offered_now = self.offered
+        counters = (self.offered, self.blocked_ns)
         pipes = self.pool.pipes()
-        demands: list[float] = []
-        mins: list[int] = []
-        maxs: list[int] = []
-        mine: int | None = None
-        alive = set()
-        for info in pipes:
-            key = (info.handle.slot, info.handle.generation)
-            alive.add(key)
-            offered, blocked_ns = info.offered_bytes, info.blocked_ns
-            if info.handle == self.handle:
-                offered, blocked_ns, mine = offered_now, blocked, len(demands)
-            seen = self._seen.get(key)
-            if seen is None:
-                seen = self._seen[key] = _Seen(offered, blocked_ns)
-            rate = max(offered - seen.offered, 0) / elapsed
-            blocked_fraction = max(blocked_ns - seen.blocked_ns, 0) / (elapsed * 1e9)
-            a = self.config.smoothing
-            idle = offered == seen.offered and blocked_ns == seen.blocked_ns
-            seen.quiet = seen.quiet + 1 if idle else 0
-            if seen.quiet >= self.config.idle_intervals:
-                seen.demand = 0.0
-            else:
-                seen.demand = a * demand_from(rate, blocked_fraction) + (1 - a) * seen.demand
-            seen.offered, seen.blocked_ns = offered, blocked_ns
-            demands.append(seen.demand)
-            mins.append(info.min_slices)
-            maxs.append(info.max_slices)
-        for key in set(self._seen) - alive:
-            del self._seen[key]
+        demands = self._tracker.measure(pipes, elapsed, {self.handle: counters})
+        mine = next((i for i, info in enumerate(pipes) if info.handle == self.handle), None)
         if mine is None:
             return False  # our pipe is gone; the transport notices on its next write
-        target = proportional_targets(demands, mins, maxs, self.pool.geometry.slice_count)[mine]
-        self.pool.publish_demand(self.handle, offered_now, blocked, target)
+        target = pipe_targets(pipes, demands, self.pool.geometry.slice_count)[mine]
+        return self.settle(target, demands[mine], counters)
+
+    def settle(self, target: int, demand: float, counters: tuple[int, int]) -> bool:
+        """Publish our ``counters`` (offered, blocked_ns) and ``target``, and take
+        one step toward it; returns what ``tick()`` does.  Raises ``PoolError``
+        when the pipe is gone."""
+        self.pool.publish_demand(self.handle, counters[0], counters[1], target)
         self._step_toward(target)
-        busy = demands[mine] > 0 or bool(self._pending_release)
-        return busy or len(self.end.slices) != target
+        return demand > 0 or bool(self._pending_release) or len(self.end.slices) != target
 
     def _step_toward(self, target: int) -> None:
+        try:
+            self._step(target)
+        except PoolBusy:
+            pass  # the allocator is busy (never waited for): next interval
+
+    def _step(self, target: int) -> None:
         end = self.end
         if self._pending_release and end.switch_complete():
             self.pool.release_slices(self.handle, self._pending_release)

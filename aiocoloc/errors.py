@@ -45,5 +45,10 @@ class PoolExhausted(PoolError):
     """The pool has no free slice, pipe entry or member slot for the request."""
 
 
+class PoolBusy(PoolExhausted):
+    """The pool's allocator lock is held by another member right now, and the
+    caller (an event loop) does not wait for it: try again later."""
+
+
 class PoolCorrupted(PoolError):
     """The pool's shared tables break their invariants (a buggy or hostile member)."""

@@ -15,6 +15,7 @@ import threading
 from typing import Any
 
 __all__ = [
+    "CONTROL_BUSY",
     "DISABLED",
     "NOT_AIOCOLOC",
     "NOT_TRUSTED",
@@ -37,6 +38,7 @@ _log = logging.getLogger("aiocoloc.fallback")
 DISABLED = "disabled"  # AIOCOLOC_MODE=never, or upgrade="never"
 NO_REGISTRY_ENTRY = "no registry entry"  # nobody advertises the destination as aiocoloc
 NOT_AIOCOLOC = "peer not aiocoloc"  # the advertised control endpoint does not answer
+CONTROL_BUSY = "control endpoint busy"  # its accept queue stayed full (swamped, or not accepting)
 UNKNOWN_CONNECTION = "connection unknown to peer"  # the server has no such TCP connection
 POOL_NOT_MAPPABLE = "pool not mappable"
 PROOF_FAILED = "proof failed"  # the nonce written through the pool did not come back
@@ -49,6 +51,7 @@ REASONS = (
     DISABLED,
     NO_REGISTRY_ENTRY,
     NOT_AIOCOLOC,
+    CONTROL_BUSY,
     UNKNOWN_CONNECTION,
     POOL_NOT_MAPPABLE,
     PROOF_FAILED,

@@ -1,23 +1,38 @@
 """When to upgrade a connection to shared memory, and whom to share it with.
 
-Both can be set for the whole process (``aiocoloc.configure`` or the
-environment) and per call (``upgrade=`` / ``trust=`` keywords of
-``aiocoloc.create_connection`` and friends).
+Every setting can be set for the whole process (``aiocoloc.configure`` or
+the environment); ``upgrade`` and ``trust`` also per call (``upgrade=`` /
+``trust=`` keywords of ``aiocoloc.create_connection`` and friends).
 
-``AIOCOLOC_MODE``
+``AIOCOLOC_MODE`` / ``upgrade``
     ``auto`` (the default): upgrade once a connection has moved
     ``AUTO_UPGRADE_AFTER`` bytes, so short connections never pay for a
     handshake; ``always``: upgrade as soon as connected; ``never``: plain
-    TCP; a number: upgrade after that many bytes.
-``AIOCOLOC_TRUST``
+    TCP; a number (ASCII digits): upgrade after that many bytes.
+``AIOCOLOC_TRUST`` / ``trust``
     ``same-uid`` (the default): share memory only with processes of our own
     user (checked with ``SO_PEERCRED`` on the control socket);
     ``uids:1000,1001``: with processes of those users; ``never``.
+``AIOCOLOC_HANDSHAKE_TIMEOUT`` / ``handshake_timeout``
+    Seconds (finite, > 0) before an upgrade gives up and the connection
+    stays on TCP; 2.0 by default.
+``AIOCOLOC_POOL_SIZE`` / ``pool_size``
+    Bytes (ASCII digits, at least ``MIN_POOL_SIZE``) of the pool a serving
+    process offers; 64 MiB by default.
+
+A ``handshake_timeout`` or ``pool_size`` that is not a number is a
+``TypeError`` (``True`` is not a number here), any other bad value a
+``ValueError``, each naming the setting.  A bad
+environment variable is a ``ValueError`` naming it and its value, raised by
+the first call that needs the settings (and every one after it, until the
+variable is fixed): a typo must not silently change how a deployment runs.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,6 +41,8 @@ __all__ = [
     "Settings",
     "Trust",
     "Upgrade",
+    "check_handshake_timeout",
+    "check_pool_size",
     "configure",
     "current",
     "parse_trust",
@@ -69,7 +86,7 @@ def parse_upgrade(value: str | int | Upgrade) -> Upgrade:
         return Upgrade(0)
     if text == "never":
         return Upgrade(None)
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # isdigit() alone takes full-width digits
         return Upgrade(int(text))
     raise ValueError(f"upgrade must be 'auto', 'always', 'never' or a byte count, not {value!r}")
 
@@ -106,10 +123,10 @@ def parse_trust(value: str | Trust) -> Trust:
     if text == "never":
         return Trust(never=True)
     if text.startswith("uids:"):
-        try:
-            uids = frozenset(int(part) for part in text[5:].split(",") if part.strip())
-        except ValueError:
-            raise ValueError(f"trust uids must be integers: {value!r}") from None
+        parts = [part.strip() for part in text[5:].split(",") if part.strip()]
+        if not all(part.isascii() and part.isdigit() for part in parts):
+            raise ValueError(f"trust uids must be integers: {value!r}")
+        uids = frozenset(int(part) for part in parts)
         if not uids:
             raise ValueError(f"trust needs at least one uid: {value!r}")
         return Trust(uids=uids)
@@ -129,15 +146,68 @@ class Settings:
     pool_size: int = 64 << 20
 
 
+def check_handshake_timeout(value: float) -> float:
+    """``value`` if it is a finite number of seconds > 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"handshake_timeout must be a number of seconds, not {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"handshake_timeout must be finite and > 0, got {value!r}")
+    return float(value)
+
+
+def check_pool_size(value: int) -> int:
+    """``value`` if it is an int (not a bool) >= ``MIN_POOL_SIZE``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"pool_size must be an int (bytes), not {value!r}")
+    if value < MIN_POOL_SIZE:
+        raise ValueError(f"pool_size must be an int >= {MIN_POOL_SIZE}, got {value!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        if not text.isascii():  # float() takes other scripts' digits
+            raise ValueError
+        seconds = float(text)
+    except ValueError:
+        raise ValueError(f"handshake_timeout must be a number of seconds, not {text!r}") from None
+    return check_handshake_timeout(seconds)
+
+
+def _bytes(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"pool_size must be a byte count, not {text!r}")
+    return check_pool_size(int(text))
+
+
+#: Environment variable -> (setting, parser of its text).
+_ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "AIOCOLOC_MODE": ("upgrade", parse_upgrade),
+    "AIOCOLOC_TRUST": ("trust", parse_trust),
+    "AIOCOLOC_HANDSHAKE_TIMEOUT": ("handshake_timeout", _seconds),
+    "AIOCOLOC_POOL_SIZE": ("pool_size", _bytes),
+}
+
+#: Setting -> its check (and normalisation) for ``configure``.
+_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "upgrade": parse_upgrade,
+    "trust": parse_trust,
+    "handshake_timeout": check_handshake_timeout,
+    "pool_size": check_pool_size,
+}
+
+
 def _from_environment() -> Settings:
-    settings = Settings()
-    mode = os.environ.get("AIOCOLOC_MODE")
-    if mode:
-        settings = replace(settings, upgrade=parse_upgrade(mode))
-    trust = os.environ.get("AIOCOLOC_TRUST")
-    if trust:
-        settings = replace(settings, trust=parse_trust(trust))
-    return settings
+    changes = {}
+    for variable, (name, parse) in _ENVIRONMENT.items():
+        text = os.environ.get(variable)
+        if not text:
+            continue
+        try:
+            changes[name] = parse(text.strip())
+        except ValueError as exc:
+            raise ValueError(f"{variable}={text!r}: {exc}") from None
+    return replace(Settings(), **changes)
 
 
 _settings: Settings | None = None
@@ -155,22 +225,11 @@ def configure(**changes: Any) -> Settings:
     """Change process-wide settings: ``upgrade``, ``trust``,
     ``handshake_timeout``, ``pool_size``.  Returns the new settings."""
     global _settings
-    unknown = set(changes) - {"upgrade", "trust", "handshake_timeout", "pool_size"}
+    unknown = set(changes) - _CHECKS.keys()
     if unknown:
         raise TypeError(f"configure() got unknown settings: {', '.join(sorted(unknown))}")
-    if "pool_size" in changes and not (
-        isinstance(changes["pool_size"], int) and changes["pool_size"] >= MIN_POOL_SIZE
-    ):
-        raise ValueError(
-            f"pool_size must be an int >= {MIN_POOL_SIZE}, got {changes['pool_size']!r}"
-        )
-    if "upgrade" in changes:
-        changes["upgrade"] = parse_upgrade(changes["upgrade"])
-    if "trust" in changes:
-        changes["trust"] = parse_trust(changes["trust"])
-    if "handshake_timeout" in changes and not changes["handshake_timeout"] > 0:
-        raise ValueError(f"handshake_timeout must be > 0, got {changes['handshake_timeout']!r}")
-    _settings = replace(current(), **changes)
+    checked = {name: _CHECKS[name](value) for name, value in changes.items()}
+    _settings = replace(current(), **checked)
     return _settings
 
 

@@ -49,7 +49,10 @@ Rules
   observer's own clock: no shared clock is needed across VMs) is dead: its
   lock is taken over, its pipes are destroyed and their slices freed.  After
   a take-over the tables are repaired (slices owned by a free pipe are
-  freed), so a holder that died half-way can never wedge the pool.
+  freed), so a holder that died half-way can never wedge the pool.  An
+  event loop's thread never waits for the lock (``aiocoloc.pool_lock``):
+  when another member holds it, creating a pipe or joining fails fast
+  (``PoolBusy``), freeing a pipe or leaving is finished by a thread of ours.
 - A slice has at most one owner, set under the lock; a pipe only puts
   slices it owns in its layout and hands dropped slices back only once no
   unread byte is left in them.  So the pool is never over-committed.
@@ -66,13 +69,15 @@ import threading
 import time
 import uuid
 import weakref
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiocoloc import ring
 from aiocoloc.atomic import SharedWords, atomics_are_process_safe
-from aiocoloc.errors import PoolCorrupted, PoolError, PoolExhausted, SegmentError
+from aiocoloc.errors import PoolBusy, PoolCorrupted, PoolError, PoolExhausted, SegmentError
+from aiocoloc.pool_lock import BACKGROUND_LOCK_WAIT, AllocatorLock, on_event_loop
 from aiocoloc.segments import PosixShmSegment, Segment, UnlinkPolicy
 
 __all__ = [
@@ -94,6 +99,9 @@ MEMBER_ENTRY_SIZE = 64
 #: Seconds a lock holder must look gone (slot freed or reused) before it is
 #: taken over: a member leaving frees its slot just before it unlocks.
 HOLDER_GONE_GRACE = 0.05
+#: Seconds between the pool thread's tries to free pipes that an event loop
+#: could not free at once (``destroy_pipe``).
+DEFERRED_RETRY = 0.01
 
 _STATE_BLANK, _STATE_FORMATTING, _STATE_READY = 0, 1, 2
 _FREE, _ACTIVE, _CLOSING = 0, 1, 2
@@ -227,16 +235,16 @@ class PoolGeometry:
         )
 
 
-@dataclass(frozen=True)
-class PipeHandle:
+# Value types read many times a second for every pipe (the resizer keys its
+# tables by handle): named tuples, whose construction and hash are C code.
+class PipeHandle(NamedTuple):
     """Names one pipe of a pool: its slot, and the generation it was created in."""
 
     slot: int
     generation: int
 
 
-@dataclass(frozen=True)
-class PipeInfo:
+class PipeInfo(NamedTuple):
     """A snapshot of one pipe's bookkeeping."""
 
     handle: PipeHandle
@@ -287,12 +295,23 @@ class Pool:
         self._region: Any = region
         self._words = SharedWords(region)
         self._close_segment = close_segment
-        self._thread_lock = threading.Lock()
+        self._allocator = AllocatorLock(
+            self._words,
+            _H_LOCK,
+            _H_LOCK_COUNT,
+            lease,
+            holder_gone=self._holder_gone,
+            repair=self._repair,
+            name=str(pool_id),
+        )
         self._observed: dict[int, _Observed] = {}
-        self._lock_seen: tuple[tuple[int, int], float] | None = None
         self._gone_seen: tuple[tuple[int, int], float] | None = None
         self._ends: weakref.WeakSet[Any] = weakref.WeakSet()
+        # Pipes an event loop could not free at once (the lock was busy):
+        # the pool's thread frees them.
+        self._deferred: list[PipeHandle] = []
         self._closed = False
+        self._leaving = False
         self.endpoint_id = uuid.uuid4()
         if not atomics_are_process_safe():
             _log.warning(
@@ -300,8 +319,13 @@ class Pool:
                 "the pool is only safe within this process",
                 pool_id,
             )
-        self.slot, self.generation = self._join()
+        try:
+            self.slot, self.generation = self._join()
+        except BaseException:
+            self._words.release()
+            raise
         self._stop = threading.Event()
+        self._wake = threading.Event()  # deferred work, or closing
         self._heartbeat = threading.Thread(
             target=self._heartbeat_loop, name=f"aiocoloc-pool-{pool_id.hex[:8]}", daemon=True
         )
@@ -336,7 +360,7 @@ class Pool:
             geometry.slice_count,
             geometry.slice_size,
         )
-        return cls(segment, region, geometry, pool_id, config.lease, close_segment=close_segment)
+        return cls._joined(segment, region, geometry, pool_id, config.lease, close_segment)
 
     @classmethod
     def attach(cls, segment: Segment, *, timeout: float = 5.0, close_segment: bool = True) -> Pool:
@@ -347,7 +371,26 @@ class Pool:
         except BaseException:
             region.close()
             raise
-        return cls(segment, region, geometry, pool_id, lease, close_segment=close_segment)
+        return cls._joined(segment, region, geometry, pool_id, lease, close_segment)
+
+    @classmethod
+    def _joined(
+        cls,
+        segment: Segment,
+        region: Any,
+        geometry: PoolGeometry,
+        pool_id: uuid.UUID,
+        lease: float,
+        close_segment: bool,
+    ) -> Pool:
+        """A member of the pool on ``region``, which is unmapped if joining
+        fails (``PoolBusy`` on an event loop while another member holds the
+        allocator lock, ``PoolExhausted`` without a free member slot)."""
+        try:
+            return cls(segment, region, geometry, pool_id, lease, close_segment=close_segment)
+        except BaseException:
+            region.close()
+            raise
 
     @classmethod
     def open_posix(
@@ -448,14 +491,30 @@ class Pool:
         self._words.add64(self._member_offset(self.slot) + _M_HEARTBEAT, 1)
 
     def _heartbeat_loop(self) -> None:
+        """Beat and reap every quarter lease; free deferred pipes as soon as
+        the lock allows.  Every lock attempt here is short, so a busy lock
+        never delays a beat (or a close waiting for this thread)."""
         period = self.lease / 4
-        while not self._stop.wait(period):
+        next_beat = time.monotonic() + period
+        while not self._stop.is_set():
             try:
-                self.beat()
-                self.reap()
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + period
+                    self.beat()
+                    self.reap(lock_timeout=BACKGROUND_LOCK_WAIT)
+                if self._deferred:
+                    with self.locked(BACKGROUND_LOCK_WAIT):
+                        self._destroy_deferred_locked()
+            except PoolBusy:
+                pass  # another member holds the lock: next time
             except Exception:  # the pool may be closing under us
                 if not self._stop.is_set():
                     _log.exception("pool %s heartbeat failed", self.id)
+            wait = next_beat - time.monotonic()
+            if self._deferred:
+                wait = min(wait, DEFERRED_RETRY)
+            self._wake.wait(max(wait, 0.0))
+            self._wake.clear()
 
     def _stale(self, slot: int, now: float) -> bool:
         """True if member ``slot`` has not beaten for a lease by our clock."""
@@ -468,8 +527,9 @@ class Pool:
             return False
         return now - seen.since >= self.lease
 
-    def reap(self) -> list[int]:
-        """Reclaim members whose heartbeat stalled for a lease; returns their slots."""
+    def reap(self, lock_timeout: float | None = None) -> list[int]:
+        """Reclaim members whose heartbeat stalled for a lease; returns their
+        slots.  ``lock_timeout``: as ``locked()``'s."""
         now = time.monotonic()
         dead = []
         for slot in range(self.geometry.max_members):
@@ -481,7 +541,7 @@ class Pool:
         if not dead:
             return []
         reclaimed = []
-        with self.locked():
+        with self.locked(lock_timeout):
             for slot in dead:
                 off = self._member_offset(slot)
                 if self._words.load32(off + _M_STATE) == _ACTIVE and self._stale(slot, now):
@@ -538,62 +598,32 @@ class Pool:
 
     @contextlib.contextmanager
     def locked(self, timeout: float | None = None) -> Iterator[None]:
-        """Hold the pool's allocator lock (across processes and threads)."""
-        if self._closed:
+        """Hold the pool's allocator lock (across processes and threads).
+
+        Waits up to ``timeout`` seconds, by default three leases, or on an
+        event loop's thread well under a millisecond (``aiocoloc.pool_lock``:
+        a loop never waits on another member), then raises ``PoolBusy``.
+        """
+        if self._closed or self._leaving:
             raise PoolError(f"pool {self.id} is closed")
-        with self._thread_lock:
-            self._acquire(self.lease * 3 if timeout is None else timeout)
-            try:
-                yield
-            finally:
-                self._words.cas64(_H_LOCK, self._lock_value(), 0)
+        self._hold(timeout)
+        try:
+            yield
+        finally:
+            self._unhold()
 
     def _lock_value(self) -> int:
         return ((self.slot + 1) << 32) | self.generation
 
-    def _acquire(self, timeout: float) -> None:
-        mine = self._lock_value()
-        deadline = time.monotonic() + timeout
-        spins = 0
-        while True:
-            held = self._words.load64(_H_LOCK)
-            if held == 0 and self._words.cas64(_H_LOCK, 0, mine):
-                break
-            if held == mine:
-                raise PoolError("pool lock is already held by this member (re-entry)")
-            if held and self._holder_gone(held):
-                if self._words.cas64(_H_LOCK, held, mine):
-                    _log.warning(
-                        "pool %s: lock holder (member %d) is gone; took the lock "
-                        "over and repaired the tables",
-                        self.id,
-                        (held >> 32) - 1,
-                    )
-                    self._repair()
-                    break
-            now = time.monotonic()
-            if now > deadline:
-                raise PoolError(
-                    f"pool {self.id}: allocator lock not acquired in {timeout} s "
-                    f"(held by member {(held >> 32) - 1})"
-                )
-            spins += 1
-            if spins > 100:
-                time.sleep(min(0.001, 0.00001 * (spins - 100)))
-            else:
-                os.sched_yield()
-        self._words.add64(_H_LOCK_COUNT, 1)
+    def _hold(self, timeout: float | None) -> None:
+        self._allocator.hold(self._lock_value(), timeout)
 
-    def _holder_gone(self, held: int) -> bool:
+    def _unhold(self) -> None:
+        self._allocator.release(self._lock_value())
+
+    def _holder_gone(self, held: int, acquisition: tuple[int, int], now: float) -> bool:
+        """Whether the member holding the lock (value ``held``) is gone."""
         slot, generation = (held >> 32) - 1, held & 0xFFFFFFFF
-        # One acquisition lasting a whole lease: critical sections take
-        # microseconds, so its holder died or is frozen.
-        acquisition = (held, self._words.load64(_H_LOCK_COUNT))
-        now = time.monotonic()
-        if self._lock_seen is None or self._lock_seen[0] != acquisition:
-            self._lock_seen = (acquisition, now)
-        elif now - self._lock_seen[1] >= self.lease:
-            return True
         if slot == self.geometry.max_members:
             return False  # a joiner, not a member yet: judged by the time alone
         if not 0 <= slot < self.geometry.max_members:
@@ -609,7 +639,7 @@ class Pool:
             if self._gone_seen is None or self._gone_seen[0] != acquisition:
                 self._gone_seen = (acquisition, now)
             return now - self._gone_seen[1] >= HOLDER_GONE_GRACE
-        return self._stale(slot, time.monotonic())
+        return self._stale(slot, now)
 
     def _repair(self) -> None:
         """Under the lock, after a take-over: free slices whose pipe is not active."""
@@ -732,10 +762,32 @@ class Pool:
         return len(owned)
 
     def destroy_pipe(self, handle: PipeHandle) -> int:
-        """Free the pipe and all its slices; returns how many slices were freed."""
-        with self.locked():
-            self._check_handle(handle, closing_ok=True)
-            return self._destroy_pipe_locked(handle.slot)
+        """Free the pipe and all its slices; returns how many slices were freed.
+
+        On an event loop's thread, when another member holds the allocator
+        lock, the pool's own thread frees the pipe as soon as it can (0 is
+        returned): closing a connection never waits for another member.
+        """
+        try:
+            with self.locked():
+                self._check_handle(handle, closing_ok=True)
+                return self._destroy_pipe_locked(handle.slot)
+        except PoolBusy:
+            if not on_event_loop():
+                raise
+        self._check_handle(handle, closing_ok=True)  # gone already: say so now
+        self._deferred.append(handle)
+        self._wake.set()
+        return 0
+
+    def _destroy_deferred_locked(self) -> None:
+        while self._deferred:
+            handle = self._deferred.pop()
+            try:
+                self._check_handle(handle, closing_ok=True)
+            except PoolError:
+                continue  # the other end (or a reaper) freed it meanwhile
+            self._destroy_pipe_locked(handle.slot)
 
     def allocate_slices(self, handle: PipeHandle, count: int) -> list[int]:
         """Give the pipe up to ``count`` more free slices (fewer if the pool or
@@ -744,9 +796,9 @@ class Pool:
             return []
         with self.locked():
             off = self._check_handle(handle)
-            owned = self._owned(handle.slot)
-            room = self._words.load32(off + _P_MAX) - owned
-            slices = self._free_slices(min(count, max(room, 0)))
+            table = self._slice_table()
+            room = self._words.load32(off + _P_MAX) - table.count(handle.slot + 1)
+            slices = _positions(table, 0, min(count, max(room, 0)))
             for index in slices:
                 self._words.store32(self._slice_entry(index), handle.slot + 1)
             return slices
@@ -762,32 +814,33 @@ class Pool:
                     raise PoolError(f"slice {index} is not owned by pipe {handle}")
                 self._words.store32(self._slice_entry(index), 0)
 
-    def _owned(self, slot: int) -> int:
-        return self._slice_table().count(slot + 1)
-
     def slice_owners(self) -> list[int]:
         """For each slice, the owning pipe slot, or -1 when free."""
         return [owner - 1 for owner in self._slice_table()]
 
     def pipes(self) -> list[PipeInfo]:
-        """Snapshots of every active pipe."""
-        owners = self.slice_owners()
+        """Snapshots of every active pipe: one pass over each table."""
+        if self._closed:
+            raise PoolError(f"pool {self.id} is closed")
+        owned = Counter(self._slice_table())  # owner entry (pipe slot + 1) -> slices
+        load32, load64 = self._words.load32, self._words.load64
+        g = self.geometry
         out = []
-        for slot in range(self.geometry.max_pipes):
-            off = self._pipe_offset(slot)
-            if self._words.load32(off + _P_STATE) not in (_ACTIVE, _CLOSING):
+        for slot in range(g.max_pipes):
+            off = g.pipe_offset + slot * g.pipe_entry_size
+            if load32(off + _P_STATE) not in (_ACTIVE, _CLOSING):
                 continue
             out.append(
                 PipeInfo(
-                    handle=PipeHandle(slot, self._words.load32(off + _P_GENERATION)),
-                    producer=self._words.load32(off + _P_PRODUCER),
-                    consumer=self._words.load32(off + _P_CONSUMER),
-                    min_slices=self._words.load32(off + _P_MIN),
-                    max_slices=self._words.load32(off + _P_MAX),
-                    target_slices=self._words.load32(off + _P_TARGET),
-                    owned_slices=owners.count(slot),
-                    offered_bytes=self._words.load64(off + _P_OFFERED),
-                    blocked_ns=self._words.load64(off + _P_BLOCKED_NS),
+                    handle=PipeHandle(slot, load32(off + _P_GENERATION)),
+                    producer=load32(off + _P_PRODUCER),
+                    consumer=load32(off + _P_CONSUMER),
+                    min_slices=load32(off + _P_MIN),
+                    max_slices=load32(off + _P_MAX),
+                    target_slices=load32(off + _P_TARGET),
+                    owned_slices=owned[slot + 1],
+                    offered_bytes=load64(off + _P_OFFERED),
+                    blocked_ns=load64(off + _P_BLOCKED_NS),
                 )
             )
         return out
@@ -838,21 +891,56 @@ class Pool:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._closed or self._leaving
 
     def close(self) -> None:
-        """Leave the pool: destroy our pipes, free our slot, unmap.  Idempotent."""
-        if self._closed:
+        """Leave the pool: destroy our pipes, free our slot, unmap.  Idempotent.
+
+        On an event loop's thread, when another member holds the allocator
+        lock, a thread of ours finishes leaving once it gets the lock.
+        """
+        if self._closed or self._leaving:
             return
+        self._leaving = True
         self._stop.set()
-        self._heartbeat.join()
+        self._wake.set()
+        self._heartbeat.join()  # its lock attempts are short
         for end in list(self._ends):
             end.release()
         try:
-            with self.locked():
-                self._remove_member(self.slot)
+            self._hold(None)
+        except PoolBusy as exc:
+            if on_event_loop():
+                threading.Thread(
+                    target=self._leave, name=f"aiocoloc-pool-leave-{self.id.hex[:8]}", daemon=True
+                ).start()
+            else:
+                _log.warning("pool %s: could not leave cleanly: %s", self.id, exc)
+                self._unmap()
+            return
+        self._leave_locked()
+
+    def _leave(self) -> None:
+        try:
+            self._hold(self.lease * 3)
         except PoolError as exc:
             _log.warning("pool %s: could not leave cleanly: %s", self.id, exc)
+            self._unmap()
+        else:
+            self._leave_locked()
+
+    def _leave_locked(self) -> None:
+        """Holding the lock: free deferred pipes, leave, unlock, unmap."""
+        try:
+            self._destroy_deferred_locked()
+            self._remove_member(self.slot)
+        except PoolError as exc:
+            _log.warning("pool %s: could not leave cleanly: %s", self.id, exc)
+        finally:
+            self._unhold()
+        self._unmap()
+
+    def _unmap(self) -> None:
         self._closed = True
         self._words.release()
         try:

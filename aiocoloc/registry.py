@@ -13,8 +13,10 @@ works.  (The discovery sidecar takes precedence when one runs; later issue.)
 - Records are written atomically (temporary file, then rename) and carry the
   publisher's pid and process start time: a record whose process is gone, or
   whose pid now names another process, is ignored and removed.
-- Anything unreadable in the directory is ignored: a lookup never fails
-  because of a stray file, it only finds fewer servers.
+- Anything unreadable in the directory is ignored (and logged at DEBUG): a
+  lookup never fails or blocks because of a stray file -- not JSON, a field
+  of the wrong type, too large or too deeply nested, a FIFO, a symbolic
+  link -- it only finds fewer servers.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ __all__ = ["Record", "Registry", "RegistryError", "default_directory"]
 
 _log = logging.getLogger("aiocoloc.registry")
 RECORD_VERSION = 1
+#: A record is a few hundred bytes; anything larger is not one of ours.
+MAX_RECORD_SIZE = 16 * 1024
 _WILDCARDS = {"", "0.0.0.0", "::"}
 
 
@@ -71,6 +75,54 @@ def _read_small(path: str) -> bytes:
         return os.read(fd, 65536)
     finally:
         os.close(fd)
+
+
+def _read_record_file(path: str) -> bytes:
+    """A record file's bytes; ``ValueError`` unless it is a regular file of
+    at most ``MAX_RECORD_SIZE`` bytes.  Opened without blocking (a FIFO would
+    block until a writer came) nor following a symbolic link."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        data = os.read(fd, MAX_RECORD_SIZE + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_RECORD_SIZE:
+        raise ValueError(f"larger than {MAX_RECORD_SIZE} bytes")
+    return data
+
+
+#: Each field of a record file and the types it may have.
+_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "host": str,
+    "port": int,
+    "control": str,
+    "pool": (str, type(None)),
+    "pid": int,
+    "start_time": int,
+    "uid": int,
+    "version": int,
+}
+
+
+def _record(data: Any) -> Record | None:
+    """The record ``data`` (parsed JSON) describes: None if it is of another
+    version; ``ValueError`` if a field is missing, unknown or of the wrong
+    type (a bool is not a number here)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a JSON {type(data).__name__}, not an object")
+    if data.get("version") != RECORD_VERSION:
+        return None
+    if set(data) != _FIELDS.keys():
+        raise ValueError(f"fields {sorted(data)}, not {sorted(_FIELDS)}")
+    for name, kind in _FIELDS.items():
+        value = data[name]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ValueError(f"{name!r} is a {type(value).__name__}")
+    if not 0 <= data["port"] <= 65535 or data["pid"] <= 0:
+        raise ValueError(f"port {data['port']} or pid {data['pid']} out of range")
+    return Record(**data)
 
 
 def _alive(pid: int, start_time: int) -> bool:
@@ -215,18 +267,7 @@ class Registry:
 
     def _read(self, path: str) -> Record | None:
         try:
-            data: Any = json.loads(_read_small(path))
-            if data.get("version") != RECORD_VERSION:
-                return None
-            record = Record(**data)
-            if not (
-                isinstance(record.port, int)
-                and isinstance(record.pid, int)
-                and isinstance(record.start_time, int)
-                and isinstance(record.control, str)
-            ):
-                return None
-            return record
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            return _record(json.loads(_read_record_file(path)))
+        except (OSError, ValueError, RecursionError) as exc:  # ValueError: JSON's too
             _log.debug("ignoring unreadable registry entry %s: %s", path, exc)
             return None

@@ -11,10 +11,12 @@ the pipe (or back on TCP) from byte N" and moves on; the receiver delivers
 exactly N bytes from the old path, then continues from the new one.  Nothing
 is ever injected into the TCP byte stream.
 
-Towards the protocol it behaves as asyncio's TCP transport does
-(``asyncio/selector_events.py`` is the reference): ``connection_made`` via
+Towards the protocol it behaves as the loop's own TCP transport does
+(asyncio's ``selector_events.py``, or uvloop's where the two differ: limits,
+messages, what raises once closed; ``tests/conformance``): ``connection_made`` via
 ``call_soon``, ``connection_lost`` exactly once, ``write`` copies what it
-cannot place, writes after close are dropped with asyncio's warning, flow
+cannot place, writes after close are dropped with asyncio's warning (uvloop
+refuses them), flow
 control with strictly paired ``pause_writing``/``resume_writing``, half-close,
 ``BufferedProtocol`` support and the standard guard around callbacks.
 
@@ -41,6 +43,7 @@ from aiocoloc.control import ControlLink
 from aiocoloc.doorbell import ControlDoorbell, Doorbell
 from aiocoloc.elastic import ElasticConfig, ElasticProducer
 from aiocoloc.errors import PoolError, RingClosed, RingCorrupted
+from aiocoloc.resizer import Enrollment, resizer_for
 from aiocoloc.spin import AFTER_EMPTY, AFTER_WRITE, SpinConfig, SpinPolicy
 from aiocoloc.tls import let_loop_start_tls
 
@@ -58,6 +61,11 @@ READ_CHUNK = 256 * 1024
 TCP, SHM = "tcp", "shm"
 #: ``_traffic_goal`` when no hook waits: more bytes than a connection moves.
 NO_TRAFFIC_GOAL = 1 << 62
+#: While the loop is watched (``watch_loop``), the write and read paths look
+#: at it every so many bytes of traffic: adapted between these bounds so that
+#: looks come about four per watch period, whatever the write size.
+WATCH_STEP_MIN = 4 * 1024
+WATCH_STEP_MAX = 1 << 20
 
 
 class ShmPath:
@@ -123,6 +131,19 @@ def close_end(end: Any) -> bool:
     return done
 
 
+def reads_into_buffers(loop: asyncio.AbstractEventLoop, protocol: Any) -> bool:
+    """Whether the loop's own transport would call ``get_buffer``/``buffer_updated``:
+    asyncio's for a ``BufferedProtocol``; uvloop's also for any protocol with
+    ``get_buffer`` that is not an ``asyncio.Protocol``."""
+    if isinstance(protocol, asyncio.BufferedProtocol):
+        return True
+    return (
+        not isinstance(protocol, asyncio.Protocol)
+        and hasattr(protocol, "get_buffer")
+        and not isinstance(loop, asyncio.BaseEventLoop)
+    )
+
+
 class SwitchableTransport(asyncio.transports._FlowControlMixin):
     """A TCP connection that can carry its bytes through shared memory.
 
@@ -170,7 +191,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
     _rang = False  # we woke the peer since the pipe last ran empty
     _slept_at = 0
     _slept_for = AFTER_EMPTY  # what we sleep after: the pipe ran empty, or a write
-    _tick_handle: asyncio.TimerHandle | None = None
+    _tick_handle: Enrollment | None = None  # our pipe's place in the pool's resizer
     # Life cycle.
     _paused_reading = False
     _closing = False
@@ -179,8 +200,19 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
     _lost_called = False
     _fallback_reason: str | None = None
     _fallback_detail: str | None = None
-    _traffic_goal = NO_TRAFFIC_GOAL  # call _on_traffic once this many bytes moved
+    _traffic_goal = NO_TRAFFIC_GOAL  # _check_traffic once this many bytes moved
+    _hook_goal = NO_TRAFFIC_GOAL  # call _on_traffic once this many bytes moved
     _on_traffic: Callable[[], None] | None = None
+    _hook_watch: float | None = None  # watch_loop() period from the hook on
+    # Keeping the event loop turning (watch_loop).
+    _watch_ns = 0  # 0: not watched; else how long a writer may starve the loop
+    _watch_goal = NO_TRAFFIC_GOAL  # traffic at which to look next
+    _watch_step = WATCH_STEP_MIN
+    _watch_looked = 0  # monotonic ns of the last look
+    _watch_since = 0  # monotonic ns when the pending marker was queued
+    _watch_marker: asyncio.Handle | None = None  # runs when the loop turns
+    _nudged = False  # the protocol is paused by us, only to let the loop run
+    nudges = 0  # times a writer was paused to let the loop run
     _peer_closed_link = False
     _peer_gone = False
     switches = 0
@@ -199,7 +231,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         self._loop = loop
         self._context = contextvars.copy_context()
         self._protocol: asyncio.BaseProtocol = protocol
-        self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
+        self._buffered = reads_into_buffers(loop, protocol)
         self._direct = not self._buffered
         self._overflow = bytearray()
         self._tcp_backlog = bytearray()  # TCP bytes not delivered yet (a later TCP segment)
@@ -220,9 +252,12 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         self._shm = path
         self._link = link
         self._direct = False  # from now on, every callback goes through _call
+        vars(self).pop("is_closing", None)  # ours again (see Adopter.connection_made)
         if path.spin is not None:
             self._spin = SpinPolicy(path.spin)
         path.doorbell.listen(self._loop, self._on_doorbell)
+        if path.resizer is not None:  # an idle new pipe gives its first slices back
+            self._start_resize_timer()
         early, self._early_control = self._early_control, []
         for message in early:
             self._on_control(message)
@@ -246,8 +281,14 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
-            self._fatal_error(exc, f"Fatal error: protocol.{what}() call failed.")
+            self._fatal_error(exc, self._callback_failed(what))
             return None
+
+    def _callback_failed(self, what: str) -> str:
+        """What the loop's own transport says when a protocol callback raised."""
+        if isinstance(self._loop, asyncio.BaseEventLoop):
+            return f"Fatal error: protocol.{what}() call failed."
+        return f"Fatal error on transport {type(self).__name__}"  # uvloop's words
 
     # ------------------------------------------------------------ switching
 
@@ -386,14 +427,16 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError(
-                f"data argument must be a bytes-like object, not {type(data).__name__!r}"
-            )
+            data = self._other_data(data)
         if self._eof_written or self._eof_pending:
             raise RuntimeError("Cannot call write() after write_eof()")
         if not data:
             return
         if self._conn_lost:
+            self._check_alive()
+            if self._tx == TCP and self._tcp is not None:
+                self._tcp.write(data)  # dropped and counted by the loop's transport
+                return
             if self._conn_lost >= LOG_THRESHOLD_FOR_CONNLOST_WRITES:
                 _log.warning("socket.send() raised exception.")
             self._conn_lost += 1
@@ -436,8 +479,33 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         self._maybe_pause_protocol()
 
     def writelines(self, list_of_data: Any) -> None:
+        if isinstance(self._loop, asyncio.BaseEventLoop):
+            # asyncio's transport joins them (one write, and its TypeError).
+            self.write(b"".join(list_of_data))
+            return
+        self._check_alive()  # uvloop's: each buffer in turn, with its messages
+        if self._eof_written or self._eof_pending:
+            raise RuntimeError("Cannot call writelines() after write_eof()")
         for data in list_of_data:
             self.write(data)
+
+    def _other_data(self, data: Any) -> bytes | memoryview:
+        """What the loop's own transport makes of a write that is not bytes,
+        bytearray or memoryview: asyncio's refuses it; uvloop's ignores an
+        empty one and takes any other buffer (``memoryview``'s TypeError else)."""
+        if isinstance(self._loop, asyncio.BaseEventLoop):
+            raise TypeError(
+                f"data argument must be a bytes-like object, not {type(data).__name__!r}"
+            )
+        if not data:
+            return b""
+        return memoryview(data).cast("B")
+
+    def _check_alive(self) -> None:
+        """uvloop's transports refuse writes and limits once closed (asyncio's
+        drop writes with a warning): on uvloop, so do we."""
+        if self._lost_called and not isinstance(self._loop, asyncio.BaseEventLoop):
+            raise RuntimeError(f"unable to perform operation on {self!r}; the handler is closed")
 
     def _after_pipe_write(self) -> None:
         if self._tick_handle is None and self._shm is not None and self._shm.resizer is not None:
@@ -445,22 +513,19 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         self._ring_bell()
 
     def _start_resize_timer(self) -> None:
-        assert self._shm is not None and self._shm.resizer is not None
-        self._tick_handle = self._loop.call_later(
-            self._shm.resizer.config.interval, self._resize_tick
+        """Have the pool's resizer on this loop follow our outgoing pipe while
+        it is busy or settling (one timer per pool, not one per pipe)."""
+        shm = self._shm
+        if shm is None or shm.resizer is None or shm.closed or self._lost_called:
+            return
+        resizer = shm.resizer
+        self._tick_handle = resizer_for(resizer.pool, self._loop, resizer.config).enroll(
+            resizer, self._resize_stopped
         )
 
-    def _resize_tick(self) -> None:
-        """Let an elastic pipe follow its demand while it is busy or settling;
-        an idle pipe at its share stops the timer (no CPU while idle)."""
+    def _resize_stopped(self) -> None:
+        """The pipe is idle at its share: the next write enrolls it again."""
         self._tick_handle = None
-        shm = self._shm
-        if shm is None or shm.closed or self._lost_called or shm.resizer is None:
-            return
-        if self._in_context(shm.resizer.maybe_tick):
-            self._tick_handle = self._loop.call_later(
-                shm.resizer.config.interval, self._resize_tick
-            )
 
     def _ring_bell(self) -> None:
         """Ring the peer if its consumer sleeps (event suppression otherwise).
@@ -519,13 +584,14 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         self._maybe_resume_protocol()
         if self._eof_pending:
             self._finish_write_eof()
-        elif self._closing:
+        if self._closing:  # (write_eof() then close(): both waited for the pipe)
             self._finish_close()
 
     def can_write_eof(self) -> bool:
         return True
 
     def write_eof(self) -> None:
+        self._check_alive()
         if self._eof_written or self._eof_pending or self._closing:
             return
         if self._tx == SHM and self._overflow:
@@ -558,18 +624,24 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         return inner + len(self._overflow)
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
+        if self._tcp is not None:  # they pause us on TCP (uvloop's low mark is 16 bytes)
+            return self._tcp.get_write_buffer_limits()
         return (self._low_water, self._high_water)
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        if high is None:
-            high = 64 * 1024 if low is None else 4 * low
-        if low is None:
-            low = high // 4
-        if not high >= low >= 0:
-            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
-        self._high_water, self._low_water = high, low
         if self._tcp is not None:
+            # The loop's transport checks them and rounds them its way (its
+            # errors, its RuntimeError once closed on uvloop): we follow it.
             self._tcp.set_write_buffer_limits(high, low)
+            self._low_water, self._high_water = self._tcp.get_write_buffer_limits()
+        else:
+            if high is None:
+                high = 64 * 1024 if low is None else 4 * low
+            if low is None:
+                low = high // 4
+            if not high >= low >= 0:
+                raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+            self._high_water, self._low_water = high, low
         self._maybe_pause_protocol()
         self._maybe_resume_protocol()
 
@@ -577,30 +649,133 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         if self._protocol_paused or self.get_write_buffer_size() <= self._high_water:
             return
         self._protocol_paused = True
-        self._call(self._protocol.pause_writing, what="pause_writing")
+        self._report_failure(self._protocol.pause_writing, "pause_writing")
 
     def _maybe_resume_protocol(self) -> None:
         if not self._protocol_paused or self.get_write_buffer_size() > self._low_water:
             return
         self._protocol_paused = False
-        self._call(self._protocol.resume_writing, what="resume_writing")
+        self._report_failure(self._protocol.resume_writing, "resume_writing")
+
+    def _report_failure(self, callback: Callable[[], Any], what: str) -> None:
+        """Flow-control callbacks that raise are reported, not fatal (as asyncio's
+        and uvloop's transports do)."""
+        try:
+            self._in_context(callback)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._loop.call_exception_handler(
+                {
+                    "message": f"protocol.{what}() failed",
+                    "exception": exc,
+                    "transport": self,
+                    "protocol": self._protocol,
+                }
+            )
 
     # ------------------------------------------------------------ hooks
 
-    def call_after_traffic(self, nbytes: int, callback: Callable[[], None]) -> None:
+    def call_after_traffic(
+        self, nbytes: int, callback: Callable[[], None], *, watch: float | None = None
+    ) -> None:
         """Call ``callback`` (once, soon) when ``nbytes`` have been written and
-        received in all; at once if they already have.  One hook at a time."""
-        self._traffic_goal, self._on_traffic = nbytes, callback
-        if self._tx_pos + self._rx_pos >= nbytes:
+        received in all; at once if they already have.  One hook at a time.
+        With ``watch``, ``watch_loop(watch)`` starts when the goal is reached,
+        so the callback runs even if the application never yields."""
+        self._hook_goal, self._on_traffic, self._hook_watch = nbytes, callback, watch
+        self._traffic_goal = min(nbytes, self._watch_goal)
+        if self._tx_pos + self._rx_pos >= self._traffic_goal:
             self._check_traffic()
 
     def _check_traffic(self) -> None:
-        """Call the traffic hook if its goal is reached (callers test that
-        first on hot paths: ``_tx_pos + _rx_pos >= _traffic_goal``)."""
+        """Run what waits for traffic: the hook, a look at the loop (callers
+        test first on hot paths: ``_tx_pos + _rx_pos >= _traffic_goal``)."""
+        moved = self._tx_pos + self._rx_pos
         callback = self._on_traffic
-        if callback is not None and self._tx_pos + self._rx_pos >= self._traffic_goal:
-            self._traffic_goal, self._on_traffic = NO_TRAFFIC_GOAL, None
+        if callback is not None and moved >= self._hook_goal:
+            self._hook_goal, self._on_traffic = NO_TRAFFIC_GOAL, None
+            if self._hook_watch is not None:
+                self.watch_loop(self._hook_watch)
             self._loop.call_soon(callback, context=self._context)
+        if moved >= self._watch_goal:
+            self._look_at_loop(moved)
+        self._traffic_goal = min(self._hook_goal, self._watch_goal)
+
+    # ------------------------------------------------- keeping the loop turning
+
+    def watch_loop(self, period: float | None) -> None:
+        """Keep the event loop turning for work this connection waits for
+        (an upgrade's handshake), whatever the application's loop shape.
+
+        ``write(); await drain()`` never yields while the transport is not
+        paused, so a bulk writer can starve the loop for good.  While
+        watched, the traffic paths look every few KiB whether the loop ran
+        since the last look (a marker callback); a writer that kept it from
+        running for ``period`` seconds gets one ``pause_writing`` and, on the
+        next loop iteration, ``resume_writing``: its ``drain()`` yields once.
+        An application that yields by itself is never paused.  ``None``
+        stops watching.  Nothing is added to the traffic paths: the looks
+        share the traffic-goal test that they already make.
+        """
+        if period is None or self._lost_called:
+            self._watch_ns, self._watch_goal = 0, NO_TRAFFIC_GOAL
+            self._traffic_goal = self._hook_goal
+            if self._watch_marker is not None:
+                self._watch_marker.cancel()
+                self._watch_marker = None
+            return
+        self._watch_ns = max(int(period * 1e9), 1)
+        if self._watch_goal == NO_TRAFFIC_GOAL:
+            # Nothing else until the first look: a server watches every
+            # connection it accepts, and most are short.
+            self._watch_looked = 0
+            self._watch_goal = self._tx_pos + self._rx_pos + self._watch_step
+            self._traffic_goal = min(self._hook_goal, self._watch_goal)
+
+    def _loop_turned(self) -> None:
+        self._watch_marker = None
+
+    def _look_at_loop(self, moved: int) -> None:
+        now = time.monotonic_ns()
+        period = self._watch_ns
+        if self._watch_marker is None:  # the loop ran since the last look (or first look)
+            self._watch_since = now
+            self._watch_marker = self._loop.call_soon(self._loop_turned)
+        elif now - self._watch_since >= period:  # starved for a whole period
+            self._let_loop_run()
+            self._watch_since = now
+        # Look about four times a period: the step follows the write rate.
+        if self._watch_looked:
+            elapsed = now - self._watch_looked
+            if elapsed < period // 8 and self._watch_step < WATCH_STEP_MAX:
+                self._watch_step *= 2
+            elif elapsed > period // 2 and self._watch_step > WATCH_STEP_MIN:
+                self._watch_step //= 2
+        self._watch_looked = now
+        self._watch_goal = moved + self._watch_step
+
+    def _let_loop_run(self) -> None:
+        """Pause the protocol until the next loop iteration: its drain() yields."""
+        if self._protocol_paused or self._closing:
+            return  # drain() waits already, or nothing is left to wait for
+        self.nudges += 1
+        self._protocol_paused = self._nudged = True
+        self._report_failure(self._protocol.pause_writing, "pause_writing")
+        self._loop.call_soon(self._end_nudge)
+
+    def _end_nudge(self) -> None:
+        if not self._nudged:
+            return
+        self._nudged = False
+        # Unless the buffers filled meanwhile: then flow control resumes as usual.
+        if (
+            self._protocol_paused
+            and not self._lost_called
+            and self.get_write_buffer_size() <= self._high_water
+        ):
+            self._protocol_paused = False
+            self._report_failure(self._protocol.resume_writing, "resume_writing")
 
     def add_close_callback(self, callback: Callable[[SwitchableTransport], object]) -> None:
         """Call ``callback(transport)`` right after ``connection_lost``."""
@@ -674,15 +849,8 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         if self._buffered:
             view = memoryview(data)
             while view and not self._lost_called:
-                buf = self._call(self._protocol.get_buffer, len(view), what="get_buffer")  # type: ignore[attr-defined]
-                if buf is None:
-                    return
-                target = memoryview(buf).cast("B")
-                if not len(target):
-                    self._fatal_error(
-                        RuntimeError("get_buffer() returned an empty buffer"),
-                        "Fatal error: protocol.get_buffer() call failed.",
-                    )
+                target = self._get_buffer(len(view))
+                if target is None:
                     return
                 n = min(len(target), len(view))
                 target[:n] = view[:n]
@@ -691,7 +859,12 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         else:
             if type(data) is not bytes:
                 data = bytes(data)
-            self._call(self._protocol.data_received, data, what="data_received")  # type: ignore[attr-defined]
+            try:  # (free in 3.11 unless raised) a protocol without one fails as on the loop's
+                data_received = self._protocol.data_received  # type: ignore[attr-defined]
+            except AttributeError as exc:
+                self._fatal_error(exc, self._callback_failed("data_received"))
+                return
+            self._call(data_received, data, what="data_received")
 
     def _on_doorbell(self) -> None:
         self._in_context(self._woken)
@@ -759,6 +932,8 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
                 if moved >= DRAIN_BUDGET:
                     self._schedule_drain()  # let other callbacks run, then go on
                 return
+            if shm.closed:
+                return  # get_buffer() failed: the pipes are gone
             self._rest(AFTER_EMPTY)
         except RingCorrupted as exc:
             self._fatal_error(
@@ -773,6 +948,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         rang, self._rang = self._rang, False
         if (
             policy is not None
+            and policy.alone(self._loop)  # (notes that we rest, whatever comes next)
             and self._spin_handle is None
             and policy.wants(trigger)
             # The peer we just woke may be placed on our CPU: leave it free,
@@ -827,16 +1003,29 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
                 ConnectionResetError(f"shared-memory pipe corrupted: {exc}"), "pipe corrupted"
             )
 
-    def _read_buffered(self, consumer: Any, limit: int) -> int | None:
-        buf = self._call(self._protocol.get_buffer, -1, what="get_buffer")  # type: ignore[attr-defined]
-        if buf is None:
+    def _get_buffer(self, sizehint: int) -> memoryview | None:
+        """The protocol's buffer as bytes; None after a fatal error (asyncio's
+        transport reports the protocol's exception, uvloop's its own)."""
+        try:
+            buf = self._in_context(self._protocol.get_buffer, sizehint)  # type: ignore[attr-defined]
+            target = memoryview(buf).cast("B")
+            if not len(target):
+                raise RuntimeError("get_buffer() returned an empty buffer")
+            return target
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            error = exc
+            if not isinstance(self._loop, asyncio.BaseEventLoop):
+                error = RuntimeError("unhandled error (or an empty buffer) in get_buffer()")
+            self._fatal_error(error, self._callback_failed("get_buffer"))
             return None
-        target = memoryview(buf).cast("B")
-        if not len(target):
-            self._fatal_error(
-                RuntimeError("get_buffer() returned an empty buffer"),
-                "Fatal error: protocol.get_buffer() call failed.",
-            )
+
+    def _read_buffered(self, consumer: Any, limit: int) -> int | None:
+        if not consumer.used():  # get_buffer() only when bytes came, as the loops call it
+            return 0 if consumer.at_eof() else None
+        target = self._get_buffer(-1)
+        if target is None:
             return None
         n = consumer.readinto(target[:limit])
         if n:
@@ -903,13 +1092,16 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
             self._loop.call_soon(self._feed_tcp)
 
     def is_reading(self) -> bool:
-        return not self._paused_reading and not self._closing
+        if self._paused_reading or self._closing:
+            return False
+        # uvloop's transport stops reading at EOF (libuv does); asyncio's reads on.
+        return not self._rx_eof or isinstance(self._loop, asyncio.BaseEventLoop)
 
     # ------------------------------------------------------------ protocol
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._protocol = protocol
-        self._buffered = isinstance(protocol, asyncio.BufferedProtocol)
+        self._buffered = reads_into_buffers(self._loop, protocol)
         if self._buffered:  # we copy into its buffers: no direct calls
             self._direct = False
 
@@ -936,7 +1128,15 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
     # ------------------------------------------------------------ closing
 
     def is_closing(self) -> bool:
-        return self._closing
+        # The loop's TCP transport may have failed (a send met EPIPE or a
+        # reset) with its connection_lost still queued: StreamWriter.drain()
+        # yields only when this says so, so a write()/drain() loop would
+        # never let that callback run.  (Adopted transports on TCP alone use
+        # the loop transport's is_closing in place of this.)
+        if self._closing:
+            return True
+        tcp = self._tcp
+        return tcp is not None and tcp.is_closing()
 
     def close(self) -> None:
         if self._closing:
@@ -944,8 +1144,12 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         self._closing = True
         if self._shm is not None and self._tcp is not None:
             self._tcp.pause_reading()  # (on TCP alone, closing it stops reading)
-        if self._tx == SHM and self._overflow:
-            return  # _flush_overflow finishes the close
+        if self._tx == SHM:
+            if self._overflow:
+                return  # _flush_overflow finishes the close
+            # Nothing left to send: later writes are dropped, as asyncio's
+            # transport drops them (on TCP the loop's transport does that).
+            self._conn_lost = 1
         self._finish_close()
 
     def _finish_close(self, now: bool = False) -> None:
@@ -994,7 +1198,11 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         # Hooks often close over this transport: drop them, so that a closed
         # connection is freed by reference counting, not by the cycle collector.
         self._traffic_goal, self._on_traffic = NO_TRAFFIC_GOAL, None
-        self._conn_lost += 1
+        self._hook_goal = self._watch_goal = NO_TRAFFIC_GOAL
+        if self._watch_marker is not None:
+            self._watch_marker.cancel()
+            self._watch_marker = None
+        self._conn_lost = self._conn_lost or 1  # close() may have counted already
         if self._tcp is not None and not self._tcp_closed:
             self._tcp.abort()
         if not self._direct:
@@ -1080,9 +1288,19 @@ class Adopter(asyncio.Protocol):
         # with our high-water mark, so it asks us to pause when we would.
         outer = self.transport = SwitchableTransport(loop, self.protocol)
         outer._tcp = transport  # type: ignore[assignment]
+        # On TCP alone we close exactly when the loop's transport does, and it
+        # knows first when a send failed: drain() asks us on every call, so
+        # it asks the loop's transport itself (attach_shm takes this back).
+        outer.is_closing = transport.is_closing  # type: ignore[method-assign]
         # The loop calls us as it calls connection_made (from a call_soon), so
         # the protocol gets it from here: no second hop, and the loop's guard.
-        self.protocol.connection_made(outer)
+        try:
+            self.protocol.connection_made(outer)
+        except BaseException:
+            if not isinstance(loop, asyncio.BaseEventLoop):
+                # uvloop starts reading only once connection_made returned: never, now.
+                outer._paused_reading = True
+            raise
         if self._on_adopted is not None:
             self._on_adopted(outer)
 

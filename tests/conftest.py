@@ -65,6 +65,8 @@ def private_registry(
     monkeypatch.setenv("AIOCOLOC_RUNTIME_DIR", str(directory))
     monkeypatch.delenv("AIOCOLOC_MODE", raising=False)
     monkeypatch.delenv("AIOCOLOC_TRUST", raising=False)
+    monkeypatch.delenv("AIOCOLOC_HANDSHAKE_TIMEOUT", raising=False)
+    monkeypatch.delenv("AIOCOLOC_POOL_SIZE", raising=False)
     policy.reset()
     local_pools().close_idle()
     yield directory

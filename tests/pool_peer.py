@@ -6,16 +6,21 @@ pool_peer.py hold-lock NAME               attach, take the allocator lock, repor
 pool_peer.py consume NAME                 report our slot, read "SLOT GENERATION" of a
                                           pipe on stdin, consume it to EOF, report sha256
 pool_peer.py memfd FD                     attach a memfd pool from an inherited fd
+pool_peer.py hostile-lock FD              attach a memfd pool, take the allocator lock and
+                                          keep bumping its acquisition counter (defeating
+                                          the take-over) until stdin closes; then leave
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import select
 import sys
 import time
 
-from aiocoloc.pool import PipeHandle, Pool, PoolConfig
+from aiocoloc.atomic import SharedWords
+from aiocoloc.pool import _H_LOCK_COUNT, PipeHandle, Pool, PoolConfig
 from aiocoloc.segments import MemfdSegment, PosixShmSegment
 
 
@@ -37,6 +42,18 @@ def main(argv: list[str]) -> int:
         pool = Pool.attach(MemfdSegment.from_fd(int(argv[1])))
         report(id=str(pool.id), slot=pool.slot, members=len(pool.members()))
         sys.stdin.read()
+        pool.close()
+        return 0
+    if command == "hostile-lock":
+        pool = Pool.attach(MemfdSegment.from_fd(int(argv[1])))
+        region = pool.segment.map()  # our own view, to poke the header as a hostile peer would
+        words = SharedWords(region)
+        with pool.locked():
+            report(slot=pool.slot, locked=True)
+            while not select.select([sys.stdin], [], [], 0.01)[0]:
+                words.add64(_H_LOCK_COUNT, 1)  # "a new acquisition": no take-over
+        words.release()
+        region.close()
         pool.close()
         return 0
     pool = Pool.attach(PosixShmSegment.attach(argv[1]))

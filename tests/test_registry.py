@@ -6,11 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from aiocoloc.registry import Registry, RegistryError, default_directory
+
+from .conftest import open_fds
 
 
 @pytest.fixture
@@ -106,6 +109,93 @@ def test_stray_files_are_ignored(registry: Registry, content: str) -> None:
     registry.publish("127.0.0.1", 7002, "/good")
     (registry.directory / "7002-1-bad.json").write_text(content)
     assert [r.control for r in registry.lookup("127.0.0.1", 7002)] == ["/good"]
+
+
+def good_record(**changes: object) -> str:
+    """A record for 127.0.0.1:7002 of this live process, with ``changes``."""
+    from aiocoloc.registry import _start_time
+
+    record: dict[str, object] = {
+        "host": "127.0.0.1",
+        "port": 7002,
+        "control": "/c",
+        "pool": None,
+        "pid": os.getpid(),
+        "start_time": _start_time(os.getpid()),
+        "uid": os.getuid(),
+        "version": 1,
+    }
+    record.update(changes)
+    return json.dumps(record)
+
+
+def test_a_record_written_by_hand_is_read(registry: Registry) -> None:
+    """(So that the cases below fail for the field they change.)"""
+    registry.directory.mkdir(mode=0o700)
+    (registry.directory / "7002-1-hand.json").write_text(good_record(control="/hand"))
+    assert [r.control for r in registry.lookup("127.0.0.1", 7002)] == ["/hand"]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"pool": 5},
+        {"host": []},
+        {"host": None},
+        {"control": 7},
+        {"port": True},
+        {"port": 7002.0},
+        {"port": 70000},
+        {"pid": str(os.getpid())},
+        {"pid": -1},
+        {"start_time": None},
+        {"uid": "0"},
+        {"version": True},
+        {"extra": 1},
+    ],
+)
+def test_a_record_with_a_field_of_the_wrong_type_is_ignored(
+    registry: Registry, changes: dict[str, object]
+) -> None:
+    """Such a record once killed the client's upgrade task (the connection
+    stayed on TCP without a reason) or broke publishing."""
+    registry.publish("127.0.0.1", 7002, "/good")
+    (registry.directory / "7002-1-bad.json").write_text(
+        good_record(**{"control": "/bad", **changes})
+    )
+    assert [r.control for r in registry.lookup("127.0.0.1", 7002)] == ["/good"]
+    registry.publish("127.0.0.1", 7003, "/other")  # sweeps: reads every record
+    assert (registry.directory / "7002-1-bad.json").exists()  # not ours to remove
+
+
+def test_entries_that_are_not_small_regular_files_are_ignored(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """A FIFO named like a record once blocked the event loop forever on
+    open; a deeply nested record made start_server raise RecursionError."""
+    registry.publish("127.0.0.1", 7002, "/good")
+    directory = registry.directory
+    os.mkfifo(directory / "7002-1-fifo.json")
+    (directory / "7002-1-deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (directory / "7002-1-nested.json").write_text("[" * 5000 + "]" * 5000)
+    (directory / "7002-1-huge.json").write_text(good_record(control="/huge", pad="x" * 100_000))
+    (directory / "7002-1-dir.json").mkdir()
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(good_record(control="/linked"))
+    (directory / "7002-1-link.json").symlink_to(elsewhere)
+    found: list[list[str]] = []
+
+    def look() -> None:
+        registry.publish("127.0.0.1", 7003, "/other")  # sweeps every record
+        found.append([r.control for r in registry.lookup("127.0.0.1", 7002)])
+
+    fds = open_fds()
+    worker = threading.Thread(target=look, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), "the registry blocked on an entry"
+    assert found == [["/good"]]
+    assert open_fds() <= fds, sorted(open_fds() - fds)
 
 
 def test_an_unsafe_directory_is_refused(tmp_path: Path) -> None:
