@@ -12,7 +12,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["demand_from", "proportional_targets"]
+__all__ = ["NEWCOMER_SHARE", "demand_from", "proportional_targets", "shareable_slices"]
+
+#: The fraction of a pool that demand-driven shares leave free, so that a new
+#: pipe (a new connection) always finds its first slices: busy pipes took
+#: every slice, and every later connection fell back with "pool exhausted".
+#: They shrink toward their new targets as new pipes claim their minimums.
+NEWCOMER_SHARE = 1 / 16
+
+
+def shareable_slices(total: int) -> int:
+    """The slices of a pool of ``total`` that pipes share by demand."""
+    return total - int(total * NEWCOMER_SHARE)
 
 #: A pipe blocked on a full pipe for a fraction f of the interval is judged
 #: to want rate / (1 - f) (what it would have sent with room), capped here.

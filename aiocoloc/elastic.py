@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiocoloc.allocation import demand_from, proportional_targets
+from aiocoloc.allocation import demand_from, proportional_targets, shareable_slices
 from aiocoloc.errors import PoolBusy, PoolError
 from aiocoloc.pool import PipeHandle, PipeInfo, Pool
 
@@ -104,9 +104,13 @@ class DemandTracker:
 
 
 def pipe_targets(pipes: Sequence[PipeInfo], demands: Sequence[float], total: int) -> list[int]:
-    """Every pipe's target, in slices, for ``demands`` (``aiocoloc.allocation``)."""
+    """Every pipe's target, in slices, for ``demands`` (``aiocoloc.allocation``),
+    sharing a pool of ``total`` slices less the newcomers' part."""
     return proportional_targets(
-        demands, [info.min_slices for info in pipes], [info.max_slices for info in pipes], total
+        demands,
+        [info.min_slices for info in pipes],
+        [info.max_slices for info in pipes],
+        shareable_slices(total),
     )
 
 

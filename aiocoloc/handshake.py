@@ -78,7 +78,7 @@ NONCE_SIZE = 16
 INITIAL_SLICES = (16, 4, 1)
 #: A new pipe starts with at most this share of the free slices, so that the
 #: connections after it find room too (busy pipes grow by demand later).
-INITIAL_SHARE = 1 / 16
+INITIAL_SHARE = 1 / 32
 _MAX_FDS = 4
 _CRED = struct.Struct("3i")
 

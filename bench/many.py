@@ -8,7 +8,7 @@ rounds in --seconds of each) is measured over:
   tcp     asyncio streams over TCP loopback (asyncio.start_server/open_connection)
   shm     aiocoloc.start_server/open_connection(upgrade="always"), measured once
           every connection that can has upgraded to shared memory both ways.
-          The default serving pool holds about 78 upgraded connections: the
+          A server's default pool holds 256 upgraded connections: the
           rest fall back ("pool exhausted") and stay on TCP; the table says
           how many upgraded.
 on asyncio's loop and on uvloop (client and server alike), with the ratio of

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from aiocoloc import resizer as resizer_module
+from aiocoloc.allocation import shareable_slices
 from aiocoloc.elastic import ElasticConfig, ElasticProducer
 from aiocoloc.pool import PipeInfo, Pool, PoolConfig
 from aiocoloc.resizer import Enrollment, resizer_for
@@ -146,3 +147,35 @@ def test_a_destroyed_pipe_is_let_go(pool: Pool) -> None:
     asyncio.run(scenario())
     assert other.idled == 0
     other.close()
+
+
+def test_busy_pipes_leave_room_for_new_ones() -> None:
+    """However busy the pipes are, their shares leave the newcomers' part of
+    the pool free: a new connection still gets its pipes."""
+    pool = Pool.create(
+        MemfdSegment.create(4 << 20),
+        PoolConfig(slice_size=16384, max_pipes=64, max_slices_per_pipe=1024, lease=60),
+    )
+    total = pool.geometry.slice_count
+    hot = [Writer(pool) for _ in range(3)]
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while loop.time() - start < 0.5:
+            for writer in hot:
+                for _ in range(20):
+                    writer.write(loop)
+            await asyncio.sleep(0.001)
+
+    asyncio.run(scenario())
+    assert sum(len(w.producer.end.slices) for w in hot) > total // 2  # they did grow
+    free = pool.free_slice_count()
+    # The newcomers' sixteenth of the pool, less rounding.
+    assert free >= max(total - shareable_slices(total) - len(hot), total // 20), (free, total)
+    newcomers = [pool.create_pipe(pool.slot, pool.slot) for _ in range(total // 20)]
+    for handle in newcomers:
+        pool.destroy_pipe(handle)
+    for writer in hot:
+        writer.close()
+    pool.close()

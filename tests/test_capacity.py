@@ -1,0 +1,69 @@
+"""What a server's default pool holds: 256 upgraded connections (its pipe
+table), even when they all arrive at once; the others stay on TCP with
+``pool exhausted`` and work; closed connections make room for new ones."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+import aiocoloc
+from aiocoloc import fallback
+
+from .test_connect import echo, info, no_pools_in_use, roundtrip, until
+from .test_transport import run
+
+#: The serving pool's pipe table (``colocation.SERVING_POOL``): two pipes a connection.
+CAPACITY = 256
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+def settled(streams: list[Streams]) -> bool:
+    return all(
+        info(w)["mode"] == "shm" or info(w)["fallback_reason"] is not None for _, w in streams
+    )
+
+
+def outcomes(streams: list[Streams]) -> collections.Counter[str]:
+    return collections.Counter(
+        "shm" if info(w)["mode"] == "shm" else str(info(w)["fallback_reason"]) for _, w in streams
+    )
+
+
+def test_a_server_pool_holds_256_connections_opened_at_once() -> None:
+    async def scenario() -> None:
+        server = await aiocoloc.start_server(echo, "127.0.0.1", 0, backlog=512)
+        port = server.sockets[0].getsockname()[1]
+        streams: list[Streams] = []
+        for _ in range(6):  # 300 in bursts of 50
+            streams += await asyncio.gather(
+                *(
+                    aiocoloc.open_connection("127.0.0.1", port, upgrade="always")
+                    for _ in range(50)
+                )
+            )
+        await until(lambda: settled(streams), "every connection upgraded or fell back", 30)
+        assert outcomes(streams) == {"shm": CAPACITY, fallback.POOL_EXHAUSTED: 300 - CAPACITY}
+        left_out = [s for s in streams if info(s[1])["mode"] == "tcp"]
+        await roundtrip(*left_out[0], 100_000)  # plain TCP, working
+        # Closing some upgraded connections makes room for new ones.
+        upgraded = [s for s in streams if info(s[1])["mode"] == "shm"]
+        for _, writer in upgraded[:10]:
+            writer.close()
+            await writer.wait_closed()
+        await asyncio.sleep(0.1)  # the server side closes its ends too
+        more = [
+            await aiocoloc.open_connection("127.0.0.1", port, upgrade="always") for _ in range(10)
+        ]
+        await until(lambda: settled(more), "the new connections upgraded", 10)
+        assert outcomes(more) == {"shm": 10}
+        await roundtrip(*more[0], 100_000)
+        for _, writer in upgraded[10:] + left_out + more:
+            writer.close()
+            await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+        await until(lambda: not aiocoloc.colocation.local_pools().in_use(), "pools released")
+        no_pools_in_use()
+
+    run("asyncio", scenario, timeout=90)
