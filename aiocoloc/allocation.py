@@ -25,6 +25,7 @@ def shareable_slices(total: int) -> int:
     """The slices of a pool of ``total`` that pipes share by demand."""
     return total - int(total * NEWCOMER_SHARE)
 
+
 #: A pipe blocked on a full pipe for a fraction f of the interval is judged
 #: to want rate / (1 - f) (what it would have sent with room), capped here.
 MAX_BLOCKED_BOOST = 4.0

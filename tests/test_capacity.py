@@ -37,10 +37,7 @@ def test_a_server_pool_holds_256_connections_opened_at_once() -> None:
         streams: list[Streams] = []
         for _ in range(6):  # 300 in bursts of 50
             streams += await asyncio.gather(
-                *(
-                    aiocoloc.open_connection("127.0.0.1", port, upgrade="always")
-                    for _ in range(50)
-                )
+                *(aiocoloc.open_connection("127.0.0.1", port, upgrade="always") for _ in range(50))
             )
         await until(lambda: settled(streams), "every connection upgraded or fell back", 30)
         assert outcomes(streams) == {"shm": CAPACITY, fallback.POOL_EXHAUSTED: 300 - CAPACITY}
