@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
-EXT_SOURCES := aiocoloc/_ring.pyx aiocoloc/_ring.pxd aiocoloc/_atomic.pyx aiocoloc/includes/atomics.h
+EXT_SOURCES := aiocoloc/_ring.pyx aiocoloc/_ring.pxd aiocoloc/shm/_atomic.pyx aiocoloc/includes/atomics.h
 PYTEST_ARGS ?=
 
 .PHONY: all venv build demo test lint typecheck pytest bench clean
@@ -49,4 +49,4 @@ bench: build
 	$(PY) bench/many.py
 
 clean:
-	rm -rf build $(VENV) aiocoloc/*.so aiocoloc/*.c *.egg-info .pytest_cache .mypy_cache .hypothesis
+	rm -rf build $(VENV) aiocoloc/*.so aiocoloc/*.c aiocoloc/shm/*.so aiocoloc/shm/*.c *.egg-info .pytest_cache .mypy_cache .hypothesis

@@ -1,4 +1,4 @@
-"""Builds the Cython ring.  AIOCOLOC_NO_EXTENSIONS=1 skips the build."""
+"""Builds the Cython ring and the pool's atomics.  AIOCOLOC_NO_EXTENSIONS=1 skips the build."""
 
 import os
 
@@ -11,12 +11,12 @@ if os.environ.get("AIOCOLOC_NO_EXTENSIONS", "") in ("", "0"):
     ext_modules = cythonize(
         [
             Extension(
-                f"aiocoloc.{name}",
-                [f"aiocoloc/{name}.pyx"],
-                include_dirs=["aiocoloc"],
+                name,
+                [name.replace(".", "/") + ".pyx"],
+                include_dirs=["aiocoloc"],  # for includes/atomics.h
                 extra_compile_args=["-O2", "-std=c11"],
             )
-            for name in ("_ring", "_atomic")
+            for name in ("aiocoloc._ring", "aiocoloc.shm._atomic")
         ],
         compiler_directives={"language_level": "3"},
     )

@@ -100,6 +100,19 @@
 #    exchange so one sleep gets one ring).  producer_waiting/head work the
 #    same way in the other direction.  Without the fences (store then load is
 #    the one reordering x86-TSO allows) both could miss: a lost wake-up.
+# 4. Shared doorbells (aiocoloc/hub.py): many pipes may ring one eventfd.
+#    The flags above still decide whether a ring is needed.  The listener
+#    reads the eventfd first, then looks at each pipe whose end sleeps or
+#    waits (sleep_over()/wait_over(): the flag taken by the peer, tail vs
+#    head, the closed flags).  A producer clears the flag (exchange) before
+#    it rings; so a pipe whose ring the read consumed shows a cleared flag,
+#    and a ring that lands after the read makes the eventfd readable
+#    again: no wake-up is lost.  (A cleared flag also wakes a reader whose
+#    bytes were drained meanwhile by other means: it must sleep again.)
+#    A hub skips the eventfd write while a ring is outstanding (a shared
+#    word the listener clears before it looks); sleep_over()/wait_over()
+#    start with a seq_cst fence so that clear is ordered before their loads,
+#    the mirror of the ringer's fence in wake_needed().
 
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from cpython.buffer cimport Py_buffer

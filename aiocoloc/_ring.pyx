@@ -487,6 +487,18 @@ cdef class _Producer(_End):
             return acl_exchange_u32(self._consumer_sleeping_p, 0) != 0
         return False
 
+    def wait_over(self) -> bool:
+        """After ``prepare_wait``: True once there is a reason to wake -- the
+        consumer took the announcement (it rings us), a byte fits, or the
+        consumer closed.  A cheap look, for a doorbell shared by many pipes."""
+        self._check_usable()
+        # The hub cleared its "ring outstanding" word just before: order that
+        # store before these loads (see aiocoloc/hub.py).
+        acl_fence_seq_cst()
+        return (acl_load_acquire_u32(self._producer_waiting_p) == 0
+                or self._limit(self._load_head()) != self._tail
+                or acl_load_acquire_u32(self._consumer_closed_p) != 0)
+
     def prepare_wait(self, Py_ssize_t nbytes=1) -> bool:
         """Announce that we wait for ``nbytes`` of space.
 
@@ -687,6 +699,19 @@ cdef class _Consumer(_End):
         if acl_load_acquire_u32(self._producer_waiting_p):
             return acl_exchange_u32(self._producer_waiting_p, 0) != 0
         return False
+
+    def sleep_over(self) -> bool:
+        """After ``prepare_sleep``: True once there is a reason to wake -- the
+        producer took the announcement (it rings us), or bytes or EOF came.
+        Consumes nothing.  A cheap look, for a doorbell shared by many pipes."""
+        self._check_usable()
+        # The hub cleared its "ring outstanding" word just before: order that
+        # store before these loads (see aiocoloc/hub.py).  Acquire: a cleared
+        # flag comes after the bytes it rings for.
+        acl_fence_seq_cst()
+        if acl_load_acquire_u32(self._consumer_sleeping_p) == 0 or self._available(1):
+            return True
+        return acl_load_acquire_u32(self._producer_closed_p) != 0
 
     def prepare_sleep(self) -> bool:
         """Announce that we sleep until data arrives.

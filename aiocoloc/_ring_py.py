@@ -361,6 +361,16 @@ class _Producer(_End):
             return True
         return False
 
+    def wait_over(self) -> bool:
+        """After ``prepare_wait``: True once the consumer took the
+        announcement, a byte fits, or the consumer closed."""
+        self._check_usable()
+        return (
+            self._cells.get32(_OFF_PRODUCER_WAITING) == 0
+            or self.free() > 0
+            or self._cells.get32(_OFF_CONSUMER_CLOSED) != 0
+        )
+
     def prepare_wait(self, nbytes: int = 1) -> bool:
         """Announce that we wait for ``nbytes`` of space; True: sleep now."""
         self._check_usable()
@@ -519,6 +529,14 @@ class _Consumer(_End):
             self._cells.set32(_OFF_PRODUCER_WAITING, 0)
             return True
         return False
+
+    def sleep_over(self) -> bool:
+        """After ``prepare_sleep``: True once the producer took the
+        announcement, or bytes or EOF came; consumes nothing."""
+        self._check_usable()
+        if self._cells.get32(_OFF_CONSUMER_SLEEPING) == 0 or self._available(1):
+            return True
+        return self._cells.get32(_OFF_PRODUCER_CLOSED) != 0
 
     def prepare_sleep(self) -> bool:
         """Announce that we sleep until data arrives; True: sleep now."""

@@ -20,8 +20,9 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-from aiocoloc import fallback
+from aiocoloc import fallback, hub
 from aiocoloc.colocation import LocalPools, local_pools
+from aiocoloc.errors import SegmentError
 from aiocoloc.handshake import Agreement, ConnKey, HandshakeFailed, abandon_pipes, client_handshake
 from aiocoloc.policy import Trust
 from aiocoloc.registry import Record
@@ -107,7 +108,13 @@ async def _attempt(
     record: Record, conn: ConnKey, pools: LocalPools, trust: Trust, budget: float
 ) -> Agreement:
     control = await connect_control(record.control, budget)
-    return await client_handshake(control, conn, pools, trust, record.pool)
+    shared = None
+    if hub.hubs_usable():
+        try:
+            shared = hub.join_client_hub(record.control)
+        except (OSError, SegmentError):  # out of descriptors, say: this one offers none
+            pass
+    return await client_handshake(control, conn, pools, trust, record.pool, shared)
 
 
 async def agree(
@@ -170,6 +177,7 @@ async def attach(transport: SwitchableTransport, agreement: Agreement) -> None:
             control=agreement.control,
             pending_control=agreement.unread,
             on_detach=lambda: pools.release(pool),
+            hub=agreement.hub,
         )
     except BaseException:
         abandon(agreement)
@@ -182,14 +190,18 @@ async def attach(transport: SwitchableTransport, agreement: Agreement) -> None:
 
 
 def abandon(agreement: Agreement) -> None:
-    """Give up an agreement: its pipes, descriptors, socket and pool reference."""
+    """Give up an agreement: its pipes, doorbell, socket and pool reference."""
     pool = agreement.pool
     abandon_pipes(pool, agreement.send, agreement.receive)
     for fd in (agreement.listen_fd, agreement.ring_fd):
+        if fd < 0:
+            continue  # a hub's share (below)
         try:
             os.close(fd)
         except OSError:
             pass
+    if agreement.hub is not None:
+        agreement.hub.close()  # (idempotent: attaching may have taken it already)
     agreement.control.close()
     local_pools().release(pool)
 

@@ -20,8 +20,7 @@ import time
 from dataclasses import dataclass
 
 from aiocoloc.errors import PoolError
-from aiocoloc.pool import Pool, PoolConfig
-from aiocoloc.segments import MemfdSegment
+from aiocoloc.shm import MemfdSegment, Pool, PoolConfig
 
 __all__ = ["LINGER", "SERVING_POOL", "LocalPools", "local_pools"]
 

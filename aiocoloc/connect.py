@@ -35,6 +35,7 @@ from aiocoloc.agreement import describe as _describe
 from aiocoloc.colocation import local_pools
 from aiocoloc.errors import PoolError, SegmentError
 from aiocoloc.handshake import ConnKey, HandshakeFailed, connection_key, server_handshake
+from aiocoloc.hub import HubTable
 from aiocoloc.policy import Settings, Trust, Upgrade, current, parse_trust, parse_upgrade
 from aiocoloc.registry import Record, Registry, RegistryError
 from aiocoloc.tls import TAUGHT, let_loop_start_tls
@@ -305,6 +306,7 @@ class ControlEndpoint:
         self._tasks: set[asyncio.Task[None]] = set()
         self._retry: asyncio.TimerHandle | None = None  # accepting again after a back-off
         self._pause = ACCEPT_RETRY_FIRST
+        self.hubs = HubTable(loop)  # shared doorbells, by the clients' tokens
         self.address = f"@aiocoloc-ctl-{os.getpid()}-{secrets.token_hex(8)}"
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -429,7 +431,7 @@ class ControlEndpoint:
         try:
             async with asyncio.timeout(self._settings.handshake_timeout):
                 transport, agreement = await server_handshake(
-                    sock, find, local_pools(), self._settings.pool_size, self._trust
+                    sock, find, local_pools(), self._settings.pool_size, self._trust, self.hubs
                 )
             where = _describe(transport.get_extra_info("peername"))
             await attach(transport, agreement)

@@ -8,6 +8,9 @@ write; several rings before the listener wakes coalesce into one wake-up.
 
 Whether to ring at all is decided by the ring's sleep flags (event
 suppression, see ``_ring.pxd``); when to ring by the transport's batching.
+Connections between the same two event loops share one eventfd pair, a hub
+(``aiocoloc.hub``), when both sides know hubs; a ``Doorbell`` is then one
+connection's own pair, with a peer that does not.
 """
 
 from __future__ import annotations
@@ -49,8 +52,15 @@ class Doorbell:
         except BlockingIOError:
             pass  # counter saturated: the peer has a wake-up pending anyway
 
-    def listen(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
-        """Call ``callback`` on the loop whenever the peer rings."""
+    def listen(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        callback: Callable[[], None],
+        ready: Callable[[], bool] | None = None,
+    ) -> None:
+        """Call ``callback`` on the loop whenever the peer rings.  (``ready``
+        is for a doorbell shared by several connections, ``aiocoloc.hub``:
+        this one is the connection's own, every ring is for it.)"""
         self._loop = loop
 
         def on_readable() -> None:
@@ -98,7 +108,12 @@ class ControlDoorbell:
         except ConnectionResetError:
             pass  # the link's loss is reported by the link
 
-    def listen(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    def listen(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        callback: Callable[[], None],
+        ready: Callable[[], bool] | None = None,
+    ) -> None:
         self._callback = callback
 
     def on_ring(self) -> None:

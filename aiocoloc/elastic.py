@@ -24,7 +24,7 @@ from typing import Any
 
 from aiocoloc.allocation import demand_from, proportional_targets, shareable_slices
 from aiocoloc.errors import PoolBusy, PoolError
-from aiocoloc.pool import PipeHandle, PipeInfo, Pool
+from aiocoloc.shm import PipeHandle, PipeInfo, Pool
 
 __all__ = ["DemandTracker", "ElasticConfig", "ElasticProducer", "pipe_targets"]
 

@@ -23,6 +23,22 @@ never touched, so a failed handshake leaves it exactly as it was.
     both sides attach the pipes to the transport and switch their sending
     direction to shared memory at their current byte offset.
 
+Connections between the same two event loops share one pair of eventfds,
+a hub (``aiocoloc.hub``).  The client names its hub towards this endpoint
+with a random token and offers it in ``hello {..., hub: token}``; a server
+that knows hubs answers ``pipes`` with ``hub`` and no eventfd:
+
+    hub: true    it has that hub: ``proof`` comes with no eventfd, and both
+                 connections join their side of the hub;
+    hub: false   it does not (yet): ``proof`` comes with the hub's two
+                 eventfds and its segment (a sealed memfd): [the eventfd the
+                 server listens on, the one it rings, the segment]; the
+                 server keeps the hub under the token (one hub per token:
+                 concurrent handshakes that all send it end up in one).
+
+A peer from before hubs ignores the offer (no ``hub`` in ``pipes``) or
+makes none: that connection gets its own eventfds, as above.
+
 Either side may answer ``refuse {reason}`` instead.  The nonces are the first
 bytes of each pipe and are consumed before any payload.
 
@@ -49,12 +65,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiocoloc import fallback
+from aiocoloc import hub as hub_module
 from aiocoloc.colocation import LocalPools
 from aiocoloc.control import ControlProtocolError, FrameDecoder, encode_frame
 from aiocoloc.doorbell import new_eventfd
 from aiocoloc.errors import AiocolocError, PoolError, PoolExhausted, RingError, SegmentError
+from aiocoloc.hub import HubDoorbell, HubTable, is_eventfd
 from aiocoloc.policy import Trust
-from aiocoloc.pool import PipeHandle, Pool
+from aiocoloc.shm import PipeHandle, Pool
 from aiocoloc.transport import close_end
 
 __all__ = [
@@ -79,6 +97,8 @@ INITIAL_SLICES = (16, 4, 1)
 #: A new pipe starts with at most this share of the free slices, so that the
 #: connections after it find room too (busy pipes grow by demand later).
 INITIAL_SHARE = 1 / 32
+#: Longest hub token accepted in ``hello``.
+MAX_TOKEN = 64
 _MAX_FDS = 4
 _CRED = struct.Struct("3i")
 
@@ -299,7 +319,10 @@ def abandon_pipes(pool: Pool, send: PipeHandle, receive: PipeHandle) -> None:
 
 @dataclass
 class Agreement:
-    """What a successful handshake leaves us with (all owned by the holder)."""
+    """What a successful handshake leaves us with (all owned by the holder).
+
+    The doorbell is either the connection's own eventfds, or (``hub`` set,
+    the descriptors -1) a share of a hub."""
 
     pool: Pool
     send: PipeHandle
@@ -309,6 +332,7 @@ class Agreement:
     control: socket.socket
     unread: bytes = b""
     extra: dict[str, Any] = field(default_factory=dict)
+    hub: HubDoorbell | None = None
 
 
 async def client_handshake(
@@ -317,10 +341,13 @@ async def client_handshake(
     pools: LocalPools,
     trust: Trust,
     offered: str | None = None,
+    hub: HubDoorbell | None = None,
 ) -> Agreement:
     """Run the client side on a connected control socket (owned from now on:
     closed on failure, handed over in the ``Agreement`` on success).
-    ``offered``: the pool id the server advertises, if known."""
+    ``offered``: the pool id the server advertises, if known.  ``hub``: our
+    share of the hub towards this endpoint, to offer (owned from now on too:
+    closed on failure or when the server does not take it)."""
     channel = Channel(sock)
     pool: Pool | None = None
     pipes: tuple[PipeHandle, PipeHandle] | None = None
@@ -334,6 +361,8 @@ async def client_handshake(
         pool = pools.take(offered) if offered is not None else None
         if pool is not None:  # open already: the server may skip pool/join
             hello.update(pool=str(pool.id), slot=pool.slot)
+        if hub is not None:
+            hello["hub"] = hub.hub.token
         await channel.send(hello)
         message, fds = await channel.recv()
         if message.get("op") == "pool" and message.get("version") != PROTOCOL_VERSION:
@@ -360,9 +389,17 @@ async def client_handshake(
                 raise HandshakeFailed(reason, str(exc)) from None
             await channel.send({"op": "join", "slot": pool.slot})
             message, fds = await channel.recv()
-        _expect(message, fds, "pipes", 1)
-        ring_fd = fds.pop()
-        fds = [ring_fd]
+        shared = message.get("hub") if hub is not None else None
+        ring_fd = -1
+        if shared is True or shared is False:  # the server knows hubs: no eventfd
+            _expect(message, fds, "pipes", 0)
+        else:
+            _expect(message, fds, "pipes", 1)
+            ring_fd = fds.pop()
+            fds = [ring_fd]
+            if hub is not None:  # a server from before hubs: our own eventfds
+                hub.close()
+                hub = None
         up, down = _handle(message, "up"), _handle(message, "down")
         pipes = (up, down)
         nonce = _field(message, "nonce", bytes)
@@ -379,16 +416,26 @@ async def client_handshake(
             _write_nonce(pool, up, mine)
         except (PoolError, RingError, ValueError) as exc:
             raise HandshakeFailed(fallback.PROOF_FAILED, f"cannot write our pipe: {exc}") from None
-        my_bell = new_eventfd()
-        await channel.send({"op": "proof", "nonce": mine}, [my_bell])
+        proof: dict[str, Any] = {"op": "proof", "nonce": mine}
+        if hub is None:
+            my_bell = new_eventfd()
+            await channel.send(proof, [my_bell])
+        elif shared:  # the server has the hub
+            await channel.send(proof)
+        else:  # it makes it from ours: it listens on what we ring, and rings what we hear
+            shared_hub = hub.hub
+            await channel.send(
+                proof, [shared_hub.ring_fd, shared_hub.listen_fd, shared_hub.segment.fd]
+            )
         message, more = await channel.recv()
         _expect(message, more, "ready", 0)
-        agreement = Agreement(pool, up, down, my_bell, ring_fd, sock, channel.unread())
-        return agreement
+        return Agreement(pool, up, down, my_bell, ring_fd, sock, channel.unread(), hub=hub)
     except BaseException:
         _close_all(fds)
         if my_bell >= 0:
             os.close(my_bell)
+        if hub is not None:
+            hub.close()
         if pool is not None:
             if pipes is not None:  # the server may go on with them: tell it we do not
                 abandon_pipes(pool, *pipes)
@@ -403,17 +450,20 @@ async def server_handshake(
     pools: LocalPools,
     pool_size: int,
     trust: Trust,
+    hubs: HubTable | None = None,
 ) -> tuple[Any, Agreement]:
     """Run the server side on an accepted control socket (owned from now on).
 
     ``find(conn)`` returns our transport of that TCP connection, or raises
-    ``HandshakeFailed``.  Returns it with the agreement.
+    ``HandshakeFailed``.  Returns it with the agreement.  ``hubs``: the
+    endpoint's hubs, None to take no hub offer.
     """
     channel = Channel(sock)
     pool: Pool | None = None
     created: list[PipeHandle] = []
     my_bell = -1
     fds: list[int] = []
+    shared: HubDoorbell | None = None
 
     async def refuse(reason: str, detail: str) -> None:
         try:
@@ -441,6 +491,9 @@ async def server_handshake(
                 or not all(isinstance(p, int) and 0 <= p < 65536 for p in (conn[1], conn[3]))
             ):
                 raise HandshakeFailed(fallback.PROTOCOL_ERROR, "'hello': bad 'conn'")
+            token = message.get("hub") if hubs is not None and hub_module.hubs_usable() else None
+            if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN:
+                token = None  # no offer (or one we cannot take): our own eventfds
             # Named from the client's side: (client ip, port, server ip, port).
             transport = await find(connection_key((conn[0], conn[1]), (conn[2], conn[3])))
             uid = peer_uid(sock)
@@ -474,33 +527,55 @@ async def server_handshake(
                 ) from None
             nonce = secrets.token_bytes(NONCE_SIZE)
             _write_nonce(pool, down, nonce)
-            my_bell = new_eventfd()
-            await channel.send(
-                {
-                    "op": "pipes",
-                    "up": [up.slot, up.generation],
-                    "down": [down.slot, down.generation],
-                    "nonce": nonce,
-                },
-                [my_bell],
-            )
+            pipes: dict[str, Any] = {
+                "op": "pipes",
+                "up": [up.slot, up.generation],
+                "down": [down.slot, down.generation],
+                "nonce": nonce,
+            }
+            if token is not None:
+                assert hubs is not None
+                shared = hubs.join(token)  # held from here: the hub stays open for us
+                pipes["hub"] = shared is not None
+                await channel.send(pipes)
+            else:
+                my_bell = new_eventfd()
+                await channel.send(pipes, [my_bell])
             message, fds = await channel.recv()
-            _expect(message, fds, "proof", 1)
+            _expect(message, fds, "proof", 1 if token is None else 0 if shared else 3)
             theirs = _field(message, "nonce", bytes)
             if not secrets.compare_digest(_read_nonce(pool, up), theirs):
                 raise HandshakeFailed(
                     fallback.PROOF_FAILED, "the client's nonce is not in the pool"
                 )
+            if token is not None and shared is None:
+                if not (is_eventfd(fds[0]) and is_eventfd(fds[1])):
+                    raise HandshakeFailed(
+                        fallback.PROTOCOL_ERROR, "'proof': the hub's doorbells are not eventfds"
+                    )
+                assert hubs is not None
+                listen_fd, ring_fd, segment_fd = fds
+                fds = []  # the table owns them now, whatever happens
+                try:
+                    shared = hubs.join_new(token, listen_fd, ring_fd, segment_fd)
+                except (SegmentError, OSError) as exc:
+                    raise HandshakeFailed(
+                        fallback.PROTOCOL_ERROR, f"'proof': cannot use the hub's segment: {exc}"
+                    ) from None
             await channel.send({"op": "ready"})
         except HandshakeFailed as failed:
             if failed.reason != fallback.PROTOCOL_ERROR or "closed" not in failed.detail:
                 await refuse(failed.reason, failed.detail)
             raise
-        return transport, Agreement(pool, down, up, my_bell, fds.pop(), sock, channel.unread())
+        ring_fd = fds.pop() if token is None else -1
+        unread = channel.unread()
+        return transport, Agreement(pool, down, up, my_bell, ring_fd, sock, unread, hub=shared)
     except BaseException:
         _close_all(fds)
         if my_bell >= 0:
             os.close(my_bell)
+        if shared is not None:
+            shared.close()
         if pool is not None:
             for handle in created:
                 try:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 from aiocoloc.elastic import DemandTracker, ElasticConfig, ElasticProducer, pipe_targets
 from aiocoloc.errors import PoolError
-from aiocoloc.pool import PipeHandle, Pool
+from aiocoloc.shm import PipeHandle, Pool
 
 __all__ = ["Enrollment", "PoolResizer", "resizer_for"]
 

@@ -43,6 +43,7 @@ from aiocoloc.control import ControlLink
 from aiocoloc.doorbell import ControlDoorbell, Doorbell
 from aiocoloc.elastic import ElasticConfig, ElasticProducer
 from aiocoloc.errors import PoolError, RingClosed, RingCorrupted
+from aiocoloc.hub import HubDoorbell
 from aiocoloc.resizer import Enrollment, resizer_for
 from aiocoloc.spin import AFTER_EMPTY, AFTER_WRITE, SpinConfig, SpinPolicy
 from aiocoloc.tls import let_loop_start_tls
@@ -73,7 +74,8 @@ class ShmPath:
 
     ``producer`` writes our outgoing pipe, ``consumer`` reads the incoming
     one (``aiocoloc.ring`` pipe or ring ends); ``doorbell`` wakes the peer and
-    wakes us.  ``on_close(incoming_done, outgoing_done)`` runs once when the
+    wakes us (the connection's own, or its share of a hub, ``aiocoloc.hub``).
+    ``on_close(incoming_done, outgoing_done)`` runs once when the
     transport is done with them, to return pipes to their pool: a pipe may
     be freed only when the other side is done with it too (it closed its
     end, or it is gone), else a write or read racing with the free could
@@ -85,7 +87,7 @@ class ShmPath:
         self,
         producer: Any,
         consumer: Any,
-        doorbell: Doorbell | ControlDoorbell,
+        doorbell: Doorbell | ControlDoorbell | HubDoorbell,
         *,
         pool_id: str | None = None,
         on_close: Callable[[bool, bool], None] | None = None,
@@ -231,7 +233,10 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         self._loop = loop
         self._context = contextvars.copy_context()
         self._protocol: asyncio.BaseProtocol = protocol
-        self._buffered = reads_into_buffers(loop, protocol)
+        # (The usual protocol answers the first test: no call per connection.)
+        self._buffered = not isinstance(protocol, asyncio.Protocol) and reads_into_buffers(
+            loop, protocol
+        )
         self._direct = not self._buffered
         self._overflow = bytearray()
         self._tcp_backlog = bytearray()  # TCP bytes not delivered yet (a later TCP segment)
@@ -255,7 +260,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         vars(self).pop("is_closing", None)  # ours again (see Adopter.connection_made)
         if path.spin is not None:
             self._spin = SpinPolicy(path.spin)
-        path.doorbell.listen(self._loop, self._on_doorbell)
+        path.doorbell.listen(self._loop, self._on_doorbell, self._may_be_rung)
         if path.resizer is not None:  # an idle new pipe gives its first slices back
             self._start_resize_timer()
         early, self._early_control = self._early_control, []
@@ -533,7 +538,10 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         Rung right after the write: the sleep flag already limits rings to
         one per sleep, so a busy consumer costs no system call, and deferring
         the ring to the end of the loop iteration (an anticipatory window)
-        measured slower on ping-pong and no faster on streams.
+        measured slower on ping-pong and no faster on streams.  A hub (a
+        doorbell shared by the connections between two loops) skips the
+        system call while the peer has not taken its last ring
+        (``aiocoloc.hub``).
         """
         shm = self._shm
         if shm is None or shm.closed:
@@ -869,9 +877,34 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
     def _on_doorbell(self) -> None:
         self._in_context(self._woken)
 
+    def _may_be_rung(self) -> bool:
+        """For a hub (a doorbell shared with other connections): whether a
+        ring may be for us -- our reader sleeps and its writer rang (took
+        the flag) or bytes or EOF came; or our writer waits and its reader
+        rang or room came.  The others stay asleep, flags set.  (A taken
+        flag wakes us even when a drain already took the bytes: ``_rest``
+        leaves a reader that still counts as asleep alone, and a ring that
+        is not followed by a wake-up would leave it so with no flag set.)"""
+        shm = self._shm
+        if shm is None or shm.closed:
+            return False
+        try:
+            if self._rx_asleep and shm.consumer.sleep_over():
+                return True
+            return self._waiting_space and bool(shm.producer.wait_over())
+        except (RingCorrupted, ValueError):
+            return True  # the wake-up's read or write reports it
+
     def _woken(self) -> None:
         if self._rx_asleep:
             self._rx_asleep = False
+            # A hub may wake us before our writer cleared the flag: withdraw
+            # it, or the writer would ring once more for nothing.  (Safe: we
+            # drain now, and the next prepare_sleep re-checks the pipe.)
+            try:
+                self._shm.consumer.cancel_sleep()  # type: ignore[union-attr]
+            except (RingCorrupted, ValueError):
+                pass  # reported by the drain
             if self._spin is not None:
                 self._spin.woken_after(self._slept_for, time.monotonic_ns() - self._slept_at)
         if self._overflow and self._tx == SHM:
@@ -1366,11 +1399,14 @@ async def attach_shared_memory(
     spin: SpinConfig | None = SpinConfig(),  # noqa: B008 - frozen
     pending_control: bytes = b"",
     on_detach: Callable[[], None] | None = None,
+    hub: HubDoorbell | None = None,
 ) -> None:
     """Give ``transport`` the pool pipes ``send``/``receive`` (pipe handles), the
     eventfds it listens on and rings (owned from now on) and the connected
-    control socket.  With ``socket_bell`` (peers in different kernels) the
-    doorbell is a message on the control socket and the eventfds are closed.
+    control socket.  ``hub``: a share of a hub (owned from now on) to use in
+    place of the eventfds (-1 then).  With ``socket_bell`` (peers in different
+    kernels) the doorbell is a message on the control socket and the eventfds
+    (or the share) are closed.
     With ``elastic`` (the default) the outgoing pipe grows and shrinks with
     its demand (``aiocoloc.elastic``); with ``None`` its size stays fixed.
     ``spin`` bounds how long the reader busy-waits before sleeping
@@ -1396,12 +1432,16 @@ async def attach_shared_memory(
         if on_detach is not None:
             on_detach()
 
-    doorbell: Doorbell | ControlDoorbell
+    doorbell: Doorbell | ControlDoorbell | HubDoorbell
     if socket_bell:
         for fd in (listen_fd, ring_fd):
-            if fd is not None:
+            if fd is not None and fd >= 0:
                 os.close(fd)
+        if hub is not None:
+            hub.close()
         doorbell = ControlDoorbell(link.send)
+    elif hub is not None:
+        doorbell = hub
     else:
         assert ring_fd is not None
         doorbell = Doorbell(listen_fd, ring_fd)

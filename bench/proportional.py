@@ -28,8 +28,7 @@ from typing import Any
 
 from aiocoloc.allocation import proportional_targets
 from aiocoloc.elastic import ElasticConfig, ElasticProducer
-from aiocoloc.pool import PipeHandle, Pool, PoolConfig
-from aiocoloc.segments import MemfdSegment
+from aiocoloc.shm import MemfdSegment, PipeHandle, Pool, PoolConfig
 
 PIPES = 16
 POOL_BYTES = 8 << 20

@@ -1,8 +1,9 @@
 """The other process of tests/test_connect_processes.py.
 
-connect_peer.py server <loop>        aiocoloc.start_server echo; prints its
+connect_peer.py server <loop> [nohub]  aiocoloc.start_server echo; prints its
                                      port, then one JSON line per connection
                                      once both its directions are on shm
+                                     (nohub: plays a server from before hubs)
 connect_peer.py client <loop> <port> aiocoloc.open_connection, echoes what
                                      it reads; prints {"upgraded": true}
 """
@@ -16,6 +17,7 @@ import sys
 import uvloop
 
 import aiocoloc
+from aiocoloc import hub
 
 
 async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -53,6 +55,8 @@ async def client(port: int) -> None:
 
 if __name__ == "__main__":
     role, loop_kind = sys.argv[1], sys.argv[2]
+    if sys.argv[3:] == ["nohub"]:
+        hub.OFFER = False
     main = server() if role == "server" else client(int(sys.argv[3]))
     if loop_kind == "uvloop":
         uvloop.run(main)

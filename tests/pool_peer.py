@@ -19,9 +19,9 @@ import select
 import sys
 import time
 
-from aiocoloc.atomic import SharedWords
-from aiocoloc.pool import _H_LOCK_COUNT, PipeHandle, Pool, PoolConfig
-from aiocoloc.segments import MemfdSegment, PosixShmSegment
+from aiocoloc.shm import MemfdSegment, PipeHandle, Pool, PoolConfig, PosixShmSegment
+from aiocoloc.shm.atomic import SharedWords
+from aiocoloc.shm.layout import H_LOCK_COUNT
 
 
 def report(**fields: object) -> None:
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
         with pool.locked():
             report(slot=pool.slot, locked=True)
             while not select.select([sys.stdin], [], [], 0.01)[0]:
-                words.add64(_H_LOCK_COUNT, 1)  # "a new acquisition": no take-over
+                words.add64(H_LOCK_COUNT, 1)  # "a new acquisition": no take-over
         words.release()
         region.close()
         pool.close()

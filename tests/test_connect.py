@@ -428,8 +428,7 @@ async def not_a_memfd(sock: socket.socket) -> None:
 
 
 async def wrong_nonce(sock: socket.socket) -> None:
-    from aiocoloc.pool import Pool, PoolConfig
-    from aiocoloc.segments import MemfdSegment
+    from aiocoloc.shm import MemfdSegment, Pool, PoolConfig
 
     await recv_message(sock)
     pool = Pool.create(MemfdSegment.create(1 << 20), PoolConfig(slice_size=16384, max_pipes=4))
@@ -561,7 +560,7 @@ def test_untrusted_peer_stays_on_tcp(loop_kind: str, side: str) -> None:
 
 def test_exhausted_pool_stays_on_tcp(loop_kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from aiocoloc import colocation
-    from aiocoloc.pool import PoolConfig
+    from aiocoloc.shm import PoolConfig
 
     monkeypatch.setattr(
         colocation, "SERVING_POOL", PoolConfig(slice_size=65536, max_members=8, max_pipes=2)

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from aiocoloc.elastic import ElasticConfig, ElasticProducer
-from aiocoloc.pool import PipeHandle, Pool, PoolConfig
-from aiocoloc.segments import MemfdSegment, PosixShmSegment
+from aiocoloc.shm import MemfdSegment, PipeHandle, Pool, PoolConfig, PosixShmSegment
 
 from .conftest import SHM_PREFIX
 

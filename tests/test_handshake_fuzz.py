@@ -17,7 +17,7 @@ import aiocoloc
 from aiocoloc import fallback, policy
 from aiocoloc.colocation import local_pools
 from aiocoloc.control import encode_frame
-from aiocoloc.segments import MemfdSegment
+from aiocoloc.shm import MemfdSegment
 
 from .conftest import open_fds
 from .test_connect import FakeControl, fell_back, recv_message, roundtrip
@@ -38,7 +38,7 @@ frames = st.builds(
     lambda op, fields, version: {**fields, "op": op, **({"version": version} if version else {})},
     ops,
     st.dictionaries(
-        st.sampled_from(["pool", "up", "down", "nonce", "reason", "slot", "detail"]),
+        st.sampled_from(["pool", "up", "down", "nonce", "reason", "slot", "detail", "hub"]),
         values,
         max_size=4,
     ),
@@ -123,6 +123,19 @@ async def _play(script: list[Any], sock: socket.socket) -> None:
     warm=True,
 )
 @example(script=[("read",), ("frame", {"op": "pipes", "nonce": b"x" * 16}, [])], warm=True)
+# Our hub offer taken (or asked for) by an endpoint that then fails us.
+@example(
+    script=[("read",), ("frame", {"op": "pipes", "up": [0, 1], "down": [1, 1], "hub": True}, [])],
+    warm=True,
+)
+@example(
+    script=[("read",), ("frame", {"op": "pipes", "hub": False}, ["eventfd"])],
+    warm=True,
+)
+@example(
+    script=[("read",), ("frame", {"op": "pipes", "nonce": b"x" * 16, "hub": False}, [])],
+    warm=True,
+)
 @example(
     script=[("read",), ("frame", {"op": "pool", "version": 1, "pool": "p"}, ["memfd"])], warm=True
 )

@@ -19,8 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from aiocoloc.errors import PoolError, PoolExhausted
-from aiocoloc.pool import Pool, PoolConfig
-from aiocoloc.segments import MemfdSegment, PosixShmSegment
+from aiocoloc.shm import MemfdSegment, Pool, PoolConfig, PosixShmSegment
 
 from .conftest import SHM_PREFIX
 
@@ -302,7 +301,7 @@ class PoolChurn(RuleBasedStateMachine):
             return
         (slot, generation), end = data.draw(st.sampled_from(live))
         owner = next(m for m in self.members if m.stats()["open_ends"] and end in m._ends)
-        from aiocoloc.pool import PipeHandle
+        from aiocoloc.shm import PipeHandle
 
         handle = PipeHandle(slot, generation)
         if not end.can_resize():  # type: ignore[attr-defined]
@@ -362,8 +361,7 @@ TestPoolChurn.settings = settings(max_examples=40, stateful_step_count=30, deadl
 
 LEAVER = """
 import os, sys
-from aiocoloc.pool import Pool
-from aiocoloc.segments import MemfdSegment
+from aiocoloc.shm import MemfdSegment, Pool
 for _ in range(int(sys.argv[2])):
     Pool.attach(MemfdSegment.from_fd(os.dup(int(sys.argv[1])))).close()
 """
@@ -382,7 +380,7 @@ def test_members_leaving_are_not_taken_for_dead_lock_holders(
             stderr=subprocess.PIPE,
             text=True,
         )
-        with caplog.at_level(logging.WARNING, logger="aiocoloc.pool"):
+        with caplog.at_level(logging.WARNING, logger="aiocoloc.shm"):
             while leaver.poll() is None:
                 pool.destroy_pipe(pool.create_pipe(pool.slot, pool.slot))
         _, errors = leaver.communicate()

@@ -21,8 +21,7 @@ import aiocoloc
 from aiocoloc import fallback
 from aiocoloc.colocation import LocalPools, local_pools
 from aiocoloc.errors import PoolBusy
-from aiocoloc.pool import Pool, PoolConfig
-from aiocoloc.segments import MemfdSegment
+from aiocoloc.shm import MemfdSegment, Pool, PoolConfig
 
 from .conftest import open_fds
 from .test_connect import echo, fell_back, info, no_pools_in_use, roundtrip, until, upgraded
@@ -194,4 +193,18 @@ def test_a_busy_lock_off_the_loop_still_waits_its_timeout() -> None:
                 pass
         assert time.perf_counter() - start >= 0.2
     assert pool.destroy_pipe(handle) == 1  # off the loop: at once, once the lock is free
+    pool.close()
+
+
+def test_a_background_waiter_does_not_burn_a_core() -> None:
+    """A thread that may wait a whole lease for the lock (a holder that died
+    holding it) pauses between its short tries instead of spinning."""
+    pool = Pool.create(MemfdSegment.create(1 << 20), PoolConfig(slice_size=4096, lease=5))
+    with hostile_holder(pool):
+        cpu = time.thread_time()
+        with pytest.raises(PoolBusy):
+            with pool.locked(timeout=1.0):
+                pass
+        used = time.thread_time() - cpu
+    assert used < 0.3, f"waiting 1 s for the lock used {used:.2f} s of CPU"
     pool.close()

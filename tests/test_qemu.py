@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from aiocoloc.pool import Pool, PoolConfig
-from aiocoloc.segments import PosixShmSegment
+from aiocoloc.shm import Pool, PoolConfig, PosixShmSegment
 
 from .conftest import SHM_PREFIX
 from .qemu import harness

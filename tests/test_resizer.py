@@ -11,9 +11,8 @@ import pytest
 from aiocoloc import resizer as resizer_module
 from aiocoloc.allocation import shareable_slices
 from aiocoloc.elastic import ElasticConfig, ElasticProducer
-from aiocoloc.pool import PipeInfo, Pool, PoolConfig
 from aiocoloc.resizer import Enrollment, resizer_for
-from aiocoloc.segments import MemfdSegment
+from aiocoloc.shm import MemfdSegment, PipeInfo, Pool, PoolConfig
 
 CONFIG = ElasticConfig(interval=0.02, smoothing=1.0)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from aiocoloc.errors import SegmentError
-from aiocoloc.segments import (
+from aiocoloc.shm.segments import (
     IvshmemSegment,
     MemfdSegment,
     PosixShmSegment,
@@ -111,7 +111,7 @@ def test_memfd_leaves_nothing_after_kill_9() -> None:
     nothing is left named anywhere."""
     code = (
         "import os, time, sys; sys.path.insert(0, sys.argv[1]);"
-        "from aiocoloc.segments import MemfdSegment; from aiocoloc.pool import Pool;"
+        "from aiocoloc.shm import MemfdSegment, Pool;"
         "s = MemfdSegment.create(1 << 20); p = Pool.create(s);"
         "h = p.create_pipe(p.slot, p.slot); p.pipe_producer(h).write(b'live');"
         "print(os.getpid(), s.fd, flush=True); time.sleep(60)"
@@ -192,7 +192,7 @@ def test_posix_permission_denied_names_the_mode() -> None:
     seg = PosixShmSegment.create(name, 4096)  # 0600, owned by us (root)
     code = (
         "import os, sys; sys.path.insert(0, sys.argv[2]);"
-        "from aiocoloc.segments import PosixShmSegment; from aiocoloc.errors import SegmentError;"
+        "from aiocoloc.shm.segments import PosixShmSegment; from aiocoloc.errors import SegmentError;"
         "os.setgid(65534); os.setuid(65534)\n"  # after the imports: site-packages is root's
         "try:\n    PosixShmSegment.attach(sys.argv[1])\n"
         "except SegmentError as e:\n    print(e)"

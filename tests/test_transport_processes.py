@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 
 from aiocoloc.doorbell import new_eventfd
-from aiocoloc.pool import Pool, PoolConfig
-from aiocoloc.segments import MemfdSegment
+from aiocoloc.shm import MemfdSegment, Pool, PoolConfig
 from aiocoloc.transport import SwitchableTransport, attach_shared_memory, open_transport
 
 from .test_transport import LOOPS, Recorder, run

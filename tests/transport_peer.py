@@ -19,8 +19,7 @@ import json
 import socket
 import sys
 
-from aiocoloc.pool import PipeHandle, Pool
-from aiocoloc.segments import MemfdSegment
+from aiocoloc.shm import MemfdSegment, PipeHandle, Pool
 from aiocoloc.transport import attach_shared_memory, open_transport
 
 

@@ -13,8 +13,7 @@ import random
 import sys
 import time
 
-from aiocoloc.pool import Pool
-from aiocoloc.segments import IvshmemSegment
+from aiocoloc.shm import IvshmemSegment, Pool
 
 DEADLINE = time.monotonic() + 240
 

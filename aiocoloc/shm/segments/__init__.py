@@ -13,10 +13,10 @@ Three backends behind one small interface (``Segment``):
 
 from __future__ import annotations
 
-from aiocoloc.segments.base import Segment
-from aiocoloc.segments.ivshmem import IvshmemSegment, find_ivshmem_devices
-from aiocoloc.segments.memfd import MemfdSegment, receive_segment, send_segment
-from aiocoloc.segments.posix import PosixShmSegment, UnlinkPolicy
+from aiocoloc.shm.segments.base import Segment
+from aiocoloc.shm.segments.ivshmem import IvshmemSegment, find_ivshmem_devices
+from aiocoloc.shm.segments.memfd import MemfdSegment, receive_segment, send_segment
+from aiocoloc.shm.segments.posix import PosixShmSegment, UnlinkPolicy
 
 __all__ = [
     "IvshmemSegment",

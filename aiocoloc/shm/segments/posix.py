@@ -11,9 +11,9 @@ import stat
 import posix_ipc
 
 from aiocoloc.errors import SegmentError
-from aiocoloc.segments.base import Segment
+from aiocoloc.shm.segments.base import Segment
 
-_log = logging.getLogger("aiocoloc.segments.posix")
+_log = logging.getLogger("aiocoloc.shm.segments.posix")
 
 
 class UnlinkPolicy(enum.Enum):

@@ -2,9 +2,9 @@
 
 The word holds ``(member slot + 1) << 32 | member generation`` of its holder,
 0 when free; a second word counts acquisitions.  Where the words are is the
-pool's business (``aiocoloc.pool`` defines the layout); so is judging whether
-a holder is gone (its member slot freed or its heartbeat stalled) and
-repairing the tables after a take-over.
+layout's business (``aiocoloc.shm.layout``); judging whether a holder is gone
+(its member slot freed or its heartbeat stalled) is the member table's, and
+repairing the tables after a take-over the pipe table's.
 
 Waiting is bounded and done in short tries, with pauses between them that
 hold nothing (not even this process's thread lock).  An event loop's thread
@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiocoloc.errors import PoolBusy, PoolError
+from aiocoloc.shm.staleness import Observed
 
 __all__ = [
     "BACKGROUND_LOCK_WAIT",
@@ -35,7 +36,7 @@ __all__ = [
     "on_event_loop",
 ]
 
-_log = logging.getLogger("aiocoloc.pool")
+_log = logging.getLogger("aiocoloc.shm.lock")
 
 #: Seconds an event loop's thread waits for the lock by default.
 LOOP_LOCK_WAIT = 0.0003
@@ -43,6 +44,10 @@ LOOP_LOCK_WAIT = 0.0003
 BACKGROUND_LOCK_WAIT = 0.002
 #: Longest spin of one try; waiters pause between tries.
 LOCK_TRY = 0.001
+#: Longest pause between tries: short for waits bounded in milliseconds, longer
+#: for a background thread that may wait a lease (a holder that died) and
+#: must not burn a core meanwhile.
+SHORT_PAUSE, LONG_PAUSE = 0.001, 0.02
 
 
 def on_event_loop() -> bool:
@@ -80,7 +85,7 @@ class AllocatorLock:
         self._thread_lock = threading.Lock()
         # The acquisition we last saw and since when: one that lasts a lease
         # means a frozen or dead holder.
-        self._seen: tuple[tuple[int, int], float] | None = None
+        self._seen = Observed()
 
     def hold(self, mine: int, timeout: float | None) -> None:
         """Take the lock as ``mine`` within ``timeout`` seconds (default: three
@@ -89,7 +94,7 @@ class AllocatorLock:
         if timeout is None:
             timeout = LOOP_LOCK_WAIT if on_event_loop() else self._lease * 3
         deadline = time.monotonic() + timeout
-        pause = 0.0
+        pause, longest = 0.0, LONG_PAUSE if timeout > 0.1 else SHORT_PAUSE
         while True:
             left = max(deadline - time.monotonic(), 0.0)
             if self._thread_lock.acquire(timeout=left):
@@ -114,7 +119,7 @@ class AllocatorLock:
                     f"pool {self._name}: allocator lock not acquired in {timeout} s "
                     f"(held by member {(held >> 32) - 1})"
                 )
-            pause = min(max(pause * 2, 0.00002), 0.001, left)
+            pause = min(max(pause * 2, 0.00002), longest, left)
             time.sleep(pause)
 
     def release(self, mine: int) -> None:
@@ -150,8 +155,6 @@ class AllocatorLock:
     def _gone(self, held: int) -> bool:
         acquisition = (held, self._words.load64(self._count))
         now = time.monotonic()
-        if self._seen is None or self._seen[0] != acquisition:
-            self._seen = (acquisition, now)
-        elif now - self._seen[1] >= self._lease:
+        if self._seen.unchanged_for(acquisition, now, self._lease):
             return True
         return self._holder_gone(held, acquisition, now)

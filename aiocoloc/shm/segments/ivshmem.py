@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from aiocoloc.errors import SegmentError
-from aiocoloc.segments.base import Segment, is_power_of_two
+from aiocoloc.shm.segments.base import Segment, is_power_of_two
 
 IVSHMEM_VENDOR = "0x1af4"
 IVSHMEM_DEVICE = "0x1110"

@@ -9,9 +9,9 @@ import socket
 import stat
 
 from aiocoloc.errors import SegmentError
-from aiocoloc.segments.base import Segment
+from aiocoloc.shm.segments.base import Segment
 
-_log = logging.getLogger("aiocoloc.segments.memfd")
+_log = logging.getLogger("aiocoloc.shm.segments.memfd")
 
 #: Seals every memfd pool carries: its size can never change under a mapping
 #: (a shrink would turn our accesses into SIGBUS), and the seals are final.

@@ -1,3 +1,0 @@
-# The compiled module has exactly the API of the pure-Python stand-in.
-from aiocoloc._atomic_py import IMPLEMENTATION as IMPLEMENTATION
-from aiocoloc._atomic_py import SharedWords as SharedWords

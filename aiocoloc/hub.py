@@ -1,0 +1,363 @@
+"""Hubs: one doorbell shared by every connection between two event loops.
+
+A connection's doorbell (``aiocoloc.doorbell``) costs an eventfd write per
+wake-up on one side and a read on the other: with many busy connections
+between the same two loops, as many system calls as TCP's sends and
+receives.  A hub gives all shared-memory connections between one event
+loop of ours and one of the peer (same kernel) a single eventfd pair: one
+we listen on, registered once with ``loop.add_reader``, one we ring.
+
+* Whether to ring is still decided per pipe by its sleep flags (event
+  suppression, ``_ring.pxd``); only the eventfds are shared.
+* Waking: the hub reads its eventfd, then asks each member that listens
+  whether the ring may be for it (``ready``: its reader sleeps and the
+  writer took its flag or bytes came, or its writer waits and the reader
+  took its flag or room came) and wakes only those.  The read comes first: a ring that lands after it
+  makes the eventfd readable again, so no wake-up is lost.
+* Ringing: a ring is needed only when the peer's hub has no ring
+  outstanding.  A word per direction in a small shared segment says so:
+  the ringer sets it (0 -> 1) and writes the eventfd only if it was 0; the
+  listener reads its eventfd, clears the word, then looks at the pipes.  So
+  ten writes before the peer wakes cost one system call, and the first one
+  goes at once: the peer starts on it while we write on (deferring rings
+  to the end of the loop iteration kept the two processes from working at
+  the same time, and made many busy connections slower than TCP).
+  Why no wake-up is lost: a ringer that finds the word set wrote its bytes
+  and its pipe flag before (its fence in ``wake_needed``); the listener
+  clears the word before it looks (a fence in ``sleep_over``/``wait_over``),
+  so either it sees those bytes, or the word it cleared was set again
+  later by a ringer that then writes the eventfd.
+* Life: each member (a ``HubDoorbell``, taken during the handshake and
+  then owned by the connection) holds a reference; the last one to close
+  closes the hub, its descriptors and its mapping.
+
+The client creates both eventfds and the segment of a hub and names it with
+a random token (``join_client_hub``); the server learns them from the first
+handshake that offers the token and keeps the hub by token (``HubTable``),
+so every connection that offers the token later shares it.  See
+``aiocoloc.handshake``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mmap
+import os
+import secrets
+import weakref
+from collections.abc import Callable
+
+from aiocoloc.doorbell import new_eventfd
+from aiocoloc.errors import SegmentError
+from aiocoloc.shm import MemfdSegment
+from aiocoloc.shm.atomic import SharedWords, atomics_are_process_safe
+
+__all__ = [
+    "OFFER",
+    "SEGMENT_SIZE",
+    "Hub",
+    "HubDoorbell",
+    "HubTable",
+    "hubs_usable",
+    "is_eventfd",
+    "join_client_hub",
+]
+
+_log = logging.getLogger("aiocoloc.hub")
+_ONE = (1).to_bytes(8, "little")
+#: Whether this process offers and accepts hubs in handshakes (tests turn
+#: it off to play a peer from before hubs).
+OFFER = True
+#: The hub's shared segment: one "ring outstanding" word per direction, on
+#: cache lines of their own.
+SEGMENT_SIZE = 4096
+_CLIENT_RINGS = 0  # set by the client, cleared by the server
+_SERVER_RINGS = 64  # set by the server, cleared by the client
+
+
+def hubs_usable() -> bool:
+    """Whether this process offers and takes hubs: on, and atomic words that
+    work across processes (the compiled module)."""
+    return OFFER and atomics_are_process_safe()
+
+
+def is_eventfd(fd: int) -> bool:
+    """Whether ``fd`` is an eventfd (a hub's descriptors come from the peer).
+    Without ``/proc`` we cannot tell, and take it (as a connection's own
+    doorbells are taken)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return not os.path.isdir("/proc/self/fd")
+
+
+class HubDoorbell:
+    """One connection's share of a hub, with the interface of ``Doorbell``.
+
+    Holds a reference on the hub from its creation until ``close()``.
+    """
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.rings = 0  # rings asked for (one eventfd write may serve several)
+        self.wakeups = 0
+        self.closed = False
+        self.callback: Callable[[], None] | None = None
+        self.ready: Callable[[], bool] | None = None
+
+    def ring(self) -> None:
+        """Wake the peer (one system call per wake-up of the peer's hub, see
+        the module docstring)."""
+        if not self.closed:
+            self.rings += 1
+            self.hub.ring()
+
+    def listen(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        callback: Callable[[], None],
+        ready: Callable[[], bool] | None = None,
+    ) -> None:
+        """Call ``callback`` when the hub is rung and ``ready()`` says the ring
+        may be for us (None: on every ring)."""
+        if loop is not self.hub.loop:
+            raise RuntimeError("a hub serves the event loop it was made on")
+        self.callback, self.ready = callback, ready
+        self.hub.listening(self)
+
+    def close(self) -> None:
+        """Leave the hub (the last member closes it).  Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self.callback = self.ready = None
+        self.hub.leave(self)
+
+
+class Hub:
+    """Eventfds and a shared word per direction, for the connections
+    between two event loops.
+
+    Owns ``listen_fd``, ``ring_fd`` and ``segment`` and closes them with its
+    last member; ``client`` says which side of the pair we are.
+    ``on_closed`` runs once then (to forget the hub by its token).
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        token: str,
+        listen_fd: int,
+        ring_fd: int,
+        segment: MemfdSegment,
+        *,
+        client: bool,
+        on_closed: Callable[[Hub], None] | None = None,
+    ) -> None:
+        self.loop = loop
+        self.token = token
+        self.listen_fd = listen_fd
+        self.ring_fd = ring_fd
+        self.segment = segment
+        self.rings = 0  # eventfd writes
+        self.wakeups = 0  # eventfd reads that found a ring
+        self.closed = False
+        self._on_closed = on_closed
+        self._members = 0  # HubDoorbells not closed yet
+        # Members that listen, in the order they joined (a dict: ordered, O(1) removal).
+        self._listeners: dict[HubDoorbell, None] = {}
+        self._ring_word = _CLIENT_RINGS if client else _SERVER_RINGS
+        self._listen_word = _SERVER_RINGS if client else _CLIENT_RINGS
+        self._map: mmap.mmap | None = None
+        self._words: SharedWords | None = None
+        try:
+            if segment.size < SEGMENT_SIZE:
+                raise SegmentError(f"a hub segment needs {SEGMENT_SIZE} bytes, got {segment.size}")
+            self._map = segment.map()
+            self._words = SharedWords(self._map)
+            loop.add_reader(listen_fd, self._on_readable)
+        except BaseException:
+            self._release()
+            raise
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self._members} members"
+        return f"<Hub {self.token[:8]} {state}>"
+
+    @property
+    def members(self) -> int:
+        """Connections (and handshakes) holding the hub."""
+        return self._members
+
+    def join(self) -> HubDoorbell:
+        """A new member: one more reference until its ``close()``."""
+        if self.closed:
+            raise RuntimeError("the hub is closed")
+        self._members += 1
+        return HubDoorbell(self)
+
+    def listening(self, member: HubDoorbell) -> None:
+        self._listeners[member] = None
+
+    def leave(self, member: HubDoorbell) -> None:
+        self._listeners.pop(member, None)
+        self._members -= 1
+        if self._members == 0:
+            self.close()
+
+    # -------------------------------------------------------------- ringing
+
+    def ring(self) -> None:
+        """Wake the peer's loop, unless a ring it has not taken is outstanding."""
+        words = self._words
+        if words is None:
+            return  # closed
+        # (A load first: most rings of a batch find the word set, and a
+        # compare-and-swap would take the cache line from the peer.)
+        if words.load32(self._ring_word) == 0 and words.cas32(self._ring_word, 0, 1):
+            try:
+                os.write(self.ring_fd, _ONE)
+                self.rings += 1
+            except BlockingIOError:
+                pass  # counter saturated: the peer has a wake-up pending anyway
+
+    # -------------------------------------------------------------- waking
+
+    def _on_readable(self) -> None:
+        # Read first, then look at the pipes (see the module docstring).
+        words = self._words
+        try:
+            os.read(self.listen_fd, 8)
+        except BlockingIOError:
+            return
+        if words is None:
+            return
+        # Taken: the next write needs a ring again (the looks below fence first).
+        words.store32(self._listen_word, 0)
+        self.wakeups += 1
+        for member in list(self._listeners):
+            if member.closed:
+                continue  # closed by a callback earlier in this round
+            try:
+                if member.ready is None or member.ready():
+                    member.wakeups += 1
+                    callback = member.callback
+                    if callback is not None:
+                        callback()
+            except Exception as exc:  # one member's failure must not cost the others their wake-up
+                self.loop.call_exception_handler(
+                    {"message": "hub wake-up callback failed", "exception": exc, "hub": self}
+                )
+
+    # -------------------------------------------------------------- closing
+
+    def close(self) -> None:
+        """Stop listening, close the descriptors and the mapping.
+        Idempotent; members left behind ring and wake no more."""
+        if self.closed:
+            return
+        self.closed = True
+        self._listeners.clear()
+        if not self.loop.is_closed():
+            self.loop.remove_reader(self.listen_fd)
+        self._release()
+        if self._on_closed is not None:
+            on_closed, self._on_closed = self._on_closed, None
+            on_closed(self)
+
+    def _release(self) -> None:
+        if self._words is not None:
+            self._words.release()
+            self._words = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        self.segment.close()
+        for fd in {self.listen_fd, self.ring_fd}:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class HubTable:
+    """Hubs by token: the server's, one table per control endpoint."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._hubs: dict[str, Hub] = {}
+
+    def __len__(self) -> int:
+        return len(self._hubs)
+
+    def join(self, token: str) -> HubDoorbell | None:
+        """A membership of the hub named ``token``, if we have it."""
+        hub = self._hubs.get(token)
+        return hub.join() if hub is not None else None
+
+    def join_new(self, token: str, listen_fd: int, ring_fd: int, segment_fd: int) -> HubDoorbell:
+        """A membership of hub ``token`` made of the peer's eventfds and
+        segment (owned from now on, also when this raises: ``SegmentError``
+        for a segment we cannot use).  If a concurrent handshake made the hub
+        meanwhile, the descriptors are closed and that hub is joined: it is
+        the same one, the client names one hub by one token."""
+        found = self.join(token)
+        if found is not None:
+            for fd in {listen_fd, ring_fd, segment_fd}:
+                os.close(fd)
+            return found
+        try:
+            segment = MemfdSegment.from_fd(segment_fd)  # (closes it if unusable)
+        except BaseException:
+            for fd in {listen_fd, ring_fd}:
+                os.close(fd)
+            raise
+        hub = Hub(
+            self._loop, token, listen_fd, ring_fd, segment, client=False, on_closed=self._forget
+        )
+        self._hubs[token] = hub
+        return hub.join()
+
+    def _forget(self, hub: Hub) -> None:
+        if self._hubs.get(hub.token) is hub:
+            del self._hubs[hub.token]
+
+
+#: The client's hubs: per event loop, per control endpoint address.
+_client_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Hub]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def join_client_hub(address: str) -> HubDoorbell:
+    """A membership of the running loop's hub towards the control endpoint
+    at ``address``; the hub is made (two new eventfds, a new token) if the
+    loop has none open."""
+    loop = asyncio.get_running_loop()
+    hubs = _client_hubs.get(loop)
+    if hubs is None:
+        hubs = _client_hubs[loop] = {}
+    hub = hubs.get(address)
+    if hub is not None and not hub.closed:
+        return hub.join()
+    fds: list[int] = []
+    try:
+        fds.append(new_eventfd())
+        fds.append(new_eventfd())
+        segment = MemfdSegment.create(SEGMENT_SIZE, "aiocoloc-hub")
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+    def forget(closed: Hub) -> None:
+        if hubs.get(address) is closed:
+            del hubs[address]
+
+    listen_fd, ring_fd = fds
+    hub = Hub(
+        loop, secrets.token_hex(16), listen_fd, ring_fd, segment, client=True, on_closed=forget
+    )
+    hubs[address] = hub
+    return hub.join()
