@@ -35,33 +35,29 @@ The policy keeps that cheap where it does not pay:
 * at most one reader per event loop spins at a time, and nothing spins when
   the process may use fewer than two CPUs (a spinner there would only delay
   the peer it waits for);
-* nothing spins while several readers of one event loop are busy (another
-  one rested within ``CROWD_WINDOW_NS``): a spin on one pipe holds up the
-  bytes of all the others, and with ten connections echoing in rounds it
-  made shared memory 1.3x slower than TCP (``bench/many.py``).
+* nothing spins while several readers of one event loop are busy (the last
+  reader of the loop that rested -- ran empty, or wrote and waits for a
+  reply -- was another one): a spin on one pipe holds up the bytes of all
+  the others, and with ten connections echoing in rounds it made shared
+  memory 1.3x slower than TCP (``bench/many.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import time
 from dataclasses import dataclass
 from typing import ClassVar
 
 __all__ = [
     "AFTER_EMPTY",
     "AFTER_WRITE",
-    "CROWD_WINDOW_NS",
     "SpinConfig",
     "SpinPolicy",
     "usable_cpus",
 ]
 
 AFTER_EMPTY, AFTER_WRITE = 0, 1
-#: An event loop counts as crowded while two readers rested (ran empty, or
-#: wrote and wait for a reply) within this long of each other.
-CROWD_WINDOW_NS = 1_000_000
 
 
 def usable_cpus() -> int:
@@ -101,8 +97,8 @@ class SpinPolicy:
 
     #: Event loops with a spin scheduled or running: one spinner per loop.
     _busy_loops: ClassVar[set[int]] = set()
-    #: Per event loop: [the reader that rested last, when, crowded until] (ids, ns).
-    _rested: ClassVar[dict[int, list[int]]] = {}
+    #: Per event loop (by id): the reader that rested last (by id).
+    _rested: ClassVar[dict[int, int]] = {}
 
     def __init__(self, config: SpinConfig, cpus: int | None = None) -> None:
         self.config = config
@@ -124,17 +120,12 @@ class SpinPolicy:
         return self.enabled and self._misses[trigger] < self.config.misses_to_stop
 
     def alone(self, loop: asyncio.AbstractEventLoop) -> bool:
-        """Note that this reader rests now; False while another reader of the
-        same loop rested within ``CROWD_WINDOW_NS`` (then nobody spins)."""
-        now = time.monotonic_ns()
-        state = self._rested.get(id(loop))
-        if state is None:
-            self._rested[id(loop)] = [id(self), now, 0]
-            return True
-        if state[0] != id(self) and now - state[1] < CROWD_WINDOW_NS:
-            state[2] = now + CROWD_WINDOW_NS
-        state[0], state[1] = id(self), now
-        return now >= state[2]
+        """Note that this reader rests now; False when the loop's last reader
+        to rest was another one (several are busy: then nobody spins)."""
+        key, me = id(loop), id(self)
+        last = self._rested.get(key, me)
+        self._rested[key] = me
+        return last == me
 
     def claim(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Take the loop's single spinner slot; False if another reader has it."""

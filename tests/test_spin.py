@@ -141,6 +141,26 @@ def _ring(ring_impl: ModuleType) -> tuple[object, object]:
     return ring_impl.RingProducer(buffer), ring_impl.RingConsumer(buffer)
 
 
+def test_nobody_spins_while_several_readers_of_a_loop_are_busy() -> None:
+    """A reader spins only when the loop's last reader to rest was itself:
+    with several connections busy, a spin on one pipe holds up the others."""
+    loop, other_loop = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        a, b = SpinPolicy(SpinConfig(), cpus=2), SpinPolicy(SpinConfig(), cpus=2)
+        a.alone(loop)  # (the first rest on a loop whose id an old loop had may be crowded)
+        assert a.alone(loop)  # one busy reader: it may spin
+        assert not b.alone(loop)  # another rested in between: crowded
+        assert not a.alone(loop)
+        assert not b.alone(loop)
+        assert b.alone(loop)  # b alone again (a went quiet)
+        a.alone(other_loop)
+        assert a.alone(other_loop) and not b.alone(other_loop)  # each loop apart
+        assert b.alone(loop)
+    finally:
+        loop.close()
+        other_loop.close()
+
+
 def test_spin_times_out_when_nothing_comes(ring_impl: ModuleType) -> None:
     _, consumer = _ring(ring_impl)
     start = time.monotonic_ns()
