@@ -15,8 +15,6 @@ import asyncio
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ import pytest
 import aiocoloc
 from aiocoloc.policy import AUTO_UPGRADE_AFTER
 
+from .peers import finish, line, spawn
 from .test_transport import LOOPS, run
 
 PEER = Path(__file__).with_name("bulk_peer.py")
@@ -82,30 +81,11 @@ def check(outcome: Outcome, report: dict[str, object], size: int) -> None:
     ), outcome
 
 
-def spawn(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, str(PEER), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-
-
-async def line(child: subprocess.Popen[str]) -> str:
-    assert child.stdout is not None
-    text = await asyncio.get_running_loop().run_in_executor(None, child.stdout.readline)
-    assert text, f"peer exited with {child.poll()}"
-    return text
-
-
-def finish(child: subprocess.Popen[str]) -> None:
-    if child.poll() is None:
-        child.kill()
-    child.wait()
-
-
 @pytest.mark.parametrize("size", list(TOTAL))
 @pytest.mark.parametrize("loop_kind", list(LOOPS))
 def test_a_client_that_only_writes_upgrades(loop_kind: str, size: int) -> None:
     async def scenario() -> tuple[Outcome, dict[str, object]]:
-        child = spawn("server", loop_kind)
+        child = spawn(PEER, "server", loop_kind)
         try:
             port = int(await line(child))
             _, writer = await aiocoloc.open_connection("127.0.0.1", port)
@@ -136,7 +116,7 @@ def test_a_server_that_only_writes_upgrades(loop_kind: str, size: int) -> None:
             closed.set()
 
         server = await aiocoloc.start_server(handle, "127.0.0.1", 0)
-        child = spawn("client", loop_kind, str(server.sockets[0].getsockname()[1]))
+        child = spawn(PEER, "client", loop_kind, str(server.sockets[0].getsockname()[1]))
         try:
             outcome = await outcomes.get()
             report = json.loads(await line(child))

@@ -7,8 +7,6 @@ import asyncio
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import pytest
 import aiocoloc
 from aiocoloc.colocation import local_pools
 
+from .peers import finish, line, spawn
 from .test_connect import info, until, upgraded
 from .test_transport import LOOPS, run
 
@@ -29,28 +28,9 @@ def loop_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def spawn(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, str(PEER), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-
-
-async def line(child: subprocess.Popen[str]) -> str:
-    assert child.stdout is not None
-    text = await asyncio.get_running_loop().run_in_executor(None, child.stdout.readline)
-    assert text, f"peer exited with {child.poll()}"
-    return text
-
-
-def finish(child: subprocess.Popen[str]) -> None:
-    if child.poll() is None:
-        child.kill()
-    child.wait()
-
-
 def test_client_upgrades_to_a_server_process_and_survives_its_death(loop_kind: str) -> None:
     async def scenario() -> None:
-        child = spawn("server", loop_kind)
+        child = spawn(PEER, "server", loop_kind)
         try:
             port = int(await line(child))
             reader, writer = await aiocoloc.open_connection("127.0.0.1", port, upgrade="always")
@@ -94,7 +74,7 @@ def test_server_gives_pipes_back_when_a_client_process_dies(loop_kind: str) -> N
         server = await aiocoloc.start_server(handle, "127.0.0.1", 0, upgrade="always")
         async with server:
             port = server.sockets[0].getsockname()[1]
-            child = spawn("client", loop_kind, str(port))
+            child = spawn(PEER, "client", loop_kind, str(port))
             try:
                 assert json.loads(await line(child)) == {"upgraded": True}
                 pools = local_pools().in_use()
@@ -132,7 +112,7 @@ def test_later_connections_skip_the_pool_exchange(
     monkeypatch.setattr(handshake.Channel, "send", spy)
 
     async def scenario() -> None:
-        child = spawn("server", loop_kind)
+        child = spawn(PEER, "server", loop_kind)
         try:
             port = int(await line(child))
             for _ in range(3):

@@ -13,7 +13,6 @@ import os
 import random
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -36,6 +35,7 @@ from aiocoloc.hub import Hub
 from aiocoloc.shm import MemfdSegment, PipeHandle
 
 from .conftest import open_fds
+from .peers import finish, line, spawn
 from .test_connect import echo, recv_message, roundtrip, send_message, until, upgraded
 from .test_ring_api import ends
 from .test_ring_model import make_ring
@@ -198,27 +198,9 @@ def test_a_failing_member_costs_the_others_nothing(loop_kind: str) -> None:
 # --- between two processes -----------------------------------------------------------------
 
 
-def spawn(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, str(PEER), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-
-
 async def start_server(loop_kind: str, *extra: str) -> tuple[subprocess.Popen[str], int]:
-    child = spawn("server", loop_kind, *extra)
-    assert child.stdout is not None
-    line = await asyncio.get_running_loop().run_in_executor(None, child.stdout.readline)
-    assert line, f"server exited with {child.poll()}"
-    return child, int(line)
-
-
-def finish(child: subprocess.Popen[str]) -> None:
-    if child.poll() is None:
-        child.kill()
-    child.wait()
-    for stream in (child.stdin, child.stdout):
-        if stream is not None:
-            stream.close()
+    child = spawn(PEER, "server", loop_kind, *extra)
+    return child, int(await line(child))
 
 
 async def exchange(

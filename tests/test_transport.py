@@ -28,7 +28,7 @@ from aiocoloc.elastic import ElasticConfig
 from aiocoloc.tls import start_tls
 from aiocoloc.transport import SwitchableTransport
 
-from .transport_pair import Pair, make_pair
+from .transport_pair import Pair, Recorder, make_pair
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 MODES = ["tcp", "shm", "switched", "shm-socket-bell"]
@@ -47,51 +47,6 @@ def loop_kind(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(params=MODES)
 def mode(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-class Recorder(asyncio.Protocol):
-    """Records every callback in order, and the bytes received."""
-
-    def __init__(self, keep_open_on_eof: bool = True) -> None:
-        loop = asyncio.get_running_loop()
-        self.events: list[str] = []
-        self.data = bytearray()
-        self.keep_open_on_eof = keep_open_on_eof
-        self.made = loop.create_future()
-        self.eof = loop.create_future()
-        self.lost: asyncio.Future[BaseException | None] = loop.create_future()
-        self.transport: Any = None
-        self.received = asyncio.Event()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.events.append("made")
-        self.transport = transport
-        self.made.set_result(None)
-
-    def data_received(self, data: bytes) -> None:
-        self.events.append("data")
-        self.data += data
-        self.received.set()
-
-    def eof_received(self) -> bool:
-        self.events.append("eof")
-        self.eof.set_result(None)
-        return self.keep_open_on_eof
-
-    def pause_writing(self) -> None:
-        self.events.append("pause")
-
-    def resume_writing(self) -> None:
-        self.events.append("resume")
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.events.append("lost")
-        self.lost.set_result(exc)
-
-    async def wait_for_bytes(self, n: int) -> None:
-        while len(self.data) < n:
-            self.received.clear()
-            await self.received.wait()
 
 
 async def connect(

@@ -17,60 +17,13 @@ import uvloop
 
 import aiocoloc
 
-from ..transport_pair import Pair, make_pair, tcp_socket_pair
+from ..transport_pair import Pair, Recorder, make_pair, tcp_socket_pair
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
     "uvloop": uvloop.new_event_loop,
 }
 Factory = Callable[[], asyncio.BaseProtocol]
-
-
-class Recorder(asyncio.Protocol):
-    """Records every callback in order, and the bytes received."""
-
-    def __init__(self, keep_open_on_eof: bool = True) -> None:
-        loop = asyncio.get_running_loop()
-        self.events: list[str] = []
-        self.data = bytearray()
-        self.keep_open_on_eof = keep_open_on_eof
-        self.made: asyncio.Future[None] = loop.create_future()
-        self.eof: asyncio.Future[None] = loop.create_future()
-        self.lost: asyncio.Future[BaseException | None] = loop.create_future()
-        self.transport: Any = None
-        self.received = asyncio.Event()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.events.append("made")
-        self.transport = transport
-        self.made.set_result(None)
-
-    def data_received(self, data: bytes) -> None:
-        self.events.append("data")
-        self.data += data
-        self.received.set()
-
-    def eof_received(self) -> bool:
-        self.events.append("eof")
-        self.eof.set_result(None)
-        return self.keep_open_on_eof
-
-    def pause_writing(self) -> None:
-        self.events.append("pause")
-
-    def resume_writing(self) -> None:
-        self.events.append("resume")
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.events.append("lost")
-        if not self.lost.done():
-            self.lost.set_result(exc)
-
-    async def wait_for_bytes(self, n: int, timeout: float = 10) -> None:
-        async with asyncio.timeout(timeout):
-            while len(self.data) < n:
-                self.received.clear()
-                await self.received.wait()
 
 
 class Conn:
