@@ -9,7 +9,7 @@ through aiocoloc.  ``configure()`` sets the upgrade and trust policy,
 
 from __future__ import annotations
 
-from aiocoloc.connect import (
+from aiocoloc.connect.api import (
     Server,
     create_connection,
     create_server,
@@ -19,6 +19,7 @@ from aiocoloc.connect import (
     start_server,
     uninstall,
 )
+from aiocoloc.connect.policy import configure
 from aiocoloc.errors import (
     AiocolocError,
     RingAttachError,
@@ -26,9 +27,8 @@ from aiocoloc.errors import (
     RingCorrupted,
     RingError,
 )
-from aiocoloc.fallback import stats
-from aiocoloc.policy import configure
 from aiocoloc.transport import SwitchableTransport
+from aiocoloc.transport.fallback import stats
 
 __all__ = [
     "AiocolocError",

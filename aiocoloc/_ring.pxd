@@ -4,7 +4,7 @@
 # classes that implement them.  This file is the one place where the
 # layouts of rings and pipes are defined; the pure-Python reference
 # (_ring_py.py) mirrors these numbers and a test checks that both export the
-# same LAYOUT.  (The pool that holds pipes is laid out in aiocoloc/pool.py.)
+# same LAYOUT.  (The pool that holds pipes is laid out in aiocoloc/shm/layout.py.)
 #
 # Position cells (shared by rings and pipes)
 # ------------------------------------------
@@ -36,7 +36,7 @@
 # A pipe entry lives in a pool's pipe table; its bytes live in the pool's
 # slices (all of size S, a power of two).  The pool owns offsets 0..47.
 #
-#   0      48    pool bookkeeping    pool         state, members, demand (pool.py)
+#   0      48    pool bookkeeping    pool         state, members, demand (shm/layout.py)
 #   48     8     layout_seq          producer     seq of the newest layout
 #   64..191      position cells
 #   192    L     layout slot 0       producer     L = 16 + 4 * max_slices, 8-aligned
@@ -100,7 +100,7 @@
 #    exchange so one sleep gets one ring).  producer_waiting/head work the
 #    same way in the other direction.  Without the fences (store then load is
 #    the one reordering x86-TSO allows) both could miss: a lost wake-up.
-# 4. Shared doorbells (aiocoloc/hub.py): many pipes may ring one eventfd.
+# 4. Shared doorbells (aiocoloc/notify/hub.py): many pipes may ring one eventfd.
 #    The flags above still decide whether a ring is needed.  The listener
 #    reads the eventfd first, then looks at each pipe whose end sleeps or
 #    waits (sleep_over()/wait_over(): the flag taken by the peer, tail vs

@@ -26,9 +26,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiocoloc.allocation import proportional_targets
-from aiocoloc.elastic import ElasticConfig, ElasticProducer
 from aiocoloc.shm import MemfdSegment, PipeHandle, Pool, PoolConfig
+from aiocoloc.shm.allocation import proportional_targets
+from aiocoloc.shm.elastic import ElasticConfig, ElasticProducer
 
 PIPES = 16
 POOL_BYTES = 8 << 20

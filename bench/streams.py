@@ -56,7 +56,7 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiocoloc
-from aiocoloc.colocation import local_pools
+from aiocoloc.connect.colocation import local_pools
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,

@@ -10,8 +10,9 @@ from types import ModuleType
 
 import pytest
 
-from aiocoloc import _ring_py, policy
-from aiocoloc.colocation import local_pools
+from aiocoloc import _ring_py
+from aiocoloc.connect import policy
+from aiocoloc.connect.colocation import local_pools
 
 try:
     from aiocoloc import _ring as _ring_c

@@ -17,7 +17,7 @@ import sys
 import uvloop
 
 import aiocoloc
-from aiocoloc import hub
+from aiocoloc.notify import hub
 
 
 async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

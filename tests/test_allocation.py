@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aiocoloc.allocation import demand_from, proportional_targets
+from aiocoloc.shm.allocation import demand_from, proportional_targets
 
 
 def test_shares_follow_demand() -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import aiocoloc
-from aiocoloc.policy import AUTO_UPGRADE_AFTER
+from aiocoloc.connect.policy import AUTO_UPGRADE_AFTER
 
 from .peers import finish, line, spawn
 from .test_transport import LOOPS, run

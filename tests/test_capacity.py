@@ -8,7 +8,7 @@ import asyncio
 import collections
 
 import aiocoloc
-from aiocoloc import fallback
+from aiocoloc.transport import fallback
 
 from .test_connect import echo, info, no_pools_in_use, roundtrip, until
 from .test_transport import run
@@ -60,7 +60,9 @@ def test_a_server_pool_holds_256_connections_opened_at_once() -> None:
             await writer.wait_closed()
         server.close()
         await server.wait_closed()
-        await until(lambda: not aiocoloc.colocation.local_pools().in_use(), "pools released")
+        await until(
+            lambda: not aiocoloc.connect.colocation.local_pools().in_use(), "pools released"
+        )
         no_pools_in_use()
 
     run("asyncio", scenario, timeout=90)

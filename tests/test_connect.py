@@ -16,9 +16,10 @@ import pytest
 import trustme
 
 import aiocoloc
-from aiocoloc import fallback, policy
-from aiocoloc.colocation import local_pools
-from aiocoloc.registry import Registry
+from aiocoloc.connect import policy
+from aiocoloc.connect.colocation import local_pools
+from aiocoloc.connect.registry import Registry
+from aiocoloc.transport import fallback
 
 from .conftest import open_fds
 from .test_transport import LOOPS, run
@@ -559,7 +560,7 @@ def test_untrusted_peer_stays_on_tcp(loop_kind: str, side: str) -> None:
 
 
 def test_exhausted_pool_stays_on_tcp(loop_kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from aiocoloc import colocation
+    from aiocoloc.connect import colocation
     from aiocoloc.shm import PoolConfig
 
     monkeypatch.setattr(
@@ -586,7 +587,7 @@ def test_exhausted_pool_stays_on_tcp(loop_kind: str, monkeypatch: pytest.MonkeyP
 
 
 def test_a_client_leaving_mid_handshake_leaves_no_pipes(loop_kind: str) -> None:
-    from aiocoloc.handshake import connection_key
+    from aiocoloc.connect.handshake import connection_key
 
     async def scenario() -> None:
         server = await aiocoloc.start_server(echo, "127.0.0.1", 0)
@@ -937,7 +938,7 @@ def test_a_server_frees_closed_connections_at_once_and_still_upgrades(
     import gc
     import weakref
 
-    from aiocoloc import connect
+    from aiocoloc.connect import api as connect
 
     monkeypatch.setattr(connect, "PRUNE_MIN", 8)
     served: list[weakref.ref[asyncio.BaseTransport]] = []
@@ -1140,7 +1141,7 @@ def test_trust_from_the_environment(loop_kind: str, monkeypatch: pytest.MonkeyPa
 def test_an_unused_pool_lingers_then_closes(
     loop_kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from aiocoloc import colocation
+    from aiocoloc.connect import colocation
 
     monkeypatch.setattr(colocation, "LINGER", 0.3)
 
@@ -1164,7 +1165,7 @@ def test_an_unused_pool_lingers_then_closes(
 def test_lingering_pools_are_watched_by_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     """Releasing the last reference used to start a timer thread each time
     (40-100 us of the event loop's time per upgraded connection)."""
-    from aiocoloc import colocation
+    from aiocoloc.connect import colocation
 
     monkeypatch.setattr(colocation, "LINGER", 0.3)
     pools = colocation.LocalPools()

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import aiocoloc
-from aiocoloc.colocation import local_pools
+from aiocoloc.connect.colocation import local_pools
 
 from .peers import finish, line, spawn
 from .test_connect import info, until, upgraded
@@ -99,7 +99,7 @@ def test_later_connections_skip_the_pool_exchange(
 ) -> None:
     """The first connection to a server process maps its pool (pool, join);
     the next ones offer that pool in their hello and go straight to pipes."""
-    from aiocoloc import handshake
+    from aiocoloc.connect import handshake
 
     sent: list[list[str]] = []
     original = handshake.Channel.send

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from aiocoloc.elastic import ElasticConfig, ElasticProducer
 from aiocoloc.shm import MemfdSegment, PipeHandle, Pool, PoolConfig, PosixShmSegment
+from aiocoloc.shm.elastic import ElasticConfig, ElasticProducer
 
 from .conftest import SHM_PREFIX
 

@@ -14,10 +14,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import aiocoloc
-from aiocoloc import fallback, policy
-from aiocoloc.colocation import local_pools
+from aiocoloc.connect import policy
+from aiocoloc.connect.colocation import local_pools
 from aiocoloc.control import encode_frame
 from aiocoloc.shm import MemfdSegment
+from aiocoloc.transport import fallback
 
 from .conftest import open_fds
 from .test_connect import FakeControl, fell_back, recv_message, roundtrip

@@ -21,17 +21,17 @@ from typing import Any
 import pytest
 
 import aiocoloc
-from aiocoloc import hub
-from aiocoloc.colocation import local_pools
-from aiocoloc.doorbell import Doorbell, new_eventfd
-from aiocoloc.handshake import (
+from aiocoloc.connect.colocation import local_pools
+from aiocoloc.connect.handshake import (
     NONCE_SIZE,
     _read_nonce,
     _write_nonce,
     abandon_pipes,
     connection_key,
 )
-from aiocoloc.hub import Hub
+from aiocoloc.notify import hub
+from aiocoloc.notify.doorbell import Doorbell, new_eventfd
+from aiocoloc.notify.hub import Hub
 from aiocoloc.shm import MemfdSegment, PipeHandle
 
 from .conftest import open_fds

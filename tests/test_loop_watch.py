@@ -136,7 +136,7 @@ def test_the_upgrade_task_runs_while_the_writer_never_yields(loop_kind: str) -> 
                 done.set()
                 break
         assert done.is_set(), writer.transport.get_extra_info("aiocoloc")
-        assert written < aiocoloc.policy.AUTO_UPGRADE_AFTER + (1 << 20)
+        assert written < aiocoloc.connect.policy.AUTO_UPGRADE_AFTER + (1 << 20)
         writer.close()
         await writer.wait_closed()
         server.close()

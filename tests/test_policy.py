@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 import aiocoloc
-from aiocoloc import fallback, policy
+from aiocoloc.connect import policy
+from aiocoloc.transport import fallback
 
 from .test_connect import FakeControl, fell_back, info, stall
 from .test_transport import run

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 import aiocoloc
-from aiocoloc import fallback
-from aiocoloc.colocation import LocalPools, local_pools
+from aiocoloc.connect.colocation import LocalPools, local_pools
 from aiocoloc.errors import PoolBusy
 from aiocoloc.shm import MemfdSegment, Pool, PoolConfig
+from aiocoloc.transport import fallback
 
 from .conftest import open_fds
 from .test_connect import echo, fell_back, info, no_pools_in_use, roundtrip, until, upgraded

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from aiocoloc.registry import Registry, RegistryError, default_directory
+from aiocoloc.connect.registry import Registry, RegistryError, default_directory
 
 from .conftest import open_fds
 
@@ -53,7 +53,7 @@ def test_address_matching(registry: Registry, published: str, asked: str, found:
 def test_records_of_dead_processes_are_ignored_and_removed(registry: Registry) -> None:
     code = (
         "import sys, time; sys.path.insert(0, sys.argv[2]);"
-        "from aiocoloc.registry import Registry;"
+        "from aiocoloc.connect.registry import Registry;"
         "Registry(sys.argv[1]).publish('127.0.0.1', 7000, '/ctl'); print('up', flush=True);"
         "time.sleep(60)"
     )
@@ -113,7 +113,7 @@ def test_stray_files_are_ignored(registry: Registry, content: str) -> None:
 
 def good_record(**changes: object) -> str:
     """A record for 127.0.0.1:7002 of this live process, with ``changes``."""
-    from aiocoloc.registry import _start_time
+    from aiocoloc.connect.registry import _start_time
 
     record: dict[str, object] = {
         "host": "127.0.0.1",

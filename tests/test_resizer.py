@@ -8,11 +8,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from aiocoloc import resizer as resizer_module
-from aiocoloc.allocation import shareable_slices
-from aiocoloc.elastic import ElasticConfig, ElasticProducer
-from aiocoloc.resizer import Enrollment, resizer_for
 from aiocoloc.shm import MemfdSegment, PipeInfo, Pool, PoolConfig
+from aiocoloc.shm import resizer as resizer_module
+from aiocoloc.shm.allocation import shareable_slices
+from aiocoloc.shm.elastic import ElasticConfig, ElasticProducer
+from aiocoloc.shm.resizer import Enrollment, resizer_for
 
 CONFIG = ElasticConfig(interval=0.02, smoothing=1.0)
 

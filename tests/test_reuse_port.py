@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 import aiocoloc
-from aiocoloc import connect
-from aiocoloc.colocation import local_pools
+from aiocoloc.connect import api as connect
+from aiocoloc.connect.colocation import local_pools
 
 from .conftest import open_fds
 from .test_connect import echo, info, recv_message, roundtrip, send_message, until, upgraded
@@ -186,7 +186,7 @@ def test_several_endpoints_the_first_agreement_wins_and_nothing_leaks() -> None:
     """Endpoints that do not know the connection are asked too (a second
     aiocoloc server advertises the port): the upgrade takes no longer and
     their control sockets are closed at once."""
-    from aiocoloc.registry import Registry
+    from aiocoloc.connect.registry import Registry
 
     async def scenario() -> None:
         baseline = asyncio.all_tasks()

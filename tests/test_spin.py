@@ -1,4 +1,4 @@
-"""The spin policy and the ring's bounded busy-wait (``aiocoloc.spin``)."""
+"""The spin policy and the ring's bounded busy-wait (``aiocoloc.notify.spin``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from types import ModuleType
 
 import pytest
 
-from aiocoloc.spin import AFTER_EMPTY, AFTER_WRITE, SpinConfig, SpinPolicy
+from aiocoloc.notify.spin import AFTER_EMPTY, AFTER_WRITE, SpinConfig, SpinPolicy
 
 
 def test_config_rejects_nonsense() -> None:
@@ -34,7 +34,7 @@ def test_nothing_spins_on_one_cpu_or_with_a_zero_budget() -> None:
 def test_usable_cpus_follows_the_affinity_mask() -> None:
     code = (
         "import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]});"
-        "from aiocoloc.spin import SpinConfig, SpinPolicy, usable_cpus;"
+        "from aiocoloc.notify.spin import SpinConfig, SpinPolicy, usable_cpus;"
         "print(usable_cpus(), SpinPolicy(SpinConfig()).enabled)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

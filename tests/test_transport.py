@@ -24,9 +24,9 @@ import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aiocoloc.elastic import ElasticConfig
-from aiocoloc.tls import start_tls
+from aiocoloc.shm.elastic import ElasticConfig
 from aiocoloc.transport import SwitchableTransport
+from aiocoloc.transport.tls import start_tls
 
 from .transport_pair import Pair, Recorder, make_pair
 

@@ -10,13 +10,14 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from aiocoloc.doorbell import new_eventfd
+from aiocoloc.notify.doorbell import new_eventfd
 from aiocoloc.shm import MemfdSegment, Pool, PoolConfig
 from aiocoloc.transport import SwitchableTransport, attach_shared_memory, open_transport
 
@@ -190,7 +191,8 @@ async def assert_both_idle(remote: Remote, settle: float, seconds: float) -> Non
     await asyncio.sleep(seconds)
     used_mine = _cpu_seconds(os.getpid()) - mine
     used_theirs = _cpu_seconds(remote.child.pid) - theirs
-    assert used_mine < 0.05 and used_theirs < 0.05, (used_mine, used_theirs)
+    threads = [t.name for t in threading.enumerate()]
+    assert used_mine < 0.05 and used_theirs < 0.05, (used_mine, used_theirs, threads)
 
 
 def test_idle_connection_uses_no_cpu(loop_kind: str) -> None:
@@ -212,7 +214,7 @@ def test_ping_pong_spins_instead_of_ringing_then_goes_quiet(loop_kind: str, size
     the reply (bounded spin), so most round trips need no doorbell; once the
     traffic stops, both sides stop spinning and use no CPU.  64 KiB replies
     take longer than a spin while both sides sleep: two peers that rang each
-    other could stay asleep for good (``aiocoloc.spin``, probes)."""
+    other could stay asleep for good (``aiocoloc.notify.spin``, probes)."""
 
     async def scenario() -> None:
         remote = await connect_remote("echo")

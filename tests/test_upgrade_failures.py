@@ -19,11 +19,12 @@ from typing import Any
 import pytest
 
 import aiocoloc
-from aiocoloc import connect, fallback
-from aiocoloc.agreement import connect_control
-from aiocoloc.colocation import local_pools
-from aiocoloc.handshake import HandshakeFailed, peer_uid
-from aiocoloc.registry import Registry
+from aiocoloc.connect import api as connect
+from aiocoloc.connect.agreement import connect_control
+from aiocoloc.connect.colocation import local_pools
+from aiocoloc.connect.handshake import HandshakeFailed, peer_uid
+from aiocoloc.connect.registry import Registry
+from aiocoloc.transport import fallback
 
 from .conftest import open_fds
 from .test_connect import echo, fell_back, info, no_pools_in_use, roundtrip, until, upgraded
@@ -56,7 +57,7 @@ async def tasks_end(baseline: set[asyncio.Task[Any]]) -> None:
 def test_a_record_of_the_wrong_shape_is_no_registry_entry(changes: dict[str, Any]) -> None:
     """Such a record once killed the upgrade task: the connection stayed on
     TCP with ``fallback_reason`` None."""
-    from aiocoloc.registry import _start_time
+    from aiocoloc.connect.registry import _start_time
 
     async def scenario() -> None:
         baseline = asyncio.all_tasks()

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiocoloc.doorbell import new_eventfd
-from aiocoloc.elastic import ElasticConfig
+from aiocoloc.notify.doorbell import new_eventfd
 from aiocoloc.shm import MemfdSegment, Pool, PoolConfig
+from aiocoloc.shm.elastic import ElasticConfig
 from aiocoloc.transport import SwitchableTransport, attach_shared_memory, open_transport
 
 POOL_CONFIG = PoolConfig(slice_size=16384, max_pipes=8, max_slices_per_pipe=64, lease=60)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from aiocoloc.colocation import local_pools
+from aiocoloc.connect.colocation import local_pools
 
 from ..conftest import open_fds
 

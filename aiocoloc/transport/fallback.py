@@ -33,7 +33,7 @@ __all__ = [
     "stats",
 ]
 
-_log = logging.getLogger("aiocoloc.fallback")
+_log = logging.getLogger("aiocoloc.transport.fallback")
 
 DISABLED = "disabled"  # AIOCOLOC_MODE=never, or upgrade="never"
 NO_REGISTRY_ENTRY = "no registry entry"  # nobody advertises the destination as aiocoloc

@@ -4,10 +4,10 @@ the peer is a co-located aiocoloc endpoint, plain TCP otherwise.
 Every connection starts as the TCP connection the loop makes (so every
 keyword of ``loop.create_connection``/``create_server`` keeps working,
 ``sock=`` included) wrapped in a ``SwitchableTransport``.  The client then
-looks its peer up (``aiocoloc.registry``), runs the handshake on the
-server's control socket (``aiocoloc.handshake``) and switches each direction
+looks its peer up (``aiocoloc.connect.registry``), runs the handshake on the
+server's control socket (``aiocoloc.connect.handshake``) and switches each direction
 to the pipes.  Data flows on TCP meanwhile; any failure leaves the
-connection on TCP with a reason (``aiocoloc.fallback``).
+connection on TCP with a reason (``aiocoloc.transport.fallback``).
 
 TLS (``ssl=``) is put on top of the switchable transport, so over shared
 memory the pipes carry the TLS records, exactly as the socket would.
@@ -29,17 +29,16 @@ from asyncio import sslproto
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from aiocoloc import fallback
-from aiocoloc.agreement import CONTROL_BACKLOG, ClientGone, agree, attach, until_accepted
-from aiocoloc.agreement import describe as _describe
-from aiocoloc.colocation import local_pools
+from aiocoloc.connect.agreement import CONTROL_BACKLOG, ClientGone, agree, attach, until_accepted
+from aiocoloc.connect.agreement import describe as _describe
+from aiocoloc.connect.colocation import local_pools
+from aiocoloc.connect.handshake import ConnKey, HandshakeFailed, connection_key, server_handshake
+from aiocoloc.connect.policy import Settings, Trust, Upgrade, current, parse_trust, parse_upgrade
+from aiocoloc.connect.registry import Record, Registry, RegistryError
 from aiocoloc.errors import PoolError, SegmentError
-from aiocoloc.handshake import ConnKey, HandshakeFailed, connection_key, server_handshake
-from aiocoloc.hub import HubTable
-from aiocoloc.policy import Settings, Trust, Upgrade, current, parse_trust, parse_upgrade
-from aiocoloc.registry import Record, Registry, RegistryError
-from aiocoloc.tls import TAUGHT, let_loop_start_tls
-from aiocoloc.transport import Adopter, SwitchableTransport
+from aiocoloc.notify.hub import HubTable
+from aiocoloc.transport import Adopter, SwitchableTransport, fallback
+from aiocoloc.transport.tls import TAUGHT, let_loop_start_tls
 
 __all__ = [
     "Server",
@@ -143,7 +142,7 @@ async def create_connection(
 ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
     """``loop.create_connection`` with every keyword it takes, upgraded to
     shared memory when the peer is co-located.  ``upgrade``/``trust``
-    override the process-wide policy (``aiocoloc.policy``) for this call."""
+    override the process-wide policy (``aiocoloc.connect.policy``) for this call."""
     _check_ssl_options(ssl, server_hostname, ssl_handshake_timeout, ssl_shutdown_timeout)
     if ssl and server_hostname is None:
         if not host:

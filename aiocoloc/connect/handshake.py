@@ -4,7 +4,7 @@ After the TCP connection is up, the client connects to the control socket
 the server advertises and the two agree on a pair of pipes.  Messages are
 control frames (``aiocoloc.control``); descriptors ride along with
 SCM_RIGHTS.  Each step either moves on or ends in a ``HandshakeFailed``
-carrying a fallback reason (``aiocoloc.fallback``): the TCP connection is
+carrying a fallback reason (``aiocoloc.transport.fallback``): the TCP connection is
 never touched, so a failed handshake leaves it exactly as it was.
 
     client                                   server
@@ -24,7 +24,7 @@ never touched, so a failed handshake leaves it exactly as it was.
     direction to shared memory at their current byte offset.
 
 Connections between the same two event loops share one pair of eventfds,
-a hub (``aiocoloc.hub``).  The client names its hub towards this endpoint
+a hub (``aiocoloc.notify.hub``).  The client names its hub towards this endpoint
 with a random token and offers it in ``hello {..., hub: token}``; a server
 that knows hubs answers ``pipes`` with ``hub`` and no eventfd:
 
@@ -64,16 +64,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiocoloc import fallback
-from aiocoloc import hub as hub_module
-from aiocoloc.colocation import LocalPools
+from aiocoloc.connect.colocation import LocalPools
+from aiocoloc.connect.policy import Trust
 from aiocoloc.control import ControlProtocolError, FrameDecoder, encode_frame
-from aiocoloc.doorbell import new_eventfd
 from aiocoloc.errors import AiocolocError, PoolError, PoolExhausted, RingError, SegmentError
-from aiocoloc.hub import HubDoorbell, HubTable, is_eventfd
-from aiocoloc.policy import Trust
+from aiocoloc.notify import hub as hub_module
+from aiocoloc.notify.doorbell import new_eventfd
+from aiocoloc.notify.hub import HubDoorbell, HubTable, is_eventfd
 from aiocoloc.shm import PipeHandle, Pool
-from aiocoloc.transport import close_end
+from aiocoloc.transport import close_end, fallback
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -87,7 +86,7 @@ __all__ = [
     "server_handshake",
 ]
 
-_log = logging.getLogger("aiocoloc.handshake")
+_log = logging.getLogger("aiocoloc.connect.handshake")
 
 PROTOCOL_VERSION = 1
 NONCE_SIZE = 16

@@ -1,7 +1,7 @@
 """One resize timer per pool and event loop, however many pipes it serves.
 
 Each shared-memory connection's outgoing pipe is elastic
-(``aiocoloc.elastic``).  Ticking every pipe on its own timer made each tick
+(``aiocoloc.shm.elastic``).  Ticking every pipe on its own timer made each tick
 read the whole pipe table and compute every pipe's target: work quadratic
 in pipes, a hundred connections spending more time resizing than moving
 bytes.  A ``PoolResizer`` does it once per interval for all of this loop's
@@ -25,13 +25,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from aiocoloc.elastic import DemandTracker, ElasticConfig, ElasticProducer, pipe_targets
 from aiocoloc.errors import PoolError
 from aiocoloc.shm import PipeHandle, Pool
+from aiocoloc.shm.elastic import DemandTracker, ElasticConfig, ElasticProducer, pipe_targets
 
 __all__ = ["Enrollment", "PoolResizer", "resizer_for"]
 
-_log = logging.getLogger("aiocoloc.resizer")
+_log = logging.getLogger("aiocoloc.shm.resizer")
 
 
 class Enrollment:

@@ -10,7 +10,7 @@ safe point and handing the dropped slices back once the consumer has passed
 it.  Nothing here runs on a write that is not due, and a step that finds
 the pool's allocator busy is simply retried at the next interval.
 
-Transports do not tick their pipes one by one: ``aiocoloc.resizer`` reads
+Transports do not tick their pipes one by one: ``aiocoloc.shm.resizer`` reads
 the pipe table once per pool and interval and ``settle``s each local pipe.
 """
 
@@ -22,13 +22,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiocoloc.allocation import demand_from, proportional_targets, shareable_slices
 from aiocoloc.errors import PoolBusy, PoolError
 from aiocoloc.shm import PipeHandle, PipeInfo, Pool
+from aiocoloc.shm.allocation import demand_from, proportional_targets, shareable_slices
 
 __all__ = ["DemandTracker", "ElasticConfig", "ElasticProducer", "pipe_targets"]
 
-_log = logging.getLogger("aiocoloc.elastic")
+_log = logging.getLogger("aiocoloc.shm.elastic")
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class DemandTracker:
 
 
 def pipe_targets(pipes: Sequence[PipeInfo], demands: Sequence[float], total: int) -> list[int]:
-    """Every pipe's target, in slices, for ``demands`` (``aiocoloc.allocation``),
+    """Every pipe's target, in slices, for ``demands`` (``aiocoloc.shm.allocation``),
     sharing a pool of ``total`` slices less the newcomers' part."""
     return proportional_targets(
         demands,
@@ -181,7 +181,7 @@ class ElasticProducer:
         Returns True while there is more to do (the pipe is busy, not at its
         target, or holds slices to hand back): an owner that ticks from a
         timer may stop once it returns False and start again on a write.
-        (Transports do not tick each pipe: ``aiocoloc.resizer`` looks at the
+        (Transports do not tick each pipe: ``aiocoloc.shm.resizer`` looks at the
         pipe table once per pool and calls ``settle`` for each pipe.)
         """
         now = time.monotonic()

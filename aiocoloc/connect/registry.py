@@ -36,7 +36,7 @@ from aiocoloc.errors import AiocolocError
 
 __all__ = ["Record", "Registry", "RegistryError", "default_directory"]
 
-_log = logging.getLogger("aiocoloc.registry")
+_log = logging.getLogger("aiocoloc.connect.registry")
 RECORD_VERSION = 1
 #: A record is a few hundred bytes; anything larger is not one of ours.
 MAX_RECORD_SIZE = 16 * 1024

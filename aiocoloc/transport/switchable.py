@@ -38,15 +38,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from aiocoloc import fallback
 from aiocoloc.control import ControlLink
-from aiocoloc.doorbell import ControlDoorbell, Doorbell
-from aiocoloc.elastic import ElasticConfig, ElasticProducer
 from aiocoloc.errors import PoolError, RingClosed, RingCorrupted
-from aiocoloc.hub import HubDoorbell
-from aiocoloc.resizer import Enrollment, resizer_for
-from aiocoloc.spin import AFTER_EMPTY, AFTER_WRITE, SpinConfig, SpinPolicy
-from aiocoloc.tls import let_loop_start_tls
+from aiocoloc.notify.doorbell import ControlDoorbell, Doorbell
+from aiocoloc.notify.hub import HubDoorbell
+from aiocoloc.notify.spin import AFTER_EMPTY, AFTER_WRITE, SpinConfig, SpinPolicy
+from aiocoloc.shm.elastic import ElasticConfig, ElasticProducer
+from aiocoloc.shm.resizer import Enrollment, resizer_for
+from aiocoloc.transport import fallback
+from aiocoloc.transport.tls import let_loop_start_tls
 
 __all__ = ["Adopter", "ShmPath", "SwitchableTransport", "attach_shared_memory", "open_transport"]
 
@@ -74,7 +74,7 @@ class ShmPath:
 
     ``producer`` writes our outgoing pipe, ``consumer`` reads the incoming
     one (``aiocoloc.ring`` pipe or ring ends); ``doorbell`` wakes the peer and
-    wakes us (the connection's own, or its share of a hub, ``aiocoloc.hub``).
+    wakes us (the connection's own, or its share of a hub, ``aiocoloc.notify.hub``).
     ``on_close(incoming_done, outgoing_done)`` runs once when the
     transport is done with them, to return pipes to their pool: a pipe may
     be freed only when the other side is done with it too (it closed its
@@ -541,7 +541,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
         measured slower on ping-pong and no faster on streams.  A hub (a
         doorbell shared by the connections between two loops) skips the
         system call while the peer has not taken its last ring
-        (``aiocoloc.hub``).
+        (``aiocoloc.notify.hub``).
         """
         shm = self._shm
         if shm is None or shm.closed:
@@ -975,7 +975,7 @@ class SwitchableTransport(asyncio.transports._FlowControlMixin):
 
     def _rest(self, trigger: int) -> None:
         """The incoming pipe is empty: watch it a little while if that pays
-        (``aiocoloc.spin``), else sleep until rung."""
+        (``aiocoloc.notify.spin``), else sleep until rung."""
         policy, shm = self._spin, self._shm
         assert shm is not None
         rang, self._rang = self._rang, False
@@ -1408,9 +1408,9 @@ async def attach_shared_memory(
     kernels) the doorbell is a message on the control socket and the eventfds
     (or the share) are closed.
     With ``elastic`` (the default) the outgoing pipe grows and shrinks with
-    its demand (``aiocoloc.elastic``); with ``None`` its size stays fixed.
+    its demand (``aiocoloc.shm.elastic``); with ``None`` its size stays fixed.
     ``spin`` bounds how long the reader busy-waits before sleeping
-    (``aiocoloc.spin``); ``None`` never spins.  ``pending_control``: control
+    (``aiocoloc.notify.spin``); ``None`` never spins.  ``pending_control``: control
     bytes already read from ``control`` (after a handshake).  ``on_detach``
     runs once the pipes are given back.
     The transport stays in TCP mode until ``switch_tx``.

@@ -8,7 +8,7 @@ stop waiting (``until_accepted``).  Either side then hands the agreed pipes
 to its transport (``attach``).
 
 Whatever goes wrong here ends in ``HandshakeFailed`` with a fallback reason
-(``aiocoloc.fallback``): the TCP connection is never touched.
+(``aiocoloc.transport.fallback``): the TCP connection is never touched.
 """
 
 from __future__ import annotations
@@ -20,13 +20,19 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-from aiocoloc import fallback, hub
-from aiocoloc.colocation import LocalPools, local_pools
+from aiocoloc.connect.colocation import LocalPools, local_pools
+from aiocoloc.connect.handshake import (
+    Agreement,
+    ConnKey,
+    HandshakeFailed,
+    abandon_pipes,
+    client_handshake,
+)
+from aiocoloc.connect.policy import Trust
+from aiocoloc.connect.registry import Record
 from aiocoloc.errors import SegmentError
-from aiocoloc.handshake import Agreement, ConnKey, HandshakeFailed, abandon_pipes, client_handshake
-from aiocoloc.policy import Trust
-from aiocoloc.registry import Record
-from aiocoloc.transport import SwitchableTransport, attach_shared_memory
+from aiocoloc.notify import hub
+from aiocoloc.transport import SwitchableTransport, attach_shared_memory, fallback
 
 __all__ = [
     "CONTROL_BACKLOG",

@@ -1,6 +1,6 @@
 """Hubs: one doorbell shared by every connection between two event loops.
 
-A connection's doorbell (``aiocoloc.doorbell``) costs an eventfd write per
+A connection's doorbell (``aiocoloc.notify.doorbell``) costs an eventfd write per
 wake-up on one side and a read on the other: with many busy connections
 between the same two loops, as many system calls as TCP's sends and
 receives.  A hub gives all shared-memory connections between one event
@@ -35,7 +35,7 @@ The client creates both eventfds and the segment of a hub and names it with
 a random token (``join_client_hub``); the server learns them from the first
 handshake that offers the token and keeps the hub by token (``HubTable``),
 so every connection that offers the token later shares it.  See
-``aiocoloc.handshake``.
+``aiocoloc.connect.handshake``.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ import secrets
 import weakref
 from collections.abc import Callable
 
-from aiocoloc.doorbell import new_eventfd
 from aiocoloc.errors import SegmentError
+from aiocoloc.notify.doorbell import new_eventfd
 from aiocoloc.shm import MemfdSegment
 from aiocoloc.shm.atomic import SharedWords, atomics_are_process_safe
 
@@ -64,7 +64,7 @@ __all__ = [
     "join_client_hub",
 ]
 
-_log = logging.getLogger("aiocoloc.hub")
+_log = logging.getLogger("aiocoloc.notify.hub")
 _ONE = (1).to_bytes(8, "little")
 #: Whether this process offers and accepts hubs in handshakes (tests turn
 #: it off to play a peer from before hubs).

@@ -9,7 +9,7 @@ write; several rings before the listener wakes coalesce into one wake-up.
 Whether to ring at all is decided by the ring's sleep flags (event
 suppression, see ``_ring.pxd``); when to ring by the transport's batching.
 Connections between the same two event loops share one eventfd pair, a hub
-(``aiocoloc.hub``), when both sides know hubs; a ``Doorbell`` is then one
+(``aiocoloc.notify.hub``), when both sides know hubs; a ``Doorbell`` is then one
 connection's own pair, with a peer that does not.
 """
 
@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 __all__ = ["ControlDoorbell", "Doorbell", "new_eventfd"]
 
-_log = logging.getLogger("aiocoloc.doorbell")
+_log = logging.getLogger("aiocoloc.notify.doorbell")
 _ONE = (1).to_bytes(8, "little")
 
 
@@ -59,7 +59,7 @@ class Doorbell:
         ready: Callable[[], bool] | None = None,
     ) -> None:
         """Call ``callback`` on the loop whenever the peer rings.  (``ready``
-        is for a doorbell shared by several connections, ``aiocoloc.hub``:
+        is for a doorbell shared by several connections, ``aiocoloc.notify.hub``:
         this one is the connection's own, every ring is for it.)"""
         self._loop = loop
 

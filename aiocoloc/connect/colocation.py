@@ -24,7 +24,7 @@ from aiocoloc.shm import MemfdSegment, Pool, PoolConfig
 
 __all__ = ["LINGER", "SERVING_POOL", "LocalPools", "local_pools"]
 
-_log = logging.getLogger("aiocoloc.colocation")
+_log = logging.getLogger("aiocoloc.connect.colocation")
 
 #: The pool a serving process offers: 64 KiB slices, room for 256 connections.
 SERVING_POOL = PoolConfig(slice_size=64 * 1024, max_members=128, max_pipes=512)
