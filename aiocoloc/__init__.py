@@ -22,20 +22,32 @@ from aiocoloc.connect.api import (
 from aiocoloc.connect.policy import configure
 from aiocoloc.errors import (
     AiocolocError,
+    LayoutMismatch,
+    PoolBusy,
+    PoolCorrupted,
+    PoolError,
+    PoolExhausted,
     RingAttachError,
     RingClosed,
     RingCorrupted,
     RingError,
+    SegmentError,
 )
 from aiocoloc.transport import SwitchableTransport
 from aiocoloc.transport.fallback import stats
 
 __all__ = [
     "AiocolocError",
+    "LayoutMismatch",
+    "PoolBusy",
+    "PoolCorrupted",
+    "PoolError",
+    "PoolExhausted",
     "RingAttachError",
     "RingClosed",
     "RingCorrupted",
     "RingError",
+    "SegmentError",
     "Server",
     "SwitchableTransport",
     "configure",

@@ -1,10 +1,12 @@
 # cython: language_level=3
 #
 # Shared-memory byte channels: the layouts, the memory ordering and the
-# classes that implement them.  This file is the one place where the
-# layouts of rings and pipes are defined; the pure-Python reference
-# (_ring_py.py) mirrors these numbers and a test checks that both export the
-# same LAYOUT.  (The pool that holds pipes is laid out in aiocoloc/shm/layout.py.)
+# classes that implement them.  This file is the one place where the layouts
+# of rings and pipes are drawn and explained.  The numbers themselves live in
+# _ring_layout.py, the one source both implementations read (with the attach
+# checks, geometry and resize planning); the enum below is their C copy for
+# the hot path, and _ring refuses to import unless it matches (LayoutMismatch).
+# (The pool that holds pipes is laid out in aiocoloc/shm/layout.py.)
 #
 # Position cells (shared by rings and pipes)
 # ------------------------------------------
@@ -130,6 +132,7 @@ cdef extern from "includes/atomics.h":
     void acl_cpu_relax() nogil
 
 
+# C copies of _ring_layout's numbers (checked when _ring loads).
 cdef enum:
     RING_VERSION = 1
     RING_HEADER_SIZE = 256
@@ -175,6 +178,7 @@ cdef class _PipeGeometry:
     cdef uint64_t slice_shift
     cdef uint64_t slice_count
     cdef uint64_t max_slices
+    cdef uint64_t slot_size      # bytes of one layout slot
 
 
 cdef class _End:

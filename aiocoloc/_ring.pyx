@@ -5,7 +5,9 @@ Two placements share one producer and one consumer implementation: the
 contiguous ring (``RingProducer``/``RingConsumer``) and the elastic pipe made
 of pool slices (``PipeProducer``/``PipeConsumer``).  Layouts, trust rules and
 the memory-ordering argument are in ``_ring.pxd``; ``_ring_py.py`` is the
-readable reference with the same API.
+readable reference with the same API.  This module holds the hot path and the
+checks of what the peer writes; the cold path (layout numbers, attach checks,
+geometry, resize planning) is ``_ring_layout.py``, shared with the reference.
 """
 
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
@@ -17,6 +19,8 @@ from cpython.buffer cimport (
 )
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 
+from aiocoloc import _ring_layout as _L
+from aiocoloc._ring_layout import pipe_entry_size, ring_size
 from aiocoloc.errors import RingAttachError, RingClosed, RingCorrupted
 
 __all__ = [
@@ -26,13 +30,15 @@ __all__ = [
 ]
 
 IMPLEMENTATION = "cython"
-HEADER_SIZE = RING_HEADER_SIZE
-MIN_CAPACITY = RING_MIN_CAPACITY
-LAYOUT_VERSION = RING_VERSION
-MAGIC = b"ACOLRING"
-# Little-endian u64 view of MAGIC: the header is compared as one atomic word.
+HEADER_SIZE = _L.HEADER_SIZE
+MIN_CAPACITY = _L.MIN_CAPACITY
+LAYOUT_VERSION = _L.LAYOUT_VERSION
+MAGIC = _L.MAGIC
+# Little-endian u64 view of MAGIC: format_ring stores it as one atomic word, last.
 cdef uint64_t _MAGIC_U64 = int.from_bytes(MAGIC, "little")
 
+# The numbers this module was compiled with (the enum in _ring.pxd); it does
+# not import unless they are _ring_layout's, the single source.
 LAYOUT = {
     "version": RING_VERSION,
     "header_size": RING_HEADER_SIZE,
@@ -53,6 +59,7 @@ LAYOUT = {
     "layout_slots_offset": OFF_LAYOUT_SLOTS,
     "layout_slot_header": LAYOUT_SLOT_HEADER,
 }
+_L.check_compiled_layout(LAYOUT, __name__)
 
 cdef uint64_t _NO_LIMIT = <uint64_t>-1
 
@@ -61,10 +68,6 @@ cdef inline uint64_t _now_ns() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return <uint64_t>ts.tv_sec * 1000000000 + <uint64_t>ts.tv_nsec
-
-
-cdef inline bint _is_pow2(uint64_t n) noexcept nogil:
-    return n != 0 and (n & (n - 1)) == 0
 
 
 cdef inline uint64_t _min(uint64_t a, uint64_t b) noexcept nogil:
@@ -76,25 +79,14 @@ cdef int _get_region(object buffer, Py_buffer *view, Py_ssize_t minimum) except 
     try:
         PyObject_GetBuffer(buffer, view, PyBUF_WRITABLE)
     except BufferError as exc:
-        raise RingAttachError(f"ring buffer must be writable: {exc}") from None
+        raise _L.not_writable(exc) from None
     except TypeError:
-        raise RingAttachError(
-            f"ring buffer must support the buffer protocol, not {type(buffer).__name__}"
-        ) from None
-    if view.len < minimum:
-        n = view.len
+        raise _L.not_a_buffer(buffer) from None
+    try:
+        _L.check_region(view.len, <uintptr_t>view.buf, minimum)
+    except BaseException:
         PyBuffer_Release(view)
-        raise RingAttachError(
-            f"ring buffer too small: {n} bytes, a ring needs at least "
-            f"{RING_HEADER_SIZE + RING_MIN_CAPACITY} ({RING_HEADER_SIZE}-byte header + "
-            f"{RING_MIN_CAPACITY}-byte data)"
-        )
-    if (<uintptr_t>view.buf) % 8:
-        addr = <uintptr_t>view.buf
-        PyBuffer_Release(view)
-        raise RingAttachError(
-            f"ring buffer is unaligned: address {addr:#x} is not a multiple of 8"
-        )
+        raise
     return 0
 
 
@@ -102,41 +94,20 @@ cdef int _get_region(object buffer, Py_buffer *view, Py_ssize_t minimum) except 
 # Pipe layouts (the placement of elastic pipes; see _ring.pxd)
 # ---------------------------------------------------------------------------
 
-cdef inline uint64_t _slot_size(uint64_t max_slices) noexcept nogil:
-    return (LAYOUT_SLOT_HEADER + 4 * max_slices + 7) & ~(<uint64_t>7)
-
-
-def pipe_entry_size(max_slices: int) -> int:
-    """Bytes of a pipe entry whose layouts hold up to ``max_slices`` slices."""
-    if max_slices < 1:
-        raise ValueError(f"max_slices must be >= 1, got {max_slices!r}")
-    return (OFF_LAYOUT_SLOTS + 2 * _slot_size(max_slices) + 63) & ~63
-
-
 cdef class _PipeGeometry:
-    """Where a pipe and its pool's slices are, checked against the region."""
+    """A C copy of ``_ring_layout.PipeGeometry``, checked against the region."""
 
     def __init__(self, Py_ssize_t region_len, entry_offset, data_offset, slice_size,
                  slice_count, max_slices):
-        if slice_size < 64 or not _is_pow2(slice_size):
-            raise ValueError(f"slice size must be a power of two >= 64, got {slice_size!r}")
-        if max_slices < 1 or slice_count < 1:
-            raise ValueError("a pipe needs max_slices >= 1 and a pool with slices")
-        if entry_offset % 64 or data_offset % 64:
-            raise RingAttachError("pipe entry and slices must be 64-byte aligned")
-        if entry_offset + pipe_entry_size(max_slices) > region_len:
-            raise RingAttachError(
-                f"pipe entry at {entry_offset} does not fit a region of {region_len} bytes")
-        if data_offset + slice_count * slice_size > region_len:
-            raise RingAttachError(
-                f"{slice_count} slices of {slice_size} bytes at {data_offset} do not fit "
-                f"a region of {region_len} bytes")
-        self.entry_offset = entry_offset
-        self.data_offset = data_offset
-        self.slice_size = slice_size
-        self.slice_shift = int(slice_size).bit_length() - 1
-        self.slice_count = slice_count
-        self.max_slices = max_slices
+        geo = _L.PipeGeometry.checked(region_len, entry_offset, data_offset, slice_size,
+                                      slice_count, max_slices)
+        self.entry_offset = geo.entry_offset
+        self.data_offset = geo.data_offset
+        self.slice_size = geo.slice_size
+        self.slice_shift = geo.slice_shift
+        self.slice_count = geo.slice_count
+        self.max_slices = geo.max_slices
+        self.slot_size = geo.slot_size
 
 
 def format_pipe(buffer, entry_offset, max_slices, slices, start=0) -> None:
@@ -147,14 +118,13 @@ def format_pipe(buffer, entry_offset, max_slices, slices, start=0) -> None:
     cdef Py_buffer view
     cdef uint8_t *entry
     cdef Py_ssize_t i
-    if not 1 <= len(slices) <= max_slices:
-        raise ValueError(f"a pipe needs 1..{max_slices} slices, got {len(slices)}")
+    cdef uint64_t size
+    _L.check_first_layout(max_slices, slices)
     _get_region(buffer, &view, 0)
     try:
-        if entry_offset % 64 or entry_offset + pipe_entry_size(max_slices) > view.len:
-            raise RingAttachError(f"pipe entry at {entry_offset} does not fit the region")
+        size = _L.check_pipe_entry(view.len, entry_offset, max_slices)
         entry = <uint8_t *>view.buf + <uint64_t>entry_offset
-        memset(entry + OFF_LAYOUT_SEQ, 0, pipe_entry_size(max_slices) - OFF_LAYOUT_SEQ)
+        memset(entry + OFF_LAYOUT_SEQ, 0, size - OFF_LAYOUT_SEQ)
         (<uint64_t *>(entry + OFF_TAIL))[0] = start
         (<uint64_t *>(entry + OFF_HEAD))[0] = start
         (<uint64_t *>(entry + OFF_LAYOUT_SLOTS))[0] = start
@@ -189,7 +159,7 @@ cdef inline uint64_t _pipe_limit(uint64_t head, Layout *cur, Layout *nxt, bint p
 cdef int _copy_layout(_End end, _PipeGeometry geo, uint64_t seq, Layout *into) except -1:
     """Copy layout slot ``seq & 1`` into local memory, validating each value once."""
     cdef uint8_t *slot = (end._base + geo.entry_offset + OFF_LAYOUT_SLOTS
-                          + (seq & 1) * _slot_size(geo.max_slices))
+                          + (seq & 1) * geo.slot_size)
     cdef uint64_t count = (<uint32_t *>(slot + 8))[0]
     cdef uint64_t i, index
     if count < 1 or count > geo.max_slices:
@@ -762,15 +732,6 @@ cdef class _Consumer(_End):
 # Contiguous ring
 # ---------------------------------------------------------------------------
 
-def ring_size(capacity: int) -> int:
-    """Bytes a ring with ``capacity`` data bytes occupies (header included)."""
-    if capacity < RING_MIN_CAPACITY or not _is_pow2(capacity):
-        raise ValueError(
-            f"ring capacity must be a power of two >= {RING_MIN_CAPACITY}, got {capacity!r}"
-        )
-    return RING_HEADER_SIZE + capacity
-
-
 def format_ring(buffer, capacity=None) -> int:
     """Write a fresh ring header into ``buffer`` and return the capacity.
 
@@ -783,23 +744,7 @@ def format_ring(buffer, capacity=None) -> int:
     cdef uint8_t *base
     _get_region(buffer, &view, RING_HEADER_SIZE + RING_MIN_CAPACITY)
     try:
-        room = view.len - RING_HEADER_SIZE
-        if capacity is None:
-            cap = 1
-            while cap * 2 <= <uint64_t>room:
-                cap *= 2
-        else:
-            if capacity < RING_MIN_CAPACITY or not _is_pow2(capacity):
-                raise ValueError(
-                    f"ring capacity must be a power of two >= {RING_MIN_CAPACITY}, "
-                    f"got {capacity!r}"
-                )
-            if capacity > room:
-                raise RingAttachError(
-                    f"ring buffer too small: {view.len} bytes cannot hold a "
-                    f"{RING_HEADER_SIZE}-byte header and {capacity} data bytes"
-                )
-            cap = capacity
+        cap = _L.format_capacity(view.len, capacity)
         base = <uint8_t *>view.buf
         memset(base, 0, RING_HEADER_SIZE)
         (<uint32_t *>(base + OFF_VERSION))[0] = RING_VERSION
@@ -814,28 +759,18 @@ def format_ring(buffer, capacity=None) -> int:
 
 cdef uint64_t _attach_ring(_End end, object buffer) except 0:
     """Export ``buffer``, validate its ring header, bind the cells; return capacity."""
-    cdef uint64_t cap
+    cdef uint64_t magic, cap
+    cdef uint32_t version, header_size
     cdef uint8_t *base
     end._export(buffer)
     base = end._base
+    # Magic first, with acquire: the creator stores it last (format_ring).
     magic = acl_load_acquire_u64(<uint64_t *>(base + OFF_MAGIC))
-    problem = None
-    if magic != _MAGIC_U64:
-        problem = f"not a ring: magic is {(<char *>base)[:8]!r}, expected {MAGIC!r}"
-    else:
-        version = (<uint32_t *>(base + OFF_VERSION))[0]
-        header_size = (<uint32_t *>(base + OFF_HEADER_SIZE))[0]
-        cap = (<uint64_t *>(base + OFF_CAPACITY))[0]
-        if version != RING_VERSION:
-            problem = (f"ring layout version {version} is not supported "
-                       f"(this aiocoloc speaks version {RING_VERSION})")
-        elif header_size != RING_HEADER_SIZE:
-            problem = f"ring header size {header_size} is wrong (expected {RING_HEADER_SIZE})"
-        elif cap < RING_MIN_CAPACITY or not _is_pow2(cap):
-            problem = f"ring capacity {cap} is not a power of two >= {RING_MIN_CAPACITY}"
-        elif cap > <uint64_t>(end._buf.len - RING_HEADER_SIZE):
-            problem = (f"ring buffer too small: header says capacity {cap} but the "
-                       f"buffer holds only {end._buf.len - RING_HEADER_SIZE} data bytes")
+    version = (<uint32_t *>(base + OFF_VERSION))[0]
+    header_size = (<uint32_t *>(base + OFF_HEADER_SIZE))[0]
+    cap = (<uint64_t *>(base + OFF_CAPACITY))[0]
+    problem = _L.ring_header_problem(int(magic).to_bytes(8, "little"), version, header_size,
+                                     cap, end._buf.len)
     if problem is not None:
         end._drop_buffer()
         raise RingAttachError(problem)
@@ -889,7 +824,7 @@ cdef class PipeProducer(_Producer):
 
     cdef int _publish(self, uint64_t start, list slices) except -1:
         cdef uint8_t *slot = (self._base + self._geo.entry_offset + OFF_LAYOUT_SLOTS
-                              + ((self._seq + 1) & 1) * _slot_size(self._geo.max_slices))
+                              + ((self._seq + 1) & 1) * self._geo.slot_size)
         cdef Py_ssize_t i
         (<uint64_t *>slot)[0] = start
         (<uint32_t *>(slot + 8))[0] = len(slices)
@@ -948,39 +883,18 @@ cdef class PipeProducer(_Producer):
         be reused once ``switch_complete()`` is true.  Bytes are never lost or
         reordered: see the resizing rules in ``_ring.pxd``.
         """
-        cdef uint64_t start, rotation, n, i
-        cdef list rotated, new
         self._check_usable()
         if not self.can_resize():
             raise RuntimeError("a resize is still in flight (see can_resize())")
-        n = self._cur.count
-        added = [int(i) for i in added]
-        if keep < 0 or <uint64_t>keep > n:
-            raise ValueError(f"keep must be in 0..{n}, got {keep}")
-        if keep + len(added) < 1 or <uint64_t>(keep + len(added)) > self._geo.max_slices:
-            raise ValueError(
-                f"a pipe needs 1..{self._geo.max_slices} slices, got {keep + len(added)}")
-        for i in added:
-            if i >= self._geo.slice_count:
-                raise ValueError(f"slice {i} is not in the pool ({self._geo.slice_count} slices)")
+        added = _L.check_resize(self._cur.count, keep, added, self._geo.slice_count,
+                                self._geo.max_slices)
         self._load_head()
-        # The slice boundary at or below tail: bytes already written from
-        # there on sit where both layouts put them (see _ring.pxd).
-        start = self._cur.start + (
-            (self._tail - self._cur.start) >> self._geo.slice_shift << self._geo.slice_shift)
-        if keep == 0 and start != self._tail:
-            raise ValueError("keep must be >= 1: the bytes written since the last slice "
-                             "boundary stay in the first slice")
-        rotation = ((start - self._cur.start) >> self._geo.slice_shift) % n
-        current = _layout_list(&self._cur)
-        rotated = current[rotation:] + current[:rotation]
-        new = rotated[:keep] + added
-        if len(set(new)) != len(new):
-            raise ValueError("a slice cannot appear twice in a pipe")
+        start, new, dropped = _L.plan_resize(_layout_list(&self._cur), self._cur.start,
+                                             self._tail, keep, added, self._geo.slice_size)
         self._publish(start, new)
         self._load_head()
         self._settle()
-        return start, rotated[keep:]
+        return start, dropped
 
 
 cdef class PipeConsumer(_Consumer):

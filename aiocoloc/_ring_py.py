@@ -1,8 +1,9 @@
 """Pure-Python reference of the shared-memory channels (same API as ``_ring``).
 
 Slow and readable; selected with ``AIOCOLOC_NO_EXTENSIONS=1`` or when the
-extension is not built.  The layouts and the rules are defined in
-``_ring.pxd``; the numbers below mirror it and a test checks they agree.
+extension is not built.  The layouts and the rules are drawn in ``_ring.pxd``;
+the numbers, the attach checks and resize planning come from ``_ring_layout``,
+shared with the Cython core.  Only the hot path is written twice.
 
 Python has no atomic fences: this reference relies on aligned 8-byte loads
 and stores being single instructions and on x86-TSO ordering.  It is exact
@@ -18,6 +19,26 @@ import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+from aiocoloc import _ring_layout as _L
+from aiocoloc._ring_layout import (
+    HEADER_SIZE,
+    LAYOUT,
+    LAYOUT_VERSION,
+    MAGIC,
+    MIN_CAPACITY,
+    OFF_CONSUMER_CLOSED,
+    OFF_CONSUMER_SLEEPING,
+    OFF_HEAD,
+    OFF_LAYOUT_ACK,
+    OFF_LAYOUT_SEQ,
+    OFF_LAYOUT_SLOTS,
+    OFF_PRODUCER_CLOSED,
+    OFF_PRODUCER_WAITING,
+    OFF_TAIL,
+    PipeGeometry,
+    pipe_entry_size,
+    ring_size,
+)
 from aiocoloc.errors import RingAttachError, RingClosed, RingCorrupted
 
 __all__ = [
@@ -38,50 +59,6 @@ __all__ = [
 ]
 
 IMPLEMENTATION = "python"
-MAGIC = b"ACOLRING"
-LAYOUT_VERSION = 1
-HEADER_SIZE = 256
-MIN_CAPACITY = 16
-
-_OFF_MAGIC = 0
-_OFF_VERSION = 8
-_OFF_HEADER_SIZE = 12
-_OFF_CAPACITY = 16
-_OFF_LAYOUT_SEQ = 48
-_OFF_TAIL = 64
-_OFF_PRODUCER_CLOSED = 72
-_OFF_PRODUCER_WAITING = 76
-_OFF_HEAD = 128
-_OFF_CONSUMER_CLOSED = 136
-_OFF_CONSUMER_SLEEPING = 140
-_OFF_LAYOUT_ACK = 144
-_OFF_LAYOUT_SLOTS = 192
-_LAYOUT_SLOT_HEADER = 16
-
-LAYOUT: dict[str, Any] = {
-    "version": LAYOUT_VERSION,
-    "header_size": HEADER_SIZE,
-    "min_capacity": MIN_CAPACITY,
-    "magic": MAGIC,
-    "magic_offset": _OFF_MAGIC,
-    "version_offset": _OFF_VERSION,
-    "header_size_offset": _OFF_HEADER_SIZE,
-    "capacity_offset": _OFF_CAPACITY,
-    "layout_seq_offset": _OFF_LAYOUT_SEQ,
-    "tail_offset": _OFF_TAIL,
-    "producer_closed_offset": _OFF_PRODUCER_CLOSED,
-    "producer_waiting_offset": _OFF_PRODUCER_WAITING,
-    "head_offset": _OFF_HEAD,
-    "consumer_closed_offset": _OFF_CONSUMER_CLOSED,
-    "consumer_sleeping_offset": _OFF_CONSUMER_SLEEPING,
-    "layout_ack_offset": _OFF_LAYOUT_ACK,
-    "layout_slots_offset": _OFF_LAYOUT_SLOTS,
-    "layout_slot_header": _LAYOUT_SLOT_HEADER,
-}
-
-
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
 
 
 def _address(view: memoryview) -> int:
@@ -97,25 +74,17 @@ def _region(buffer: Any, minimum: int = HEADER_SIZE + MIN_CAPACITY) -> memoryvie
     try:
         view = memoryview(buffer)
     except TypeError:
-        raise RingAttachError(
-            f"ring buffer must support the buffer protocol, not {type(buffer).__name__}"
-        ) from None
+        raise _L.not_a_buffer(buffer) from None
     if view.readonly:
         view.release()
-        raise RingAttachError("ring buffer must be writable: Object is not writable.")
+        # The words of the buffer protocol's BufferError, as the Cython core reports them.
+        raise _L.not_writable("Object is not writable.")
     view = view.cast("B")
-    if len(view) < minimum:
-        n = len(view)
+    try:
+        _L.check_region(len(view), _address(view) if len(view) else 0, minimum)
+    except RingAttachError:
         view.release()
-        raise RingAttachError(
-            f"ring buffer too small: {n} bytes, a ring needs at least "
-            f"{HEADER_SIZE + MIN_CAPACITY} ({HEADER_SIZE}-byte header + "
-            f"{MIN_CAPACITY}-byte data)"
-        )
-    addr = _address(view) if len(view) else 0
-    if addr % 8:
-        view.release()
-        raise RingAttachError(f"ring buffer is unaligned: address {addr:#x} is not a multiple of 8")
+        raise
     return view
 
 
@@ -194,7 +163,7 @@ class _End:
 
     def _attach_positions(self) -> tuple[int, int]:
         """(head, tail) as found at attach, checked against each other."""
-        head, tail = self._cells.get64(_OFF_HEAD), self._cells.get64(_OFF_TAIL)
+        head, tail = self._cells.get64(OFF_HEAD), self._cells.get64(OFF_TAIL)
         if head > tail or tail > self._limit(head):
             self._corrupt(f"ring positions invalid at attach: head {head}, tail {tail}")
         return head, tail
@@ -246,7 +215,7 @@ class _Producer(_End):
         self._last_head, self._tail = self._attach_positions()
 
     def _load_head(self) -> int:
-        head = self._cells.get64(_OFF_HEAD)
+        head = self._cells.get64(OFF_HEAD)
         if head < self._last_head:
             self._corrupt(f"consumer head moved backwards: {head} < {self._last_head}")
         if head > self._tail:
@@ -273,7 +242,7 @@ class _Producer(_End):
         self._check_usable()
         if self._closed:
             raise RingClosed("write to a ring after its producer closed it")
-        if self._cells.get32(_OFF_CONSUMER_CLOSED):
+        if self._cells.get32(OFF_CONSUMER_CLOSED):
             raise RingClosed("the ring's consumer has closed")
         # The cached head is a lower bound of the real one: reload only when
         # it does not leave room (as the Cython core does).
@@ -290,7 +259,7 @@ class _Producer(_End):
         self._offered += k
         self._copy_in(src[:k])
         self._tail += k
-        self._cells.set64(_OFF_TAIL, self._tail)
+        self._cells.set64(OFF_TAIL, self._tail)
         return k
 
     _offered = 0
@@ -344,20 +313,20 @@ class _Producer(_End):
     def peer_closed(self) -> bool:
         """True once the consumer has closed its end."""
         self._check_usable()
-        return self._cells.get32(_OFF_CONSUMER_CLOSED) != 0
+        return self._cells.get32(OFF_CONSUMER_CLOSED) != 0
 
     def close(self) -> None:
         """Mark end of data: the consumer reads what is left, then EOF."""
         self._check_usable()
         if not self._closed:
             self._closed = True
-            self._cells.set32(_OFF_PRODUCER_CLOSED, 1)
+            self._cells.set32(OFF_PRODUCER_CLOSED, 1)
 
     def wake_needed(self) -> bool:
         """After writing: True if the consumer sleeps and must be rung (once)."""
         self._check_usable()
-        if self._cells.get32(_OFF_CONSUMER_SLEEPING):
-            self._cells.set32(_OFF_CONSUMER_SLEEPING, 0)
+        if self._cells.get32(OFF_CONSUMER_SLEEPING):
+            self._cells.set32(OFF_CONSUMER_SLEEPING, 0)
             return True
         return False
 
@@ -366,24 +335,24 @@ class _Producer(_End):
         announcement, a byte fits, or the consumer closed."""
         self._check_usable()
         return (
-            self._cells.get32(_OFF_PRODUCER_WAITING) == 0
+            self._cells.get32(OFF_PRODUCER_WAITING) == 0
             or self.free() > 0
-            or self._cells.get32(_OFF_CONSUMER_CLOSED) != 0
+            or self._cells.get32(OFF_CONSUMER_CLOSED) != 0
         )
 
     def prepare_wait(self, nbytes: int = 1) -> bool:
         """Announce that we wait for ``nbytes`` of space; True: sleep now."""
         self._check_usable()
-        self._cells.set32(_OFF_PRODUCER_WAITING, 1)
-        if self.free() >= nbytes or self._cells.get32(_OFF_CONSUMER_CLOSED):
-            self._cells.set32(_OFF_PRODUCER_WAITING, 0)
+        self._cells.set32(OFF_PRODUCER_WAITING, 1)
+        if self.free() >= nbytes or self._cells.get32(OFF_CONSUMER_CLOSED):
+            self._cells.set32(OFF_PRODUCER_WAITING, 0)
             return False
         return True
 
     def cancel_wait(self) -> None:
         """Withdraw a ``prepare_wait`` announcement."""
         self._check_usable()
-        self._cells.set32(_OFF_PRODUCER_WAITING, 0)
+        self._cells.set32(OFF_PRODUCER_WAITING, 0)
 
 
 # --- the consumer: one implementation for every placement ----------------------
@@ -405,7 +374,7 @@ class _Consumer(_End):
         pass
 
     def _load_tail(self) -> int:
-        tail = self._cells.get64(_OFF_TAIL)
+        tail = self._cells.get64(OFF_TAIL)
         self._before_tail_check()
         if tail < self._last_tail:
             self._corrupt(f"producer tail moved backwards: {tail} < {self._last_tail}")
@@ -428,7 +397,7 @@ class _Consumer(_End):
         return avail
 
     def _at_eof(self) -> bool:
-        if not self._cells.get32(_OFF_PRODUCER_CLOSED):
+        if not self._cells.get32(OFF_PRODUCER_CLOSED):
             return False
         return self._load_tail() == self._head
 
@@ -444,7 +413,7 @@ class _Consumer(_End):
 
     def _advance(self, n: int) -> None:
         self._head += n
-        self._cells.set64(_OFF_HEAD, self._head)
+        self._cells.set64(OFF_HEAD, self._head)
         self._after_advance()
 
     def readinto(self, buffer: Any) -> int | None:
@@ -508,7 +477,7 @@ class _Consumer(_End):
     def peer_closed(self) -> bool:
         """True once the producer has closed its end."""
         self._check_usable()
-        return self._cells.get32(_OFF_PRODUCER_CLOSED) != 0
+        return self._cells.get32(OFF_PRODUCER_CLOSED) != 0
 
     def at_eof(self) -> bool:
         """True when the producer has closed and every byte is consumed."""
@@ -520,13 +489,13 @@ class _Consumer(_End):
         self._check_usable()
         if not self._closed:
             self._closed = True
-            self._cells.set32(_OFF_CONSUMER_CLOSED, 1)
+            self._cells.set32(OFF_CONSUMER_CLOSED, 1)
 
     def wake_needed(self) -> bool:
         """After consuming: True if the producer waits for space and must be rung."""
         self._check_usable()
-        if self._cells.get32(_OFF_PRODUCER_WAITING):
-            self._cells.set32(_OFF_PRODUCER_WAITING, 0)
+        if self._cells.get32(OFF_PRODUCER_WAITING):
+            self._cells.set32(OFF_PRODUCER_WAITING, 0)
             return True
         return False
 
@@ -534,32 +503,30 @@ class _Consumer(_End):
         """After ``prepare_sleep``: True once the producer took the
         announcement, or bytes or EOF came; consumes nothing."""
         self._check_usable()
-        if self._cells.get32(_OFF_CONSUMER_SLEEPING) == 0 or self._available(1):
+        if self._cells.get32(OFF_CONSUMER_SLEEPING) == 0 or self._available(1):
             return True
-        return self._cells.get32(_OFF_PRODUCER_CLOSED) != 0
+        return self._cells.get32(OFF_PRODUCER_CLOSED) != 0
 
     def prepare_sleep(self) -> bool:
         """Announce that we sleep until data arrives; True: sleep now."""
         self._check_usable()
-        self._cells.set32(_OFF_CONSUMER_SLEEPING, 1)
-        if self._load_tail() != self._head or self._cells.get32(_OFF_PRODUCER_CLOSED):
-            self._cells.set32(_OFF_CONSUMER_SLEEPING, 0)
+        self._cells.set32(OFF_CONSUMER_SLEEPING, 1)
+        if self._load_tail() != self._head or self._cells.get32(OFF_PRODUCER_CLOSED):
+            self._cells.set32(OFF_CONSUMER_SLEEPING, 0)
             return False
         return True
 
     def cancel_sleep(self) -> None:
         """Withdraw a ``prepare_sleep`` announcement."""
         self._check_usable()
-        self._cells.set32(_OFF_CONSUMER_SLEEPING, 0)
+        self._cells.set32(OFF_CONSUMER_SLEEPING, 0)
 
     def spin_until_readable(self, max_ns: int) -> bool:
         """Busy-wait up to ``max_ns`` for data or EOF; True if either came."""
         self._check_usable()
         deadline = time.monotonic_ns() + max_ns
         while True:
-            if self._cells.get64(_OFF_TAIL) != self._head or self._cells.get32(
-                _OFF_PRODUCER_CLOSED
-            ):
+            if self._cells.get64(OFF_TAIL) != self._head or self._cells.get32(OFF_PRODUCER_CLOSED):
                 return True
             if time.monotonic_ns() >= deadline:
                 return False
@@ -568,38 +535,16 @@ class _Consumer(_End):
 # --- contiguous ring ------------------------------------------------------------
 
 
-def ring_size(capacity: int) -> int:
-    """Bytes a ring with ``capacity`` data bytes occupies (header included)."""
-    if capacity < MIN_CAPACITY or not _is_pow2(capacity):
-        raise ValueError(
-            f"ring capacity must be a power of two >= {MIN_CAPACITY}, got {capacity!r}"
-        )
-    return HEADER_SIZE + capacity
-
-
 def format_ring(buffer: Any, capacity: int | None = None) -> int:
     """Write a fresh ring header into ``buffer`` and return the capacity."""
     view = _region(buffer)
     try:
-        room = len(view) - HEADER_SIZE
-        if capacity is None:
-            cap = 1 << (room.bit_length() - 1)
-        else:
-            if capacity < MIN_CAPACITY or not _is_pow2(capacity):
-                raise ValueError(
-                    f"ring capacity must be a power of two >= {MIN_CAPACITY}, got {capacity!r}"
-                )
-            if capacity > room:
-                raise RingAttachError(
-                    f"ring buffer too small: {len(view)} bytes cannot hold a "
-                    f"{HEADER_SIZE}-byte header and {capacity} data bytes"
-                )
-            cap = capacity
+        cap = _L.format_capacity(len(view), capacity)
         view[:HEADER_SIZE] = bytes(HEADER_SIZE)
-        view[_OFF_VERSION : _OFF_VERSION + 4] = LAYOUT_VERSION.to_bytes(4, "little")
-        view[_OFF_HEADER_SIZE : _OFF_HEADER_SIZE + 4] = HEADER_SIZE.to_bytes(4, "little")
-        view[_OFF_CAPACITY : _OFF_CAPACITY + 8] = cap.to_bytes(8, "little")
-        view[_OFF_MAGIC : _OFF_MAGIC + 8] = MAGIC
+        view[_L.OFF_VERSION : _L.OFF_VERSION + 4] = LAYOUT_VERSION.to_bytes(4, "little")
+        view[_L.OFF_HEADER_SIZE : _L.OFF_HEADER_SIZE + 4] = HEADER_SIZE.to_bytes(4, "little")
+        view[_L.OFF_CAPACITY : _L.OFF_CAPACITY + 8] = cap.to_bytes(8, "little")
+        view[_L.OFF_MAGIC : _L.OFF_MAGIC + 8] = MAGIC  # last: whoever sees it sees a header
         return cap
     finally:
         view.release()
@@ -609,27 +554,11 @@ def _attach_ring(end: _End, buffer: Any) -> int:
     """Export ``buffer``, validate its ring header, bind the cells; return capacity."""
     view = end._export(buffer)
     header = bytes(view[:HEADER_SIZE])
-    magic = header[_OFF_MAGIC : _OFF_MAGIC + 8]
-    version = int.from_bytes(header[_OFF_VERSION : _OFF_VERSION + 4], "little")
-    header_size = int.from_bytes(header[_OFF_HEADER_SIZE : _OFF_HEADER_SIZE + 4], "little")
-    capacity = int.from_bytes(header[_OFF_CAPACITY : _OFF_CAPACITY + 8], "little")
-    problem = None
-    if magic != MAGIC:
-        problem = f"not a ring: magic is {magic!r}, expected {MAGIC!r}"
-    elif version != LAYOUT_VERSION:
-        problem = (
-            f"ring layout version {version} is not supported "
-            f"(this aiocoloc speaks version {LAYOUT_VERSION})"
-        )
-    elif header_size != HEADER_SIZE:
-        problem = f"ring header size {header_size} is wrong (expected {HEADER_SIZE})"
-    elif capacity < MIN_CAPACITY or not _is_pow2(capacity):
-        problem = f"ring capacity {capacity} is not a power of two >= {MIN_CAPACITY}"
-    elif capacity > len(view) - HEADER_SIZE:
-        problem = (
-            f"ring buffer too small: header says capacity {capacity} but the "
-            f"buffer holds only {len(view) - HEADER_SIZE} data bytes"
-        )
+    magic = header[_L.OFF_MAGIC : _L.OFF_MAGIC + 8]
+    version = int.from_bytes(header[_L.OFF_VERSION : _L.OFF_VERSION + 4], "little")
+    header_size = int.from_bytes(header[_L.OFF_HEADER_SIZE : _L.OFF_HEADER_SIZE + 4], "little")
+    capacity = int.from_bytes(header[_L.OFF_CAPACITY : _L.OFF_CAPACITY + 8], "little")
+    problem = _L.ring_header_problem(magic, version, header_size, capacity, len(view))
     if problem is not None:
         view.release()
         end._view = None
@@ -657,69 +586,27 @@ class RingConsumer(_Consumer):
 # --- elastic pipe made of pool slices ---------------------------------------------
 
 
-def _slot_size(max_slices: int) -> int:
-    return (_LAYOUT_SLOT_HEADER + 4 * max_slices + 7) & ~7
-
-
-def pipe_entry_size(max_slices: int) -> int:
-    """Bytes of a pipe entry whose layouts hold up to ``max_slices`` slices."""
-    if max_slices < 1:
-        raise ValueError(f"max_slices must be >= 1, got {max_slices!r}")
-    return (_OFF_LAYOUT_SLOTS + 2 * _slot_size(max_slices) + 63) & ~63
-
-
 class _Layout(NamedTuple):
     start: int
     slices: tuple[int, ...]
-
-
-class _PipeGeometry(NamedTuple):
-    entry_offset: int
-    data_offset: int
-    slice_size: int
-    slice_count: int
-    max_slices: int
-
-    @classmethod
-    def checked(
-        cls, region_len: int, entry: int, data: int, size: int, count: int, most: int
-    ) -> _PipeGeometry:
-        if size < 64 or not _is_pow2(size):
-            raise ValueError(f"slice size must be a power of two >= 64, got {size!r}")
-        if most < 1 or count < 1:
-            raise ValueError("a pipe needs max_slices >= 1 and a pool with slices")
-        if entry % 64 or data % 64:
-            raise RingAttachError("pipe entry and slices must be 64-byte aligned")
-        if entry + pipe_entry_size(most) > region_len:
-            raise RingAttachError(
-                f"pipe entry at {entry} does not fit a region of {region_len} bytes"
-            )
-        if data + count * size > region_len:
-            raise RingAttachError(
-                f"{count} slices of {size} bytes at {data} do not fit a region of {region_len} bytes"
-            )
-        return cls(entry, data, size, count, most)
 
 
 def format_pipe(
     buffer: Any, entry_offset: int, max_slices: int, slices: Sequence[int], start: int = 0
 ) -> None:
     """Initialise a pipe entry (offsets 48 and up) with its first layout."""
-    if not 1 <= len(slices) <= max_slices:
-        raise ValueError(f"a pipe needs 1..{max_slices} slices, got {len(slices)}")
+    _L.check_first_layout(max_slices, slices)
     view = _region(buffer, 0)
     try:
-        size = pipe_entry_size(max_slices)
-        if entry_offset % 64 or entry_offset + size > len(view):
-            raise RingAttachError(f"pipe entry at {entry_offset} does not fit the region")
-        view[entry_offset + _OFF_LAYOUT_SEQ : entry_offset + size] = bytes(size - _OFF_LAYOUT_SEQ)
+        size = _L.check_pipe_entry(len(view), entry_offset, max_slices)
+        view[entry_offset + OFF_LAYOUT_SEQ : entry_offset + size] = bytes(size - OFF_LAYOUT_SEQ)
         cells = _Cells(view, entry_offset, size)
-        cells.set64(_OFF_TAIL, start)
-        cells.set64(_OFF_HEAD, start)
-        cells.set64(_OFF_LAYOUT_SLOTS, start)
-        cells.set32(_OFF_LAYOUT_SLOTS + 8, len(slices))
+        cells.set64(OFF_TAIL, start)
+        cells.set64(OFF_HEAD, start)
+        cells.set64(OFF_LAYOUT_SLOTS, start)
+        cells.set32(OFF_LAYOUT_SLOTS + 8, len(slices))
         for i, index in enumerate(slices):
-            cells.set32(_OFF_LAYOUT_SLOTS + _LAYOUT_SLOT_HEADER + 4 * i, index)
+            cells.set32(OFF_LAYOUT_SLOTS + _L.LAYOUT_SLOT_HEADER + 4 * i, index)
         cells.release()
     finally:
         view.release()
@@ -728,7 +615,7 @@ def format_pipe(
 class _PipeEnd:
     """Layout bookkeeping both pipe ends share (mixed into the end classes)."""
 
-    _geo: _PipeGeometry
+    _geo: PipeGeometry
     _cells: _Cells
     _cur: _Layout
     _next: _Layout | None = None  # the pending layout, if any
@@ -737,7 +624,7 @@ class _PipeEnd:
     def _attach_pipe(self, end: _End, region: Any, geometry: tuple[int, ...]) -> None:
         view = end._export(region, 0)
         try:
-            self._geo = _PipeGeometry.checked(len(view), *geometry)
+            self._geo = PipeGeometry.checked(len(view), *geometry)
         except BaseException:
             view.release()
             end._view = None
@@ -746,14 +633,14 @@ class _PipeEnd:
 
     def _copy_layout(self, end: _End, seq: int) -> _Layout:
         geo = self._geo
-        base = _OFF_LAYOUT_SLOTS + (seq & 1) * _slot_size(geo.max_slices)
+        base = OFF_LAYOUT_SLOTS + (seq & 1) * geo.slot_size
         count = self._cells.get32(base + 8)
         if count < 1 or count > geo.max_slices:
             end._corrupt(f"pipe layout {seq} has {count} slices (allowed 1..{geo.max_slices})")
         start = self._cells.get64(base)
         slices = []
         for i in range(count):
-            index = self._cells.get32(base + _LAYOUT_SLOT_HEADER + 4 * i)
+            index = self._cells.get32(base + _L.LAYOUT_SLOT_HEADER + 4 * i)
             if index >= geo.slice_count:
                 end._corrupt(f"pipe layout {seq} names slice {index} of {geo.slice_count}")
             slices.append(index)
@@ -798,8 +685,8 @@ class PipeProducer(_PipeEnd, _Producer):
     ) -> None:
         geometry = (entry_offset, data_offset, slice_size, slice_count, max_slices)
         self._attach_pipe(self, region, geometry)
-        self._seq = self._cells.get64(_OFF_LAYOUT_SEQ)
-        ack = self._cells.get64(_OFF_LAYOUT_ACK)
+        self._seq = self._cells.get64(OFF_LAYOUT_SEQ)
+        ack = self._cells.get64(OFF_LAYOUT_ACK)
         if ack != self._seq and ack + 1 != self._seq:
             self._corrupt(f"pipe layout ack {ack} does not match layout {self._seq}")
         self._cur = self._copy_layout(self, ack)
@@ -831,7 +718,7 @@ class PipeProducer(_PipeEnd, _Producer):
     def can_resize(self) -> bool:
         """True when the consumer has taken up the newest layout."""
         self._check_usable()
-        ack = self._cells.get64(_OFF_LAYOUT_ACK)
+        ack = self._cells.get64(OFF_LAYOUT_ACK)
         if ack != self._seq and ack + 1 != self._seq:
             self._corrupt(f"pipe layout ack {ack} does not match layout {self._seq}")
         return ack == self._seq and self.switch_complete()
@@ -841,43 +728,25 @@ class PipeProducer(_PipeEnd, _Producer):
         self._check_usable()
         if not self.can_resize():
             raise RuntimeError("a resize is still in flight (see can_resize())")
-        current = list(self._cur.slices)
-        n = len(current)
-        added = [int(i) for i in added]
-        if keep < 0 or keep > n:
-            raise ValueError(f"keep must be in 0..{n}, got {keep}")
-        if keep + len(added) < 1 or keep + len(added) > self._geo.max_slices:
-            raise ValueError(
-                f"a pipe needs 1..{self._geo.max_slices} slices, got {keep + len(added)}"
-            )
-        for i in added:
-            if i >= self._geo.slice_count:
-                raise ValueError(f"slice {i} is not in the pool ({self._geo.slice_count} slices)")
-        size = self._geo.slice_size
+        current = self._cur.slices
+        new_slices = _L.check_resize(
+            len(current), keep, added, self._geo.slice_count, self._geo.max_slices
+        )
         self._load_head()
-        # The slice boundary at or below tail (see _ring.pxd).
-        start = self._cur.start + (self._tail - self._cur.start) // size * size
-        if keep == 0 and start != self._tail:
-            raise ValueError(
-                "keep must be >= 1: the bytes written since the last slice "
-                "boundary stay in the first slice"
-            )
-        rotation = ((start - self._cur.start) // size) % n
-        rotated = current[rotation:] + current[:rotation]
-        new = rotated[:keep] + added
-        if len(set(new)) != len(new):
-            raise ValueError("a slice cannot appear twice in a pipe")
-        base = _OFF_LAYOUT_SLOTS + ((self._seq + 1) & 1) * _slot_size(self._geo.max_slices)
+        start, new, dropped = _L.plan_resize(
+            current, self._cur.start, self._tail, keep, new_slices, self._geo.slice_size
+        )
+        base = OFF_LAYOUT_SLOTS + ((self._seq + 1) & 1) * self._geo.slot_size
         self._cells.set64(base, start)
         self._cells.set32(base + 8, len(new))
         for i, index in enumerate(new):
-            self._cells.set32(base + _LAYOUT_SLOT_HEADER + 4 * i, index)
+            self._cells.set32(base + _L.LAYOUT_SLOT_HEADER + 4 * i, index)
         self._next = _Layout(start, tuple(new))
         self._seq += 1
-        self._cells.set64(_OFF_LAYOUT_SEQ, self._seq)
+        self._cells.set64(OFF_LAYOUT_SEQ, self._seq)
         self._load_head()
         self._settle()
-        return start, rotated[keep:]
+        return start, dropped
 
 
 class PipeConsumer(_PipeEnd, _Consumer):
@@ -894,14 +763,14 @@ class PipeConsumer(_PipeEnd, _Consumer):
     ) -> None:
         geometry = (entry_offset, data_offset, slice_size, slice_count, max_slices)
         self._attach_pipe(self, region, geometry)
-        self._seq = self._cells.get64(_OFF_LAYOUT_ACK)
+        self._seq = self._cells.get64(OFF_LAYOUT_ACK)
         self._cur = self._copy_layout(self, self._seq)
-        self._head = self._cells.get64(_OFF_HEAD)
+        self._head = self._cells.get64(OFF_HEAD)
         self._before_tail_check()
         self._start_positions()
 
     def _before_tail_check(self) -> None:
-        seq = self._cells.get64(_OFF_LAYOUT_SEQ)
+        seq = self._cells.get64(OFF_LAYOUT_SEQ)
         if seq == self._seq:
             return
         if seq != self._seq + 1:
@@ -920,7 +789,7 @@ class PipeConsumer(_PipeEnd, _Consumer):
         if self._next is not None and self._head >= self._next.start:
             self._cur, self._next = self._next, None
             self._seq += 1
-            self._cells.set64(_OFF_LAYOUT_ACK, self._seq)
+            self._cells.set64(OFF_LAYOUT_ACK, self._seq)
 
     @property
     def slices(self) -> list[int]:

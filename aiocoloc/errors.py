@@ -1,13 +1,23 @@
-"""Exceptions raised by aiocoloc."""
+"""Exceptions raised by aiocoloc: every one is defined here, under ``AiocolocError``."""
 
 from __future__ import annotations
 
 __all__ = [
     "AiocolocError",
+    "ClientGone",
+    "ControlProtocolError",
+    "HandshakeFailed",
+    "LayoutMismatch",
+    "PoolBusy",
+    "PoolCorrupted",
+    "PoolError",
+    "PoolExhausted",
+    "RegistryError",
     "RingAttachError",
     "RingClosed",
     "RingCorrupted",
     "RingError",
+    "SegmentError",
 ]
 
 
@@ -15,22 +25,30 @@ class AiocolocError(Exception):
     """Base class of every error aiocoloc raises."""
 
 
+# --- rings and pipes ---------------------------------------------------------------
+
+
 class RingError(AiocolocError):
     """A shared-memory ring cannot be used."""
 
 
 class RingAttachError(RingError, ValueError):
-    """A buffer cannot hold a ring: too small, read-only, unaligned, or its
-    header is not a ring header of a layout this version understands."""
+    """A buffer cannot hold a ring: too small, read-only, unaligned, or an unknown header."""
 
 
 class RingCorrupted(RingError):
-    """The other side left positions in shared memory that break the ring's
-    invariants.  The ring end that saw it refuses every further operation."""
+    """The peer broke the channel's invariants; the end that saw it refuses further use."""
 
 
 class RingClosed(RingError, BrokenPipeError):
     """Writing to a ring whose consumer has gone, or using an end after close."""
+
+
+class LayoutMismatch(AiocolocError, ImportError):
+    """The compiled ring was built with layout numbers other than ``_ring_layout``'s."""
+
+
+# --- segments and pools ---------------------------------------------------------------
 
 
 class SegmentError(AiocolocError):
@@ -46,9 +64,31 @@ class PoolExhausted(PoolError):
 
 
 class PoolBusy(PoolExhausted):
-    """The pool's allocator lock is held by another member right now, and the
-    caller (an event loop) does not wait for it: try again later."""
+    """Another member holds the allocator lock and the caller does not wait: try later."""
 
 
 class PoolCorrupted(PoolError):
     """The pool's shared tables break their invariants (a buggy or hostile member)."""
+
+
+# --- connecting --------------------------------------------------------------------------
+
+
+class ControlProtocolError(AiocolocError):
+    """The peer sent a control frame that is not well-formed."""
+
+
+class HandshakeFailed(AiocolocError):
+    """The upgrade did not happen; ``reason`` is a fallback reason, ``detail`` says why."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+class ClientGone(AiocolocError):
+    """The client closed its control socket while the server waited."""
+
+
+class RegistryError(AiocolocError):
+    """The registry directory cannot be used safely."""

@@ -3,7 +3,10 @@
 ``AIOCOLOC_NO_EXTENSIONS=1`` selects the pure-Python reference; otherwise the
 Cython core is used and the reference only stands in (with a warning in the
 log) when the extension was not built.  Both have the same API and raise the
-same exceptions (``aiocoloc.errors``).
+same exceptions (``aiocoloc.errors``); both take their layout numbers, attach
+checks and resize planning from ``_ring_layout``.  A compiled core built with
+other layout numbers refuses to import (``LayoutMismatch``): that is a stale
+build to fix, not a missing one to stand in for.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import os
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from aiocoloc.errors import RingAttachError, RingClosed, RingCorrupted, RingError
+from aiocoloc.errors import LayoutMismatch, RingAttachError, RingClosed, RingCorrupted, RingError
 
 __all__ = [
     "HEADER_SIZE",
@@ -49,6 +52,8 @@ def _select() -> ModuleType:
         return importlib.import_module("aiocoloc._ring_py")
     try:
         return importlib.import_module("aiocoloc._ring")
+    except LayoutMismatch:
+        raise
     except ImportError as exc:
         _log.warning("Cython ring not built (%s); using the slow pure-Python ring", exc)
         return importlib.import_module("aiocoloc._ring_py")

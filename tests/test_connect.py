@@ -713,7 +713,7 @@ def test_connection_errors_are_asyncios(loop_kind: str) -> None:
 @pytest.mark.parametrize("failing", ["connection_made", "data_received", "eof_received"])
 def test_a_failing_protocol_meets_what_the_loop_itself_does(loop_kind: str, failing: str) -> None:
     """On TCP the loop's own transport calls the protocol (through the
-    Adopter): a protocol that raises gets exactly what it gets from the loop
+    TcpAdapter): a protocol that raises gets exactly what it gets from the loop
     itself -- the same report, the connection closed or kept the same way."""
 
     class Failing(asyncio.Protocol):
@@ -776,7 +776,7 @@ def test_a_failing_protocol_meets_what_the_loop_itself_does(loop_kind: str, fail
             lost,
             [type(r.get("exception")).__name__ for r in reports],
             # The words, not the object names ("Exception in callback
-            # <callback>(...)" names the loop's callback: ours is the Adopter's).
+            # <callback>(...)" names the loop's callback: ours is the TcpAdapter's).
             [r["message"].split("(")[0].split(" on ")[0].rsplit(".", 1)[-1] for r in reports],
         )
 

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aiocoloc.control import MAX_FRAME, ControlProtocolError, FrameDecoder, encode_frame
+from aiocoloc.control import MAX_FRAME, FrameDecoder, encode_frame
+from aiocoloc.errors import ControlProtocolError
 
 from .test_transport import connect, run, teardown
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from aiocoloc.connect.registry import Registry, RegistryError, default_directory
+from aiocoloc.connect.registry import Registry, default_directory
+from aiocoloc.errors import RegistryError
 
 from .conftest import open_fds
 

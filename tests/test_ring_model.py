@@ -4,7 +4,10 @@ each other, with random operation sequences that cross the wrap point."""
 from __future__ import annotations
 
 import mmap
+import os
 import struct
+import subprocess
+import sys
 from types import ModuleType
 from typing import Any
 
@@ -13,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from aiocoloc import _ring_py
-from aiocoloc.errors import RingClosed
+from aiocoloc import _ring_layout, _ring_py
+from aiocoloc.errors import LayoutMismatch, RingClosed
 
 from .conftest import _ring_c
 
@@ -226,3 +229,44 @@ def test_layouts_agree() -> None:
     assert _ring_c is not None, "the Cython ring must be built for the test suite"
     assert _ring_c.LAYOUT == _ring_py.LAYOUT
     assert _ring_c.HEADER_SIZE == _ring_py.HEADER_SIZE
+
+
+def test_layout_check_names_every_disagreement() -> None:
+    doctored = {**_ring_layout.LAYOUT, "tail_offset": 72, "spare_offset": 8}
+    del doctored["head_offset"]
+    with pytest.raises(ImportError) as raised:
+        _ring_layout.check_compiled_layout(doctored, "aiocoloc._ring")
+    assert isinstance(raised.value, LayoutMismatch)
+    message = str(raised.value)
+    assert (
+        "aiocoloc._ring disagrees with the shared ring layout (make _ring.pxd match, then rebuild)"
+        in message
+    )
+    assert "tail_offset: aiocoloc._ring has 72, aiocoloc._ring_layout has 64" in message
+    assert "head_offset: aiocoloc._ring has nothing, aiocoloc._ring_layout has 128" in message
+    assert "spare_offset: aiocoloc._ring has 8, aiocoloc._ring_layout has nothing" in message
+    assert "version" not in message
+    _ring_layout.check_compiled_layout(dict(_ring_layout.LAYOUT), "aiocoloc._ring")
+
+
+@pytest.mark.skipif(_ring_c is None, reason="Cython ring not built")
+def test_compiled_ring_refuses_to_load_with_another_layout() -> None:
+    """The load-time check runs when the extension loads, and ring.py does
+    not stand the reference in for a stale build."""
+    # The package's __init__ imports the ring: stand in an empty package so
+    # that the shared layout can be doctored before the extension loads.
+    code = (
+        "import importlib.util, sys, types\n"
+        "package = types.ModuleType('aiocoloc')\n"
+        "package.__path__ = importlib.util.find_spec('aiocoloc').submodule_search_locations\n"
+        "sys.modules['aiocoloc'] = package\n"
+        "from aiocoloc import _ring_layout; _ring_layout.LAYOUT['tail_offset'] = 80\n"
+        "try:\n    import aiocoloc.ring\nexcept ImportError as exc:\n"
+        "    print(type(exc).__name__, exc)\nelse:\n    print('imported')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "AIOCOLOC_NO_EXTENSIONS"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.startswith("LayoutMismatch aiocoloc._ring disagrees"), out
+    assert "tail_offset: aiocoloc._ring has 64, aiocoloc._ring_layout has 80" in out

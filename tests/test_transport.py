@@ -478,7 +478,7 @@ def test_pipe_grows_with_demand_and_shrinks_when_idle(loop_kind: str) -> None:
             await asyncio.sleep(0.05)
         assert producer.capacity == start, "the idle pipe kept its slices"
         await asyncio.sleep(0.3)
-        assert pair.client._tick_handle is None  # no timer left running while idle
+        assert pair.client._resizing.idle  # type: ignore[union-attr]  # no timer left running while idle
         await teardown(pair)
 
     run(loop_kind, scenario)
@@ -526,8 +526,8 @@ def test_tls_runs_over_the_shared_memory_path(mode: str, loop_kind: str) -> None
 
 def test_loop_servers_and_clients_can_carry_switchable_transports(loop_kind: str) -> None:
     """The loop's create_server/create_connection make the TCP connection; an
-    Adopter wraps it, so every keyword those methods take keeps working."""
-    from aiocoloc.transport import Adopter
+    TcpAdapter wraps it, so every keyword those methods take keeps working."""
+    from aiocoloc.transport import TcpAdapter
 
     class Echo(asyncio.Protocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -539,11 +539,11 @@ def test_loop_servers_and_clients_can_carry_switchable_transports(loop_kind: str
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: Adopter(Echo), "127.0.0.1", 0)
+        server = await loop.create_server(lambda: TcpAdapter(Echo), "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        _, adopter = await loop.create_connection(lambda: Adopter(Recorder), "127.0.0.1", port)
-        assert isinstance(adopter, Adopter)
-        client, protocol = adopter.transport, adopter.protocol
+        _, adapter = await loop.create_connection(lambda: TcpAdapter(Recorder), "127.0.0.1", port)
+        assert isinstance(adapter, TcpAdapter)
+        client, protocol = adapter.transport, adapter.protocol
         assert isinstance(client, SwitchableTransport) and isinstance(protocol, Recorder)
         await protocol.made
         client.write(b"round trip")

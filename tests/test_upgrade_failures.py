@@ -22,8 +22,9 @@ import aiocoloc
 from aiocoloc.connect import api as connect
 from aiocoloc.connect.agreement import connect_control
 from aiocoloc.connect.colocation import local_pools
-from aiocoloc.connect.handshake import HandshakeFailed, peer_uid
+from aiocoloc.connect.handshake import peer_uid
 from aiocoloc.connect.registry import Registry
+from aiocoloc.errors import HandshakeFailed
 from aiocoloc.transport import fallback
 
 from .conftest import open_fds

@@ -24,19 +24,17 @@ from aiocoloc.connect.colocation import LocalPools, local_pools
 from aiocoloc.connect.handshake import (
     Agreement,
     ConnKey,
-    HandshakeFailed,
     abandon_pipes,
     client_handshake,
 )
 from aiocoloc.connect.policy import Trust
 from aiocoloc.connect.registry import Record
-from aiocoloc.errors import SegmentError
+from aiocoloc.errors import ClientGone, HandshakeFailed, SegmentError
 from aiocoloc.notify import hub
 from aiocoloc.transport import SwitchableTransport, attach_shared_memory, fallback
 
 __all__ = [
     "CONTROL_BACKLOG",
-    "ClientGone",
     "abandon",
     "agree",
     "attach",
@@ -213,10 +211,6 @@ def abandon(agreement: Agreement) -> None:
 
 
 # --- server side -----------------------------------------------------------------------
-
-
-class ClientGone(Exception):
-    """The client closed its control socket while the server waited."""
 
 
 async def until_accepted(

@@ -29,16 +29,16 @@ from asyncio import sslproto
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from aiocoloc.connect.agreement import CONTROL_BACKLOG, ClientGone, agree, attach, until_accepted
+from aiocoloc.connect.agreement import CONTROL_BACKLOG, agree, attach, until_accepted
 from aiocoloc.connect.agreement import describe as _describe
 from aiocoloc.connect.colocation import local_pools
-from aiocoloc.connect.handshake import ConnKey, HandshakeFailed, connection_key, server_handshake
+from aiocoloc.connect.handshake import ConnKey, connection_key, server_handshake
 from aiocoloc.connect.policy import Settings, Trust, Upgrade, current, parse_trust, parse_upgrade
-from aiocoloc.connect.registry import Record, Registry, RegistryError
-from aiocoloc.errors import PoolError, SegmentError
+from aiocoloc.connect.registry import Record, Registry
+from aiocoloc.errors import ClientGone, HandshakeFailed, PoolError, RegistryError, SegmentError
 from aiocoloc.notify.hub import HubTable
-from aiocoloc.transport import Adopter, SwitchableTransport, fallback
-from aiocoloc.transport.tls import TAUGHT, let_loop_start_tls
+from aiocoloc.transport import SwitchableTransport, TcpAdapter, fallback
+from aiocoloc.transport.tls import TLS_READY_LOOPS, let_loop_start_tls
 
 __all__ = [
     "Server",
@@ -149,7 +149,7 @@ async def create_connection(
             raise ValueError("You must set server_hostname when using ssl without a host")
         server_hostname = host
     settings, mode, trusted = _options(upgrade, trust)
-    if type(loop) not in TAUGHT:  # STARTTLS on our transports, on uvloop too
+    if type(loop) not in TLS_READY_LOOPS:  # STARTTLS on our transports, on uvloop too
         let_loop_start_tls(loop)
     protocol = protocol_factory()
     waiter: asyncio.Future[None] | None = None
@@ -166,9 +166,9 @@ async def create_connection(
             ssl_handshake_timeout=ssl_handshake_timeout,  # type: ignore[arg-type]
             ssl_shutdown_timeout=ssl_shutdown_timeout,
         )
-    adopter = Adopter(lambda: inner, loop=loop)
-    await _original(loop, "create_connection")(lambda: adopter, host, port, **kwargs)
-    transport = adopter.transport
+    adapter = TcpAdapter(lambda: inner, loop=loop)
+    await _original(loop, "create_connection")(lambda: adapter, host, port, **kwargs)
+    transport = adapter.transport
     assert transport is not None
     _begin_upgrade(transport, mode, trusted, settings)
     if waiter is None:
@@ -282,7 +282,7 @@ def _advertised(transport: SwitchableTransport) -> tuple[ConnKey, list[Record]]:
 def _open(ref: weakref.ref[SwitchableTransport]) -> bool:
     """The connection is alive and has not lost its TCP connection yet."""
     transport = ref()
-    return transport is not None and not transport._lost_called
+    return transport is not None and not transport.lost
 
 
 class ControlEndpoint:
@@ -319,7 +319,7 @@ class ControlEndpoint:
         self.closed = False
 
     def register(self, transport: SwitchableTransport) -> None:
-        """A connection our server accepted (``Adopter`` callback)."""
+        """A connection our server accepted (``TcpAdapter`` callback)."""
         self._unindexed.append(weakref.ref(transport))
         transport.watch_loop(SERVER_WATCH)  # its client may ask to upgrade
         if self._waiting:  # a client asked before its connection was accepted
@@ -332,11 +332,12 @@ class ControlEndpoint:
         pending, self._unindexed = self._unindexed, []
         for ref in pending:
             transport = ref()
-            if transport is None or transport._lost_called:
+            if transport is None or transport.lost:
                 continue
-            tcp = transport._tcp
-            assert tcp is not None
-            peer, local = tcp.get_extra_info("peername"), tcp.get_extra_info("sockname")
+            addresses = transport.tcp_addresses()
+            if addresses is None:
+                continue
+            peer, local = addresses
             if not (isinstance(peer, tuple) and isinstance(local, tuple)):
                 continue  # not an IP connection
             ports = (peer[1], local[1])
@@ -597,7 +598,7 @@ async def create_server(
     factory = with_tls if ssl else protocol_factory
 
     def accepted() -> asyncio.BaseProtocol:
-        return Adopter(factory, on_adopted, loop=loop)
+        return TcpAdapter(factory, on_adopted, loop=loop)
 
     try:
         inner = await _original(loop, "create_server")(accepted, host, port, **kwargs)

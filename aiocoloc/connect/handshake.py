@@ -66,8 +66,15 @@ from typing import Any
 
 from aiocoloc.connect.colocation import LocalPools
 from aiocoloc.connect.policy import Trust
-from aiocoloc.control import ControlProtocolError, FrameDecoder, encode_frame
-from aiocoloc.errors import AiocolocError, PoolError, PoolExhausted, RingError, SegmentError
+from aiocoloc.control import FrameDecoder, encode_frame
+from aiocoloc.errors import (
+    ControlProtocolError,
+    HandshakeFailed,
+    PoolError,
+    PoolExhausted,
+    RingError,
+    SegmentError,
+)
 from aiocoloc.notify import hub as hub_module
 from aiocoloc.notify.doorbell import new_eventfd
 from aiocoloc.notify.hub import HubDoorbell, HubTable, is_eventfd
@@ -78,7 +85,6 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Agreement",
     "Channel",
-    "HandshakeFailed",
     "abandon_pipes",
     "client_handshake",
     "connection_key",
@@ -102,14 +108,6 @@ _MAX_FDS = 4
 _CRED = struct.Struct("3i")
 
 ConnKey = tuple[str, int, str, int]
-
-
-class HandshakeFailed(AiocolocError):
-    """The upgrade did not happen; ``reason`` is a fallback reason."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
 
 
 @functools.lru_cache(maxsize=256)  # parsing costs 10 us a connection; addresses repeat

@@ -32,19 +32,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from aiocoloc.errors import AiocolocError
+from aiocoloc.errors import RegistryError
 
-__all__ = ["Record", "Registry", "RegistryError", "default_directory"]
+__all__ = ["Record", "Registry", "default_directory"]
 
 _log = logging.getLogger("aiocoloc.connect.registry")
 RECORD_VERSION = 1
 #: A record is a few hundred bytes; anything larger is not one of ours.
 MAX_RECORD_SIZE = 16 * 1024
 _WILDCARDS = {"", "0.0.0.0", "::"}
-
-
-class RegistryError(AiocolocError):
-    """The registry directory cannot be used safely."""
 
 
 def default_directory() -> Path:

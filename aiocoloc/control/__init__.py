@@ -2,12 +2,6 @@
 socket (Unix socket in one kernel, TCP between VMs), and the link an upgraded
 connection keeps for switches, doorbells and closing."""
 
-from aiocoloc.control.frames import (
-    MAX_FRAME,
-    ControlLink,
-    ControlProtocolError,
-    FrameDecoder,
-    encode_frame,
-)
+from aiocoloc.control.frames import MAX_FRAME, ControlLink, FrameDecoder, encode_frame
 
-__all__ = ["MAX_FRAME", "ControlLink", "ControlProtocolError", "FrameDecoder", "encode_frame"]
+__all__ = ["MAX_FRAME", "ControlLink", "FrameDecoder", "encode_frame"]

@@ -16,17 +16,13 @@ from typing import Any
 
 import msgpack
 
-from aiocoloc.errors import AiocolocError
+from aiocoloc.errors import ControlProtocolError
 
-__all__ = ["MAX_FRAME", "ControlLink", "ControlProtocolError", "FrameDecoder", "encode_frame"]
+__all__ = ["MAX_FRAME", "ControlLink", "FrameDecoder", "encode_frame"]
 
 _log = logging.getLogger("aiocoloc.control")
 MAX_FRAME = 64 * 1024
 _HEADER = struct.Struct(">I")
-
-
-class ControlProtocolError(AiocolocError):
-    """The peer sent a control frame that is not well-formed."""
 
 
 def encode_frame(message: dict[str, Any]) -> bytes:

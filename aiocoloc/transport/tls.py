@@ -81,9 +81,9 @@ def let_loop_start_tls(loop: asyncio.AbstractEventLoop) -> None:
     other one to uvloop.  Idempotent; asyncio's loops are left alone.
     """
     klass = type(loop)
-    if klass in TAUGHT:
+    if klass in TLS_READY_LOOPS:
         return
-    TAUGHT.add(klass)
+    TLS_READY_LOOPS.add(klass)
     if isinstance(loop, asyncio.BaseEventLoop):
         return  # asyncio's start_tls takes any transport that says it can
     own = klass.start_tls
@@ -104,5 +104,5 @@ def let_loop_start_tls(loop: asyncio.AbstractEventLoop) -> None:
 
 
 #: Loop classes whose start_tls accepts our transports (callers on hot
-#: paths test ``type(loop) in TAUGHT`` before calling ``let_loop_start_tls``).
-TAUGHT: set[type] = set()
+#: paths test ``type(loop) in TLS_READY_LOOPS`` before calling ``let_loop_start_tls``).
+TLS_READY_LOOPS: set[type] = set()

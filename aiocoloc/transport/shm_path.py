@@ -1,0 +1,163 @@
+"""The shared-memory side of a connection: ``ShmPath`` (our pipe ends and
+the doorbell), closing a pipe end so that the side that closes last frees
+the pipe (``close_end``), and ``attach_shared_memory``, which gives a
+``SwitchableTransport`` its pipes and control link once a handshake agreed
+on them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from aiocoloc.control import ControlLink
+from aiocoloc.errors import PoolError
+from aiocoloc.notify.doorbell import ControlDoorbell, Doorbell
+from aiocoloc.notify.hub import HubDoorbell
+from aiocoloc.notify.spin import SpinConfig
+from aiocoloc.shm.elastic import ElasticConfig, ElasticProducer
+
+if TYPE_CHECKING:
+    from aiocoloc.transport.switchable import SwitchableTransport
+
+__all__ = ["ShmPath", "attach_shared_memory", "close_end"]
+
+
+class ShmPath:
+    """The shared-memory side of a connection.
+
+    ``producer`` writes our outgoing pipe, ``consumer`` reads the incoming
+    one (``aiocoloc.ring`` pipe or ring ends); ``doorbell`` wakes the peer and
+    wakes us (the connection's own, or its share of a hub, ``aiocoloc.notify.hub``).
+    ``on_close(incoming_done, outgoing_done)`` runs once when the
+    transport is done with them, to return pipes to their pool: a pipe may
+    be freed only when the other side is done with it too (it closed its
+    end, or it is gone), else a write or read racing with the free could
+    touch slices another pipe already reuses.  So the side that closes last
+    frees both.
+    """
+
+    def __init__(
+        self,
+        producer: Any,
+        consumer: Any,
+        doorbell: Doorbell | ControlDoorbell | HubDoorbell,
+        *,
+        pool_id: str | None = None,
+        on_close: Callable[[bool, bool], None] | None = None,
+        resizer: ElasticProducer | None = None,
+        spin: SpinConfig | None = None,
+    ) -> None:
+        self.producer = producer
+        self.spin = spin  # busy-wait policy of the reader (None: always sleep)
+        self.resizer = resizer  # grows/shrinks the outgoing pipe, if elastic
+        self.consumer = consumer
+        self.doorbell = doorbell
+        self.pool_id = pool_id
+        self._on_close = on_close
+        self.closed = False
+
+    def close(self, peer_gone: bool = False) -> None:
+        """Release the pipe ends and the doorbell.  Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        outgoing_done = close_end(self.producer) or peer_gone
+        incoming_done = close_end(self.consumer) or peer_gone
+        self.doorbell.close()
+        if self._on_close is not None:
+            self._on_close(incoming_done, outgoing_done)
+
+
+def close_end(end: Any) -> bool:
+    """Close and release one pipe end; True if the peer is done with the pipe.
+
+    Our end is closed *before* we look at the peer's: when both sides close
+    at once, both then see the other's flag and both free the pipe (the
+    second free fails harmlessly on the generation), where looking first
+    could let both miss it and leak the pipe.
+    """
+    if end.released:
+        return False
+    done = False
+    if not end.corrupted:
+        end.close()
+        done = bool(end.peer_closed)
+    end.release()
+    return done
+
+
+async def attach_shared_memory(
+    transport: SwitchableTransport,
+    pool: Any,
+    *,
+    send: Any,
+    receive: Any,
+    listen_fd: int,
+    ring_fd: int | None,
+    control: socket.socket,
+    socket_bell: bool = False,
+    elastic: ElasticConfig | None = ElasticConfig(),  # noqa: B008 - frozen
+    spin: SpinConfig | None = SpinConfig(),  # noqa: B008 - frozen
+    pending_control: bytes = b"",
+    on_detach: Callable[[], None] | None = None,
+    hub: HubDoorbell | None = None,
+) -> None:
+    """Give ``transport`` the pool pipes ``send``/``receive`` (pipe handles), the
+    eventfds it listens on and rings (owned from now on) and the connected
+    control socket.  ``hub``: a share of a hub (owned from now on) to use in
+    place of the eventfds (-1 then).  With ``socket_bell`` (peers in different
+    kernels) the doorbell is a message on the control socket and the eventfds
+    (or the share) are closed.
+    With ``elastic`` (the default) the outgoing pipe grows and shrinks with
+    its demand (``aiocoloc.shm.elastic``); with ``None`` its size stays fixed.
+    ``spin`` bounds how long the reader busy-waits before sleeping
+    (``aiocoloc.notify.spin``); ``None`` never spins.  ``pending_control``: control
+    bytes already read from ``control`` (after a handshake).  ``on_detach``
+    runs once the pipes are given back.
+    The transport stays in TCP mode until ``switch_tx``.
+    """
+    loop = asyncio.get_running_loop()
+    _, link = await loop.create_unix_connection(
+        lambda: ControlLink(*transport.link_callbacks()), sock=control
+    )
+    if pending_control:
+        link.data_received(pending_control)
+
+    def give_back(incoming_done: bool, outgoing_done: bool) -> None:
+        for handle, done in ((receive, incoming_done), (send, outgoing_done)):
+            if done:
+                try:
+                    pool.destroy_pipe(handle)
+                except PoolError:
+                    pass  # the peer (or the pool's reaper) freed it first
+        if on_detach is not None:
+            on_detach()
+
+    doorbell: Doorbell | ControlDoorbell | HubDoorbell
+    if socket_bell:
+        for fd in (listen_fd, ring_fd):
+            if fd is not None and fd >= 0:
+                os.close(fd)
+        if hub is not None:
+            hub.close()
+        doorbell = ControlDoorbell(link.send)
+    elif hub is not None:
+        doorbell = hub
+    else:
+        assert ring_fd is not None
+        doorbell = Doorbell(listen_fd, ring_fd)
+    producer = pool.pipe_producer(send)
+    resizer = ElasticProducer(pool, send, elastic, end=producer) if elastic is not None else None
+    path = ShmPath(
+        producer,
+        pool.pipe_consumer(receive),
+        doorbell,
+        pool_id=str(pool.id),
+        on_close=give_back,
+        resizer=resizer,
+        spin=spin,
+    )
+    transport.attach_shm(path, link)
