@@ -12,6 +12,7 @@ __all__ = [
     "PoolCorrupted",
     "PoolError",
     "PoolExhausted",
+    "ProtocolViolation",
     "RegistryError",
     "RingAttachError",
     "RingClosed",
@@ -69,6 +70,13 @@ class PoolBusy(PoolExhausted):
 
 class PoolCorrupted(PoolError):
     """The pool's shared tables break their invariants (a buggy or hostile member)."""
+
+
+# --- the transport ------------------------------------------------------------------------
+
+
+class ProtocolViolation(AiocolocError):
+    """The peer announced or acknowledged a switch that cannot be."""
 
 
 # --- connecting --------------------------------------------------------------------------

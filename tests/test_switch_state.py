@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 
+from aiocoloc.errors import ProtocolViolation
 from aiocoloc.transport.switch_state import (
     NO_SWITCH,
     RX_TRANSITIONS,
     SHM,
     TCP,
     TX_TRANSITIONS,
-    ProtocolViolation,
     SwitchState,
 )
 

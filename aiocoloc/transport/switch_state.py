@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 from typing import Any
 
-from aiocoloc.errors import AiocolocError
+from aiocoloc.errors import ProtocolViolation
 
 __all__ = [
     "NO_SWITCH",
@@ -27,7 +27,6 @@ __all__ = [
     "SHM",
     "TCP",
     "TX_TRANSITIONS",
-    "ProtocolViolation",
     "SwitchState",
 ]
 
@@ -48,10 +47,6 @@ TX_TRANSITIONS: dict[tuple[str, str], str] = {
 RX_TRANSITIONS: dict[str, str] = {TCP: SHM, SHM: TCP}
 #: The path a sending state carries bytes on.
 _PATH = {TCP: TCP, TO_SHM: SHM, SHM: SHM, TO_TCP: TCP}
-
-
-class ProtocolViolation(AiocolocError):
-    """The peer announced or acknowledged a switch that cannot be."""
 
 
 class SwitchState:

@@ -19,10 +19,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from aiocoloc.errors import ProtocolViolation
 from aiocoloc.notify.doorbell import ControlDoorbell
 from aiocoloc.transport import fallback
 from aiocoloc.transport.state import TransportState
-from aiocoloc.transport.switch_state import NO_SWITCH, SHM, TCP, ProtocolViolation
+from aiocoloc.transport.switch_state import NO_SWITCH, SHM, TCP
 
 __all__ = ["Switching"]
 
