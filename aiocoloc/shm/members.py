@@ -51,6 +51,8 @@ _log = logging.getLogger("aiocoloc.shm.members")
 #: Seconds a lock holder must look gone (slot freed or reused) before it is
 #: taken over: a member leaving frees its slot just before it unlocks.
 HOLDER_GONE_GRACE = 0.05
+#: Longest a thread finishing our leave waits for the allocator lock (seconds).
+LEAVE_WAIT = 1.0
 #: Seconds between the heartbeat thread's tries at deferred work (freeing
 #: pipes an event loop could not free at once).
 DEFERRED_RETRY = 0.01
@@ -397,10 +399,19 @@ class Membership:
         self._leave_locked(then)
 
     def _leave_later(self, then: Callable[[], None]) -> None:
+        # Bounded: a leaver that cannot get the lock is like a member that
+        # died (our heartbeat has stopped), and the others reap our slot and
+        # pipes after a lease.  Waiting three leases here kept a thread
+        # polling the lock for minutes in pools with long leases.
         try:
-            self._hold(self._lease * 3)
+            self._hold(min(self._lease, LEAVE_WAIT))
         except PoolError as exc:
-            _log.warning("pool %s: could not leave cleanly: %s", self._id, exc)
+            _log.warning(
+                "pool %s: could not leave cleanly (%s); the other members reclaim our slot "
+                "after a lease",
+                self._id,
+                exc,
+            )
             then()
         else:
             self._leave_locked(then)
