@@ -13,12 +13,10 @@ from aiocoloc.connect.api import (
     Server,
     create_connection,
     create_server,
-    install,
-    installed,
     open_connection,
     start_server,
-    uninstall,
 )
+from aiocoloc.connect.install import install, installed, uninstall
 from aiocoloc.connect.policy import configure
 from aiocoloc.errors import (
     AiocolocError,

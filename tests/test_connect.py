@@ -938,9 +938,9 @@ def test_a_server_frees_closed_connections_at_once_and_still_upgrades(
     import gc
     import weakref
 
-    from aiocoloc.connect import api as connect
+    from aiocoloc.connect import endpoint
 
-    monkeypatch.setattr(connect, "PRUNE_MIN", 8)
+    monkeypatch.setattr(endpoint, "PRUNE_MIN", 8)
     served: list[weakref.ref[asyncio.BaseTransport]] = []
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import aiocoloc
-from aiocoloc.connect import api as connect
+from aiocoloc.connect import endpoint
 from aiocoloc.connect.colocation import local_pools
 
 from .conftest import open_fds
@@ -142,7 +142,7 @@ def test_a_client_that_hangs_up_is_let_go_at_once(
     """A control endpoint that does not know a connection waits its grace
     for the server to accept it -- unless the client hangs up: it asked every
     endpoint at once and found its own."""
-    monkeypatch.setattr(connect, "ACCEPT_GRACE", 30.0)
+    monkeypatch.setattr(endpoint, "ACCEPT_GRACE", 30.0)
 
     async def scenario() -> None:
         baseline = asyncio.all_tasks()

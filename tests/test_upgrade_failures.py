@@ -20,6 +20,7 @@ import pytest
 
 import aiocoloc
 from aiocoloc.connect import api as connect
+from aiocoloc.connect import endpoint
 from aiocoloc.connect.agreement import connect_control
 from aiocoloc.connect.colocation import local_pools
 from aiocoloc.connect.handshake import peer_uid
@@ -220,7 +221,7 @@ def test_a_thousand_connections_at_once_each_end_upgraded_or_with_a_reason(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With a small accept queue on the control socket, so that it fills."""
-    monkeypatch.setattr(connect, "CONTROL_BACKLOG", 8)
+    monkeypatch.setattr(endpoint, "CONTROL_BACKLOG", 8)
 
     async def scenario() -> None:
         baseline = asyncio.all_tasks()

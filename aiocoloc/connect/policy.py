@@ -38,6 +38,8 @@ from typing import Any
 
 __all__ = [
     "AUTO_UPGRADE_AFTER",
+    "SERVER_WATCH",
+    "UPGRADE_WATCH",
     "Settings",
     "Trust",
     "Upgrade",
@@ -49,6 +51,13 @@ __all__ = [
     "parse_upgrade",
 ]
 
+#: While a connection's upgrade runs, a writer that never yields to the event
+#: loop is paused once it kept the loop from running this long (seconds):
+#: each step of the handshake needs the loop (``SwitchableTransport.watch_loop``).
+UPGRADE_WATCH = 0.0005
+#: A server's connections, which a client may ask to upgrade at any time: the
+#: first step (accepting on the control socket) waits at most this long.
+SERVER_WATCH = 0.004
 #: Bytes a connection moves on TCP before ``auto`` upgrades it.
 AUTO_UPGRADE_AFTER = 64 * 1024
 #: The smallest pool a serving process may offer: its tables (room for 512
