@@ -28,7 +28,7 @@ from aiocoloc.shm.elastic import ElasticConfig
 from aiocoloc.transport import SwitchableTransport
 from aiocoloc.transport.tls import start_tls
 
-from .transport_pair import Pair, Recorder, make_pair
+from .transport_pair import BufferedRecorder, Pair, Recorder, make_pair
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 MODES = ["tcp", "shm", "switched", "shm-socket-bell"]
@@ -255,34 +255,6 @@ def test_write_buffer_limits(mode: str, loop_kind: str) -> None:
 
 
 # --- protocols ------------------------------------------------------------------------------
-
-
-class BufferedRecorder(asyncio.BufferedProtocol):
-    def __init__(self, size: int = 1000) -> None:
-        self.buffer = bytearray(size)
-        self.data = bytearray()
-        loop = asyncio.get_running_loop()
-        self.made = loop.create_future()
-        self.lost = loop.create_future()
-        self.eof = loop.create_future()
-        self.updates = 0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.made.set_result(None)
-
-    def get_buffer(self, sizehint: int) -> bytearray:
-        return self.buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.updates += 1
-        self.data += self.buffer[:nbytes]
-
-    def eof_received(self) -> bool:
-        self.eof.set_result(None)
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost.set_result(exc)
 
 
 def test_buffered_protocol_reads_into_its_buffer(mode: str, loop_kind: str) -> None:

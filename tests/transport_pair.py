@@ -123,3 +123,36 @@ class Recorder(asyncio.Protocol):
             while len(self.data) < n:
                 self.received.clear()
                 await self.received.wait()
+
+
+class BufferedRecorder(asyncio.BufferedProtocol):
+    """Reads into a small buffer of its own."""
+
+    def __init__(self, size: int = 1000) -> None:
+        loop = asyncio.get_running_loop()
+        self.buffer = bytearray(size)
+        self.data = bytearray()
+        self.updates = 0
+        self.events: list[str] = []
+        self.made: asyncio.Future[None] = loop.create_future()
+        self.eof: asyncio.Future[None] = loop.create_future()
+        self.lost: asyncio.Future[BaseException | None] = loop.create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.made.set_result(None)
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.updates += 1
+        self.data += self.buffer[:nbytes]
+
+    def eof_received(self) -> bool:
+        self.eof.set_result(None)
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.events.append("lost")
+        if not self.lost.done():
+            self.lost.set_result(exc)

@@ -10,41 +10,9 @@ from typing import Any
 
 import pytest
 
+from ..transport_pair import BufferedRecorder
 from . import impls
 from .impls import Impl, Recorder
-
-
-class Buffered(asyncio.BufferedProtocol):
-    """Reads into a small buffer of its own."""
-
-    def __init__(self, size: int = 1000) -> None:
-        loop = asyncio.get_running_loop()
-        self.buffer = bytearray(size)
-        self.data = bytearray()
-        self.updates = 0
-        self.events: list[str] = []
-        self.made: asyncio.Future[None] = loop.create_future()
-        self.eof: asyncio.Future[None] = loop.create_future()
-        self.lost: asyncio.Future[BaseException | None] = loop.create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.made.set_result(None)
-
-    def get_buffer(self, sizehint: int) -> bytearray:
-        return self.buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.updates += 1
-        self.data += self.buffer[:nbytes]
-
-    def eof_received(self) -> bool:
-        self.eof.set_result(None)
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.events.append("lost")
-        if not self.lost.done():
-            self.lost.set_result(exc)
 
 
 class LookAlike:
@@ -105,7 +73,7 @@ CALLBACKS = [
 class ProtocolTests(Impl):
     def test_buffered_protocol(self) -> None:
         async def scenario() -> None:
-            conn = await self.connect(server=Buffered)
+            conn = await self.connect(server=BufferedRecorder)
             payload = random.Random(1).randbytes(300_000)
             conn.client.write(payload[:100_000])
             await conn.midway()
@@ -146,7 +114,7 @@ class ProtocolTests(Impl):
         async def scenario() -> None:
             errors: list[dict[str, Any]] = []
             asyncio.get_running_loop().set_exception_handler(lambda _, c: errors.append(c))
-            base = Buffered if callback in ("get_buffer", "buffer_updated") else Recorder
+            base = BufferedRecorder if callback in ("get_buffer", "buffer_updated") else Recorder
             if callback in ("pause_writing", "resume_writing"):
                 conn = await self.connect(client=raising(Recorder, callback))
                 await conn.midway()
@@ -238,7 +206,7 @@ class ProtocolTests(Impl):
             conn.client.write(b"A" * 5000)
             await conn.server_protocol.wait_for_bytes(5000)
             await conn.midway()
-            second = Buffered(777)
+            second = BufferedRecorder(777)
             conn.server.set_protocol(second)
             assert conn.server.get_protocol() is second
             conn.client.write(b"B" * 5000)
