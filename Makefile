@@ -31,8 +31,8 @@ demo: build
 	$(PY) examples/demo.py
 
 lint: $(INSTALLED)
-	$(PY) -m ruff check aiocoloc tests bench examples
-	$(PY) -m ruff format --check aiocoloc tests bench examples
+	$(PY) -m ruff check aiocoloc discovery tests bench examples
+	$(PY) -m ruff format --check aiocoloc discovery tests bench examples
 
 typecheck: $(INSTALLED)
 	$(PY) -m mypy
