@@ -5,7 +5,9 @@ from __future__ import annotations
 __all__ = [
     "AiocolocError",
     "ClientGone",
+    "ControlChannelClosed",
     "ControlProtocolError",
+    "HandshakeAbandoned",
     "HandshakeFailed",
     "LayoutMismatch",
     "PoolBusy",
@@ -19,6 +21,8 @@ __all__ = [
     "RingCorrupted",
     "RingError",
     "SegmentError",
+    "UnknownOperation",
+    "VersionMismatch",
 ]
 
 
@@ -83,7 +87,20 @@ class ProtocolViolation(AiocolocError):
 
 
 class ControlProtocolError(AiocolocError):
-    """The peer sent a control frame that is not well-formed."""
+    """The peer sent a control frame or message that is not well-formed."""
+
+
+class UnknownOperation(ControlProtocolError):
+    """A control message whose operation this version does not know (ignored
+    on an upgraded connection's link, refused during the handshake)."""
+
+
+class VersionMismatch(ControlProtocolError):
+    """The peer's handshake speaks another protocol version."""
+
+
+class ControlChannelClosed(AiocolocError, ConnectionError):
+    """The peer closed the control channel (or it failed) mid-conversation."""
 
 
 class HandshakeFailed(AiocolocError):
@@ -92,6 +109,12 @@ class HandshakeFailed(AiocolocError):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
+
+
+class HandshakeAbandoned(HandshakeFailed):
+    """The peer hung up mid-handshake: nothing to refuse, nobody to tell (a
+    client that asked several endpoints at once closes the ones it does not
+    need)."""
 
 
 class ClientGone(AiocolocError):

@@ -1,4 +1,5 @@
-"""Shared fixtures: both ring implementations, a /dev/shm leak check, and a
+"""Shared fixtures: both ring implementations, a /dev/shm leak check, a
+check that every counted object (``aiocoloc.debug``) is given back, and a
 private registry directory per test."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from types import ModuleType
 
 import pytest
 
-from aiocoloc import _ring_py
+from aiocoloc import _ring_py, debug
 from aiocoloc.connect import policy
 from aiocoloc.connect.colocation import local_pools
 
@@ -53,6 +54,19 @@ def no_shm_leak() -> Iterator[None]:
     yield
     leaked = _shm_entries() - before
     assert not leaked, f"test left shared memory behind: {sorted(leaked)}"
+
+
+@pytest.fixture(autouse=True)
+def no_live_objects() -> Iterator[None]:
+    """Fail any test after which more transports, control channels or pool
+    references are alive than before it (``aiocoloc.debug``): a leak fails
+    the test that caused it."""
+    before = debug.live.snapshot()
+    yield
+    local_pools().close_idle()
+    after = debug.live.snapshot()
+    grown = {name: (before[name], n) for name, n in after.items() if n > before[name]}
+    assert not grown, f"test left objects alive (before, after): {grown}"
 
 
 @pytest.fixture(autouse=True)

@@ -1184,3 +1184,38 @@ def test_lingering_pools_are_watched_by_one_thread(monkeypatch: pytest.MonkeyPat
     while (pools.open_pools() or lingerers()) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert pools.open_pools() == [] and lingerers() == []
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_debug_counts_follow_connections_and_return_to_zero(loop_kind: str) -> None:
+    """What the leak fixture relies on: each upgraded connection counts its
+    transport, control channel and pool reference, and gives all back."""
+    from aiocoloc import debug
+
+    base = debug.live.snapshot()
+
+    def grown() -> dict[str, int]:
+        return {k: v - base[k] for k, v in debug.live.snapshot().items()}
+
+    async def scenario() -> None:
+        server = await aiocoloc.start_server(echo, "127.0.0.1", 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            writers = []
+            for _ in range(3):
+                reader, writer = await aiocoloc.open_connection("127.0.0.1", port, upgrade="always")
+                await upgraded(writer)
+                await roundtrip(reader, writer, 1000)
+                writers.append(writer)
+            now = grown()
+            assert now["transports"] == 6  # both ends of each
+            assert now["control_channels"] == 6
+            assert now["pool_refs"] >= 6  # each end's, plus the server's own
+            for writer in writers:
+                writer.close()
+                await writer.wait_closed()
+            await until(lambda: grown()["transports"] == 0, "the transports to go")
+        await until(lambda: grown()["control_channels"] == 0, "the channels to close")
+        await until(lambda: grown()["pool_refs"] == 0, "the pool references to go")
+
+    run(loop_kind, scenario)

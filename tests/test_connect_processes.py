@@ -99,17 +99,18 @@ def test_later_connections_skip_the_pool_exchange(
 ) -> None:
     """The first connection to a server process maps its pool (pool, join);
     the next ones offer that pool in their hello and go straight to pipes."""
-    from aiocoloc.connect import handshake
+    from aiocoloc.control import ControlChannel, Message
+    from aiocoloc.control.messages import Hello
 
     sent: list[list[str]] = []
-    original = handshake.Channel.send
+    original = ControlChannel.send
 
-    async def spy(self: handshake.Channel, message: dict[str, Any], fds: Any = ()) -> None:
-        offer = message["op"] == "hello" and "pool" in message
-        sent[-1].append(message["op"] + ("+offer" if offer else ""))
+    async def spy(self: ControlChannel, message: Message, fds: Any = ()) -> None:
+        offer = isinstance(message, Hello) and message.pool is not None
+        sent[-1].append(message.OP + ("+offer" if offer else ""))
         await original(self, message, fds)
 
-    monkeypatch.setattr(handshake.Channel, "send", spy)
+    monkeypatch.setattr(ControlChannel, "send", spy)
 
     async def scenario() -> None:
         child = spawn(PEER, "server", loop_kind)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 from typing import Any
 
@@ -11,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aiocoloc.control import MAX_FRAME, FrameDecoder, encode_frame
-from aiocoloc.errors import ControlProtocolError
+from aiocoloc.control import MAX_FRAME, FrameDecoder, encode_frame, messages
+from aiocoloc.errors import ControlProtocolError, UnknownOperation, VersionMismatch
 
 from .test_transport import connect, run, teardown
 
@@ -80,7 +81,7 @@ def test_impossible_control_messages_reset_the_connection(message: dict[str, Any
         errors: list[Any] = []
         asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
         pair = await connect("switched")
-        pair.server._link.send(message)  # type: ignore[union-attr]
+        pair.server._link.sock.send(encode_frame(message))  # type: ignore[union-attr]
         exc = await pair.client_protocol.lost
         assert isinstance(exc, ConnectionResetError)
         await teardown(pair)
@@ -91,7 +92,7 @@ def test_impossible_control_messages_reset_the_connection(message: dict[str, Any
 def test_garbage_on_the_control_socket_resets_a_shared_memory_connection() -> None:
     async def scenario() -> None:
         pair = await connect("shm")
-        pair.server._link.transport.write(b"\x00\x00\x00\x03\xc1\xc1\xc1")  # type: ignore[union-attr]
+        pair.server._link.sock.send(b"\x00\x00\x00\x03\xc1\xc1\xc1")  # type: ignore[union-attr]
         exc = await pair.client_protocol.lost
         assert isinstance(exc, ConnectionResetError)
         await teardown(pair)
@@ -115,6 +116,83 @@ def test_switch_misuse_is_refused() -> None:
         pair.server.close()
         with pytest.raises(RuntimeError, match="closing"):
             pair.server.switch_tx("shm")
+        await teardown(pair)
+
+    run("asyncio", scenario)
+
+
+# --- the message schema ------------------------------------------------------------------
+
+SAMPLES = [
+    messages.Hello(1, ("127.0.0.1", 5, "127.0.0.1", 6), pool="p", slot=3, hub="t"),
+    messages.Hello(1, ("::1", 5, "::1", 6)),
+    messages.PoolOffer(1, "p"),
+    messages.Join(7),
+    messages.Pipes((1, 2), (3, 4), b"n" * 16, hub=False),
+    messages.Pipes((1, 2), (3, 4), b"n" * 16),
+    messages.Proof(b"m" * 16),
+    messages.Ready(),
+    messages.Refuse("not trusted", "uid 5"),
+    messages.Switch(12, "shm"),
+    messages.SwitchAck(12),
+    messages.Bell(),
+    messages.Close(),
+]
+
+
+@pytest.mark.parametrize("message", SAMPLES, ids=lambda m: m.OP)
+def test_every_message_round_trips_through_a_frame(message: messages.Message) -> None:
+    (raw,) = FrameDecoder().feed(encode_frame(message.fields()))
+    assert messages.decode(raw) == message
+
+
+@pytest.mark.parametrize(
+    ("raw", "error", "text"),
+    [
+        ({"op": "launch"}, UnknownOperation, "unknown control operation"),
+        ({"op": "hello", "version": 2, "conn": ["a", 1, "b", 2]}, VersionMismatch, "version 2"),
+        ({"op": "pool", "pool": "p"}, VersionMismatch, "None"),
+        ({"op": "hello", "version": 1}, ControlProtocolError, "missing 'conn'"),
+        ({"op": "hello", "version": 1, "conn": ["a", 1, "b"]}, ControlProtocolError, "bad 'conn'"),
+        ({"op": "hello", "version": 1, "conn": ["a", 1, "b", 70000]}, ControlProtocolError, "conn"),
+        ({"op": "join", "slot": True}, ControlProtocolError, "bad 'slot'"),
+        ({"op": "join", "slot": -1}, ControlProtocolError, "bad 'slot'"),
+        (
+            {"op": "pipes", "up": [1, 2], "down": [3], "nonce": b"n" * 16},
+            ControlProtocolError,
+            "'down'",
+        ),
+        (
+            {"op": "pipes", "up": [1, 2], "down": [3, 4], "nonce": b"short"},
+            ControlProtocolError,
+            "'nonce'",
+        ),
+        ({"op": "switch", "offset": "12", "to": "shm"}, ControlProtocolError, "bad 'offset'"),
+        ({"op": "switch", "offset": 1, "to": "udp"}, ControlProtocolError, "bad 'to'"),
+        ({"op": "refuse", "reason": "x" * 65}, ControlProtocolError, "bad 'reason'"),
+    ],
+)
+def test_decode_names_what_is_wrong(raw: dict[str, Any], error: type, text: str) -> None:
+    with pytest.raises(error, match=text):
+        messages.decode(raw)
+
+
+def test_fields_a_newer_peer_adds_are_ignored() -> None:
+    """Append only: an old decoder takes a newer peer's message minus what it adds."""
+    assert messages.decode({"op": "switch-ack", "offset": 3, "checksum": 99}) == messages.SwitchAck(
+        3
+    )
+
+
+def test_an_unknown_operation_on_the_link_is_skipped() -> None:
+    async def scenario() -> None:
+        pair = await connect("shm")
+        pair.server._link.sock.send(encode_frame({"op": "from-the-future", "x": 1}))  # type: ignore[union-attr]
+        payload = os.urandom(100_000)
+        pair.server.write(payload)
+        await pair.client_protocol.wait_for_bytes(len(payload))
+        assert pair.client_protocol.data == payload
+        assert not pair.client_protocol.lost.done()
         await teardown(pair)
 
     run("asyncio", scenario)

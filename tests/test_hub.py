@@ -21,14 +21,10 @@ from typing import Any
 import pytest
 
 import aiocoloc
+from aiocoloc.connect.agreement import abandon_pipes
 from aiocoloc.connect.colocation import local_pools
-from aiocoloc.connect.handshake import (
-    NONCE_SIZE,
-    _read_nonce,
-    _write_nonce,
-    abandon_pipes,
-    connection_key,
-)
+from aiocoloc.connect.handshake import _read_nonce, _write_nonce, connection_key
+from aiocoloc.control.messages import NONCE_SIZE
 from aiocoloc.notify import hub
 from aiocoloc.notify.doorbell import Doorbell, new_eventfd
 from aiocoloc.notify.hub import Hub

@@ -558,7 +558,7 @@ def test_control_channel_lost_before_any_switch_leaves_a_tcp_connection(loop_kin
             await pair.client_protocol.made
             await pair.server_protocol.made
             assert pair.client._link is not None
-            pair.client._link.transport.abort()  # the client's end of the link drops
+            pair.client._link.sock.shutdown(socket.SHUT_RDWR)  # the client's end of the link drops
             await asyncio.sleep(0.05)
             info = pair.server.get_extra_info("aiocoloc")
             assert info["fallback_reason"] == "handshake protocol error"

@@ -21,10 +21,10 @@ import pytest
 import aiocoloc
 from aiocoloc.connect import api as connect
 from aiocoloc.connect import endpoint
-from aiocoloc.connect.agreement import connect_control
 from aiocoloc.connect.colocation import local_pools
 from aiocoloc.connect.handshake import peer_uid
 from aiocoloc.connect.registry import Registry
+from aiocoloc.connect.rendezvous import connect_control
 from aiocoloc.errors import HandshakeFailed
 from aiocoloc.transport import fallback
 

@@ -62,7 +62,7 @@ async def make_pair(
             (client, up, down, client_bell, server_bell, ca),
             (server, down, up, server_bell, client_bell, sa),
         ):
-            await attach_shared_memory(
+            attach_shared_memory(
                 transport,
                 pool,
                 send=send,

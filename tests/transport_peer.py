@@ -67,7 +67,7 @@ async def main(
     transport, protocol = await open_transport(
         loop, lambda: Role(role), socket.socket(fileno=tcp_fd)
     )
-    await attach_shared_memory(
+    attach_shared_memory(
         transport,
         pool,
         send=PipeHandle(down_slot, down_gen),

@@ -1,248 +1,127 @@
-"""Reaching an agreement on a connection's pipes, and putting it to use.
+"""``Agreement``: everything one upgrade handshake agrees on, with one owner.
 
-A client asks every control endpoint advertised for its destination at once
-(``agree``): with several processes on one port (``SO_REUSEPORT``) only the
-one whose server accepted the TCP connection knows it.  The first agreement
-wins and the other attempts are closed at once, which tells their servers to
-stop waiting (``until_accepted``).  Either side then hands the agreed pipes
-to its transport (``attach``).
-
-Whatever goes wrong here ends in ``HandshakeFailed`` with a fallback reason
-(``aiocoloc.transport.fallback``): the TCP connection is never touched.
+A handshake (``aiocoloc.connect.handshake``) fills an agreement step by
+step: the reference on the pool, the two pipes, the doorbell (the
+connection's own eventfds, or its share of a hub) and the control channel.
+Then exactly one of two things happens to all of it: ``attach`` hands it to
+a transport (which gives it back when it closes), or ``release`` gives it
+back now -- on any failure, in the handshake or after it.  Nothing else
+closes, frees or releases what an agreement holds.
 """
 
 from __future__ import annotations
 
-import asyncio
-import errno
+import logging
 import os
-import socket
-from collections.abc import Sequence
-from typing import Any
 
-from aiocoloc.connect.colocation import LocalPools, local_pools
-from aiocoloc.connect.handshake import (
-    Agreement,
-    ConnKey,
-    abandon_pipes,
-    client_handshake,
-)
-from aiocoloc.connect.policy import Trust
-from aiocoloc.connect.registry import Record
-from aiocoloc.errors import ClientGone, HandshakeFailed, SegmentError
-from aiocoloc.notify import hub
-from aiocoloc.transport import SwitchableTransport, attach_shared_memory, fallback
+from aiocoloc.connect.colocation import LocalPools
+from aiocoloc.control import ControlChannel
+from aiocoloc.control.messages import Close
+from aiocoloc.errors import PoolError, RingError
+from aiocoloc.notify.hub import HubDoorbell
+from aiocoloc.shm import PipeHandle, Pool
+from aiocoloc.transport import SwitchableTransport, attach_shared_memory, close_end, fallback
 
-__all__ = [
-    "CONTROL_BACKLOG",
-    "abandon",
-    "agree",
-    "attach",
-    "connect_control",
-    "describe",
-    "until_accepted",
-]
+__all__ = ["Agreement", "abandon_pipes"]
 
-#: Accept queue of a control socket: a burst of connections that all upgrade
-#: at once must not find it full.  The kernel caps it at net.core.somaxconn.
-CONTROL_BACKLOG = 65535
-#: Pauses between connects to a control socket whose accept queue is full
-#: (doubling from the first to the last).
-RETRY_FIRST = 0.002
-RETRY_MAX = 0.1
-#: Failures that only say "not this endpoint", ranked by how much they tell:
-#: the most telling is reported when no endpoint agrees.
-_NOT_THIS_ONE = {fallback.NOT_AIOCOLOC: 0, fallback.UNKNOWN_CONNECTION: 1, fallback.CONTROL_BUSY: 2}
+_log = logging.getLogger("aiocoloc.connect.agreement")
 
 
-def describe(address: Any) -> str:
-    """``host:port`` of a socket address, for logs and fallback records."""
-    if isinstance(address, tuple) and len(address) >= 2:
-        return f"{address[0]}:{address[1]}"
-    return str(address)
+class Agreement:
+    """What a handshake agreed on so far (``settled`` once both sides said so)."""
 
+    def __init__(self, channel: ControlChannel, pools: LocalPools, *, server: bool) -> None:
+        self.channel = channel
+        self._pools = pools
+        self._server = server
+        self.pool: Pool | None = None  # a reference held on it (``pools``)
+        self.send: PipeHandle | None = None  # our outgoing pipe
+        self.receive: PipeHandle | None = None  # our incoming pipe
+        self.listen_fd = -1  # our own doorbell's eventfds (-1: none, or a hub's share)
+        self.ring_fd = -1
+        self.hub: HubDoorbell | None = None
+        self.settled = False  # both sides reached ``ready``
+        self._done = False  # attached or released
 
-# --- client side -----------------------------------------------------------------------
-
-
-async def connect_control(address: str, budget: float) -> socket.socket:
-    """A connected socket to the control endpoint at ``address``.
-
-    A non-blocking connect to a Unix socket whose accept queue is full fails
-    with EAGAIN; the loop then waits for writability and reports success on a
-    socket that is not connected (its peer credentials read as uid -1).  Such
-    a connect is retried with back-off for ``budget`` seconds."""
-    loop = asyncio.get_running_loop()
-    path = "\0" + address[1:] if address.startswith("@") else address
-    give_up = loop.time() + budget
-    pause = RETRY_FIRST
-    tries = 0
-    while True:
-        tries += 1
-        try:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        except OSError as exc:
-            raise HandshakeFailed(
-                fallback.PROTOCOL_ERROR, f"cannot open a control socket: {exc}"
-            ) from None
-        try:
-            sock.setblocking(False)
-            await loop.sock_connect(sock, path)
-            sock.getpeername()  # ENOTCONN: the accept queue was full
-            return sock
-        except OSError as exc:
-            sock.close()
-            if exc.errno not in (errno.ENOTCONN, errno.EAGAIN):
-                raise HandshakeFailed(
-                    fallback.NOT_AIOCOLOC, f"control endpoint {address} does not answer: {exc}"
-                ) from None
-        except BaseException:
-            sock.close()
-            raise
-        if loop.time() + pause > give_up:
-            raise HandshakeFailed(
-                fallback.CONTROL_BUSY,
-                f"the accept queue of {address} stayed full ({tries} connects in {budget:.2f} s)",
-            )
-        await asyncio.sleep(pause)
-        pause = min(2 * pause, RETRY_MAX)
-
-
-async def _attempt(
-    record: Record, conn: ConnKey, pools: LocalPools, trust: Trust, budget: float
-) -> Agreement:
-    control = await connect_control(record.control, budget)
-    shared = None
-    if hub.hubs_usable():
-        try:
-            shared = hub.join_client_hub(record.control)
-        except (OSError, SegmentError):  # out of descriptors, say: this one offers none
-            pass
-    return await client_handshake(control, conn, pools, trust, record.pool, shared)
-
-
-async def agree(
-    records: Sequence[Record], conn: ConnKey, pools: LocalPools, trust: Trust, budget: float
-) -> Agreement:
-    """Handshake with every advertised endpoint at once and keep the first
-    agreement; the others are cancelled (their sockets closed) at once.
-
-    With several processes on one port (SO_REUSEPORT) only the one that
-    accepted the connection knows it, and the others would only say so after
-    their ``ACCEPT_GRACE``.  ``budget``: seconds a full accept queue is
-    retried."""
-    if len(records) == 1:  # the common case: no task
-        return await _attempt(records[0], conn, pools, trust, budget)
-    loop = asyncio.get_running_loop()
-    pending = {loop.create_task(_attempt(r, conn, pools, trust, budget)) for r in records}
-    failure: HandshakeFailed | None = None
-    try:
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            outcomes = [(task, task.exception()) for task in done if not task.cancelled()]
-            agreements = [task.result() for task, exc in outcomes if exc is None]
-            if agreements:
-                for extra in agreements[1:]:  # two endpoints that both claim us
-                    abandon(extra)
-                return agreements[0]
-            for _, exc in outcomes:
-                assert exc is not None
-                if not isinstance(exc, HandshakeFailed) or exc.reason not in _NOT_THIS_ONE:
-                    raise exc  # a real failure of the endpoint that knows us
-                if failure is None or _NOT_THIS_ONE[exc.reason] > _NOT_THIS_ONE[failure.reason]:
-                    failure = exc
-    finally:
-        for task in pending:
-            task.cancel()
-        if pending:  # let them close their sockets before we go on
-            await asyncio.wait(pending)
-            for task in pending:
-                if not task.cancelled() and task.exception() is None:
-                    abandon(task.result())
-    assert failure is not None
-    raise failure
-
-
-async def attach(transport: SwitchableTransport, agreement: Agreement) -> None:
-    """Give the agreed pipes to ``transport`` and send our bytes through them."""
-    pools = local_pools()
-    pool = agreement.pool
-    if transport.is_closing():
-        abandon(agreement)
-        return
-    try:
-        await attach_shared_memory(
-            transport,
-            pool,
-            send=agreement.send,
-            receive=agreement.receive,
-            listen_fd=agreement.listen_fd,
-            ring_fd=agreement.ring_fd,
-            control=agreement.control,
-            pending_control=agreement.unread,
-            on_detach=lambda: pools.release(pool),
-            hub=agreement.hub,
-        )
-    except BaseException:
-        abandon(agreement)
-        raise
-    if transport.is_closing():
-        return  # closing gives the pipes back
-    if not transport.tx_finished:  # after write_eof() only the other direction moves
-        transport.switch_tx("shm")
-    fallback.record_upgrade()
-
-
-def abandon(agreement: Agreement) -> None:
-    """Give up an agreement: its pipes, doorbell, socket and pool reference."""
-    pool = agreement.pool
-    abandon_pipes(pool, agreement.send, agreement.receive)
-    for fd in (agreement.listen_fd, agreement.ring_fd):
-        if fd < 0:
-            continue  # a hub's share (below)
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    if agreement.hub is not None:
-        agreement.hub.close()  # (idempotent: attaching may have taken it already)
-    agreement.control.close()
-    local_pools().release(pool)
-
-
-# --- server side -----------------------------------------------------------------------
-
-
-async def until_accepted(
-    waiter: asyncio.Future[SwitchableTransport], sock: socket.socket, grace: float
-) -> SwitchableTransport | None:
-    """``waiter``'s transport once our server accepted the connection, None
-    after ``grace`` seconds; raises ``ClientGone`` at once if the client
-    hangs up meanwhile (it found the endpoint that knows it).  ``waiter`` is
-    shared by the requests for one connection: it is never cancelled here."""
-    loop = asyncio.get_running_loop()
-    gone: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-
-    def readable() -> None:
-        try:
-            data = sock.recv(1, socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError):
+    def attach(self, transport: SwitchableTransport) -> None:
+        """Give everything to ``transport`` and send our bytes through the
+        pipes; a transport that closed meanwhile gets nothing (released)."""
+        if self._done:
+            raise RuntimeError("this agreement was attached or released already")
+        if not self.settled:
+            raise RuntimeError("the handshake has not settled this agreement")
+        pool, send, receive = self.pool, self.send, self.receive
+        assert pool is not None and send is not None and receive is not None
+        if transport.is_closing():
+            self.release()
             return
-        except OSError:
-            data = b""
-        loop.remove_reader(fd)  # a byte ahead of time is the handshake's business
-        if not data and not gone.done():
-            gone.set_result(None)
+        pools = self._pools
+        try:
+            attach_shared_memory(
+                transport,
+                pool,
+                send=send,
+                receive=receive,
+                listen_fd=self.listen_fd,
+                ring_fd=self.ring_fd,
+                control=self.channel,
+                on_detach=lambda: pools.release(pool),
+                hub=self.hub,
+            )
+        except BaseException:
+            self.release()
+            raise
+        self._done = True  # the transport owns it all now
+        if transport.is_closing():
+            return  # closing gives the pipes back
+        if not transport.tx_finished:  # after write_eof() only the other direction moves
+            transport.switch_tx("shm")
+        fallback.record_upgrade()
 
-    loop.add_reader(fd, readable)
-    try:
-        await asyncio.wait((waiter, gone), timeout=grace, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        loop.remove_reader(fd)
-        gone.cancel()
-    if waiter.done() and not waiter.cancelled():
-        return waiter.result()
-    if gone.done() and not gone.cancelled():
-        raise ClientGone
-    return None
+    def release(self) -> None:
+        """Give everything back.  Idempotent; a no-op once attached."""
+        if self._done:
+            return
+        self._done = True
+        pool = self.pool
+        if pool is not None:
+            made = [h for h in (self.send, self.receive) if h is not None]
+            if self._server and not self.settled:
+                for handle in made:  # the client may never have seen them: free them now
+                    try:
+                        pool.destroy_pipe(handle)
+                    except PoolError:
+                        pass
+            elif self.send is not None and self.receive is not None:
+                abandon_pipes(pool, self.send, self.receive)
+            self._pools.release(pool)
+        for fd in (self.listen_fd, self.ring_fd):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.listen_fd = self.ring_fd = -1
+        if self.hub is not None:
+            self.hub.close()
+        if self.settled:  # the peer may attach already: the loss that follows is no error
+            try:
+                self.channel.post(Close())
+            except ConnectionResetError:
+                pass
+        self.channel.close()
+
+
+def abandon_pipes(pool: Pool, send: PipeHandle, receive: PipeHandle) -> None:
+    """Give up agreed pipes we will never use: close our ends, so the peer
+    frees them when it closes its own, and free those it is done with."""
+    for handle, open_end in ((send, pool.pipe_producer), (receive, pool.pipe_consumer)):
+        try:
+            done = close_end(open_end(handle))
+        except (PoolError, RingError, ValueError):
+            continue  # gone already
+        if done:
+            try:
+                pool.destroy_pipe(handle)
+            except PoolError:
+                pass  # the peer freed it first

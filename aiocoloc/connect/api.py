@@ -25,8 +25,6 @@ from asyncio import sslproto
 from collections.abc import Callable
 from typing import Any
 
-from aiocoloc.connect.agreement import agree, attach
-from aiocoloc.connect.agreement import describe as _describe
 from aiocoloc.connect.colocation import local_pools
 from aiocoloc.connect.endpoint import ControlEndpoint
 from aiocoloc.connect.handshake import ConnKey, connection_key
@@ -41,6 +39,8 @@ from aiocoloc.connect.policy import (
     parse_upgrade,
 )
 from aiocoloc.connect.registry import Record, Registry
+from aiocoloc.connect.rendezvous import agree
+from aiocoloc.connect.rendezvous import describe as _describe
 from aiocoloc.connect.server import Server
 from aiocoloc.errors import HandshakeFailed, PoolError, RegistryError, SegmentError
 from aiocoloc.transport import SwitchableTransport, TcpAdapter, fallback
@@ -201,7 +201,7 @@ async def _upgrade_client(
             # reported as such, not as a timeout.
             budget = settings.handshake_timeout / 2
             agreement = await agree(records, conn, local_pools(), trust, budget)
-        await attach(transport, agreement)
+        agreement.attach(transport)
     except HandshakeFailed as failed:
         fallback.record(transport, failed.reason, failed.detail, where=where)
     except TimeoutError:

@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from aiocoloc import debug
 from aiocoloc.errors import PoolError
 from aiocoloc.shm import MemfdSegment, Pool, PoolConfig
 
@@ -39,6 +40,7 @@ class _Entry:
     idle_until: float | None = None  # time.monotonic() deadline while unused
 
     def take(self) -> Pool:
+        debug.live.pool_refs += 1
         self.refs += 1
         self.idle_until = None
         return self.pool
@@ -72,6 +74,7 @@ class LocalPools:
                 return self._pools[self._serving].take()
             pool = Pool.create(MemfdSegment.create(size, "aiocoloc-serving"), SERVING_POOL)
             self._pools[str(pool.id)] = _Entry(pool, 1)
+            debug.live.pool_refs += 1
             self._serving = str(pool.id)
             return pool
 
@@ -97,6 +100,7 @@ class LocalPools:
                     f"pool on the descriptor is {pool.id}, the peer announced {pool_id}"
                 )
             self._pools[pool_id] = _Entry(pool, 1)
+            debug.live.pool_refs += 1
             return pool
 
     def release(self, pool: Pool) -> None:
@@ -107,6 +111,7 @@ class LocalPools:
             if entry is None or entry.pool is not pool or entry.refs <= 0:
                 return
             entry.refs -= 1
+            debug.live.pool_refs -= 1
             if entry.refs > 0:
                 return
             if LINGER > 0:

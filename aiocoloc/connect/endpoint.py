@@ -13,12 +13,12 @@ import secrets
 import socket
 import weakref
 
-from aiocoloc.connect.agreement import CONTROL_BACKLOG, attach, until_accepted
-from aiocoloc.connect.agreement import describe as _describe
 from aiocoloc.connect.colocation import local_pools
 from aiocoloc.connect.handshake import ConnKey, connection_key, server_handshake
 from aiocoloc.connect.policy import SERVER_WATCH, UPGRADE_WATCH, Settings, Trust
-from aiocoloc.errors import ClientGone, HandshakeFailed
+from aiocoloc.connect.rendezvous import CONTROL_BACKLOG, until_accepted
+from aiocoloc.connect.rendezvous import describe as _describe
+from aiocoloc.errors import ClientGone, HandshakeAbandoned, HandshakeFailed
 from aiocoloc.notify.hub import HubTable
 from aiocoloc.transport import SwitchableTransport, fallback
 
@@ -163,7 +163,7 @@ class ControlEndpoint:
             try:
                 transport = await until_accepted(waiter, sock, ACCEPT_GRACE)
             except ClientGone:
-                raise HandshakeFailed(
+                raise HandshakeAbandoned(
                     fallback.PROTOCOL_ERROR, "the peer closed the control socket"
                 ) from None
             finally:
@@ -195,7 +195,7 @@ class ControlEndpoint:
                     sock, find, local_pools(), self._settings.pool_size, self._trust, self.hubs
                 )
             where = _describe(transport.get_extra_info("peername"))
-            await attach(transport, agreement)
+            agreement.attach(transport)
         except HandshakeFailed as failed:
             if found:
                 where = _describe(found[0].get_extra_info("peername"))
@@ -203,9 +203,8 @@ class ControlEndpoint:
             else:
                 # A client that hangs up asked another endpoint too (several
                 # processes on one port): no INFO line for each.
-                hung_up = failed.reason == fallback.PROTOCOL_ERROR and "closed" in failed.detail
                 _log.log(
-                    logging.DEBUG if hung_up else logging.INFO,
+                    logging.DEBUG if isinstance(failed, HandshakeAbandoned) else logging.INFO,
                     "refused an upgrade from %s: %s (%s)",
                     where,
                     failed.reason,

@@ -1,7 +1,18 @@
-"""The control channel: framed msgpack messages on a connection's control
-socket (Unix socket in one kernel, TCP between VMs), and the link an upgraded
-connection keeps for switches, doorbells and closing."""
+"""The control channel beside every data path: framed msgpack messages
+(``frames``), every message with its fields and types (``messages``), and the
+channel object that carries them for a connection's whole life, handshake
+and link (``channel``).  A Unix socket in one kernel, TCP between VMs."""
 
-from aiocoloc.control.frames import MAX_FRAME, ControlLink, FrameDecoder, encode_frame
+from aiocoloc.control.channel import ControlChannel
+from aiocoloc.control.frames import MAX_FRAME, FrameDecoder, encode_frame
+from aiocoloc.control.messages import PROTOCOL_VERSION, Message, decode
 
-__all__ = ["MAX_FRAME", "ControlLink", "FrameDecoder", "encode_frame"]
+__all__ = [
+    "MAX_FRAME",
+    "PROTOCOL_VERSION",
+    "ControlChannel",
+    "FrameDecoder",
+    "Message",
+    "decode",
+    "encode_frame",
+]

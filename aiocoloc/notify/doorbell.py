@@ -20,10 +20,14 @@ import logging
 import os
 from collections.abc import Callable
 
+from aiocoloc.control.frames import encode_frame
+from aiocoloc.control.messages import Bell
+
 __all__ = ["ControlDoorbell", "Doorbell", "new_eventfd"]
 
 _log = logging.getLogger("aiocoloc.notify.doorbell")
 _ONE = (1).to_bytes(8, "little")
+_BELL = encode_frame(Bell().fields())
 
 
 def new_eventfd() -> int:
@@ -88,12 +92,13 @@ class ControlDoorbell:
     """A doorbell carried as a message on the control channel.
 
     For peers in different kernels (VMs sharing an ivshmem pool), where no
-    eventfd can be passed: ringing sends ``{"op": "bell"}``; the transport
-    hands incoming bells to ``on_ring``.  Same interface as ``Doorbell``.
+    eventfd can be passed: ringing posts a ``bell`` message
+    (``aiocoloc.control.messages``), encoded once; the transport hands
+    incoming bells to ``on_ring``.  Same interface as ``Doorbell``.
     """
 
-    def __init__(self, send: Callable[[dict[str, str]], None]) -> None:
-        self._send = send
+    def __init__(self, post_frame: Callable[[bytes], None]) -> None:
+        self._post_frame = post_frame
         self._callback: Callable[[], None] | None = None
         self.rings = 0
         self.wakeups = 0
@@ -103,7 +108,7 @@ class ControlDoorbell:
         if self._closed:
             return
         try:
-            self._send({"op": "bell"})
+            self._post_frame(_BELL)
             self.rings += 1
         except ConnectionResetError:
             pass  # the link's loss is reported by the link

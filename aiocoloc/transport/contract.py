@@ -19,6 +19,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from aiocoloc import debug
+from aiocoloc.control.messages import Close
 from aiocoloc.transport.loop_watch import NO_TRAFFIC_GOAL
 from aiocoloc.transport.state import TransportState
 from aiocoloc.transport.switch_state import SHM
@@ -294,7 +296,7 @@ class LifeCycle(TransportState):
                 self._ring_peer_after(self._shm.producer.close)
             if self._link is not None and not self._link.closed:
                 try:
-                    self._link.send({"op": "close"})
+                    self._link.post(Close())
                 except ConnectionResetError:
                     pass
         if self._tcp is not None and not self._tcp_closed:
@@ -328,6 +330,7 @@ class LifeCycle(TransportState):
             return
         self._lost_called = True
         self._closing = True
+        debug.live.transports -= 1
         # Hooks often close over this transport: drop them, so that a closed
         # connection is freed by reference counting, not by the cycle
         # collector.  (A loop-watch marker still queued runs once, on the

@@ -6,13 +6,12 @@ on them."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from aiocoloc.control import ControlLink
+from aiocoloc.control import ControlChannel
 from aiocoloc.errors import PoolError
 from aiocoloc.notify.doorbell import ControlDoorbell, Doorbell
 from aiocoloc.notify.hub import HubDoorbell
@@ -89,7 +88,7 @@ def close_end(end: Any) -> bool:
     return done
 
 
-async def attach_shared_memory(
+def attach_shared_memory(
     transport: SwitchableTransport,
     pool: Any,
     *,
@@ -97,11 +96,10 @@ async def attach_shared_memory(
     receive: Any,
     listen_fd: int,
     ring_fd: int | None,
-    control: socket.socket,
+    control: ControlChannel | socket.socket,
     socket_bell: bool = False,
     elastic: ElasticConfig | None = ElasticConfig(),  # noqa: B008 - frozen
     spin: SpinConfig | None = SpinConfig(),  # noqa: B008 - frozen
-    pending_control: bytes = b"",
     on_detach: Callable[[], None] | None = None,
     hub: HubDoorbell | None = None,
 ) -> None:
@@ -114,17 +112,11 @@ async def attach_shared_memory(
     With ``elastic`` (the default) the outgoing pipe grows and shrinks with
     its demand (``aiocoloc.shm.elastic``); with ``None`` its size stays fixed.
     ``spin`` bounds how long the reader busy-waits before sleeping
-    (``aiocoloc.notify.spin``); ``None`` never spins.  ``pending_control``: control
-    bytes already read from ``control`` (after a handshake).  ``on_detach``
-    runs once the pipes are given back.
+    (``aiocoloc.notify.spin``); ``None`` never spins.  ``on_detach`` runs once
+    the pipes are given back.  Needs a running event loop.
     The transport stays in TCP mode until ``switch_tx``.
     """
-    loop = asyncio.get_running_loop()
-    _, link = await loop.create_unix_connection(
-        lambda: ControlLink(*transport.link_callbacks()), sock=control
-    )
-    if pending_control:
-        link.data_received(pending_control)
+    link = control if isinstance(control, ControlChannel) else ControlChannel(control)
 
     def give_back(incoming_done: bool, outgoing_done: bool) -> None:
         for handle, done in ((receive, incoming_done), (send, outgoing_done)):
@@ -143,7 +135,7 @@ async def attach_shared_memory(
                 os.close(fd)
         if hub is not None:
             hub.close()
-        doorbell = ControlDoorbell(link.send)
+        doorbell = ControlDoorbell(link.post_frame)
     elif hub is not None:
         doorbell = hub
     else:

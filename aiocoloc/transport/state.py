@@ -25,7 +25,7 @@ from aiocoloc.transport.loop_watch import NO_TRAFFIC_GOAL, LoopWatch
 from aiocoloc.transport.switch_state import NO_SWITCH, TCP, SwitchState
 
 if TYPE_CHECKING:
-    from aiocoloc.control import ControlLink
+    from aiocoloc.control import ControlChannel, Message
     from aiocoloc.transport.pipe_write import Resizing
     from aiocoloc.transport.shm_path import ShmPath
     from aiocoloc.transport.switchable import SwitchableTransport
@@ -45,7 +45,6 @@ class TransportState(asyncio.transports._FlowControlMixin):
     _overflow: bytearray  # written, not yet placed in the pipe
     _tcp_backlog: bytearray  # TCP bytes not delivered yet (a later TCP segment)
     _close_callbacks: list[Callable[[SwitchableTransport], object]]
-    _early_control: list[dict[str, Any]]
 
     _entered = False  # running in the connection's context already
     # _FlowControlMixin's state: asyncio's default limits, 64 KiB / 16 KiB.
@@ -58,7 +57,7 @@ class TransportState(asyncio.transports._FlowControlMixin):
     _direct = True
     _tcp: asyncio.Transport | None = None
     _shm: ShmPath | None = None
-    _link: ControlLink | None = None
+    _link: ControlChannel | None = None
     # Switching: the state machine (from attach_shm on), and the copies of
     # its answers that the data paths test.
     _switching: SwitchState | None = None
@@ -125,7 +124,7 @@ class TransportState(asyncio.transports._FlowControlMixin):
         def _check_traffic(self) -> None: ...
         def _release_shared_memory(self) -> None: ...
         def _advance_rx(self) -> None: ...
-        def _on_control(self, message: dict[str, Any]) -> None: ...
+        def _on_control(self, message: Message) -> None: ...
         def _on_link_lost(self, exc: BaseException | None) -> None: ...
         def switch_tx(self, target: str) -> int | None: ...
 

@@ -34,7 +34,9 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from aiocoloc.control import ControlLink
+from aiocoloc import debug
+from aiocoloc.control import ControlChannel
+from aiocoloc.control.messages import Close
 from aiocoloc.notify.spin import SpinPolicy
 from aiocoloc.transport.contract import LifeCycle, ProtocolCalls, reads_into_buffers
 from aiocoloc.transport.loop_watch import LoopWatch
@@ -91,7 +93,7 @@ class SwitchableTransport(
         self._overflow = bytearray()
         self._tcp_backlog = bytearray()
         self._close_callbacks = []
-        self._early_control = []
+        debug.live.transports += 1
         if tcp is not None:
             # The loop's TCP transport (asyncio's, or uvloop's, which is not an
             # asyncio.Transport) is our TCP side.
@@ -103,11 +105,16 @@ class SwitchableTransport(
 
     # ------------------------------------------------------------ set-up
 
-    def attach_shm(self, path: ShmPath, link: ControlLink) -> None:
-        """Give the transport its shared-memory path and control channel."""
+    def attach_shm(self, path: ShmPath, link: ControlChannel) -> None:
+        """Give the transport its shared-memory path and control channel (both
+        owned from now on); the channel serves the transport from here."""
         if self._shm is not None:
             raise RuntimeError("a shared-memory path is already attached")
         if self._lost_called:  # closed while the path was being set up
+            try:
+                link.post(Close())  # the loss that follows is no error
+            except ConnectionResetError:
+                pass
             link.close()
             path.close()
             return
@@ -122,9 +129,7 @@ class SwitchableTransport(
         if path.resizer is not None:  # an idle new pipe gives its first slices back
             self._resizing = Resizing(path.resizer, self._loop)
             self._resizing.enroll()
-        early, self._early_control = self._early_control, []
-        for message in early:
-            self._on_control(message)
+        link.serve(self._on_control, self._on_link_lost)
 
     def _release_shared_memory(self) -> None:
         self._overflow.clear()

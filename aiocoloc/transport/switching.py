@@ -4,22 +4,17 @@ messages.  The rules are the state machine's (``switch_state``); this
 applies its answers to the transport and keeps the copies its data paths
 test (``_tx``, ``_rx``, ``_rx_switch_at``).
 
-Control messages (msgpack maps on the control link, ``aiocoloc.control``):
-
-- ``{"op": "switch", "offset": N, "to": "shm"|"tcp"}``: the sender's stream
-  continues on that path from byte N; answered by
-- ``{"op": "switch-ack", "offset": N}``, after which the sender may switch again;
-- ``{"op": "bell"}``: a doorbell ring, for peers in different kernels;
-- ``{"op": "close"}``: the sender closes; the loss of the link that
-  follows is no error.
+The link's messages (``aiocoloc.control.messages``): ``Switch`` (the
+sender's stream continues on that path from byte N), answered by
+``SwitchAck``, after which the sender may switch again; ``Bell``, a doorbell
+ring for peers in different kernels; ``Close``: the sender closes, and the
+loss of the link that follows is no error.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-from aiocoloc.errors import ProtocolViolation
+from aiocoloc.control.messages import Bell, Close, Message, Switch, SwitchAck
+from aiocoloc.errors import ControlProtocolError, ProtocolViolation
 from aiocoloc.notify.doorbell import ControlDoorbell
 from aiocoloc.transport import fallback
 from aiocoloc.transport.state import TransportState
@@ -72,7 +67,7 @@ class Switching(TransportState):
             return self._tx_pos
         # To TCP, the pipe ends where the overflow begins.
         offset = self._tx_pos if target == SHM else self._tx_pos - len(self._overflow)
-        link.send({"op": "switch", "offset": offset, "to": target})
+        link.post(Switch(offset, target))
         state.announce(target, offset)
         self._tx = state.tx
         if target == TCP:
@@ -84,34 +79,30 @@ class Switching(TransportState):
         self.switches += 1
         return offset
 
-    def link_callbacks(
-        self,
-    ) -> tuple[Callable[[dict[str, Any]], None], Callable[[BaseException | None], None]]:
-        """What the control link calls: with each message, and once it is lost."""
-        return self._on_control, self._on_link_lost
-
-    def _on_control(self, message: dict[str, Any]) -> None:
-        if self._shm is None:  # the link delivers before attach_shm() returned
-            self._early_control.append(message)
-            return
-        op = message.get("op")
-        if op == "switch-ack":
-            self._on_switch_ack(message.get("offset"))
-        elif op == "bell":
-            doorbell = self._shm.doorbell
+    def _on_control(self, message: Message) -> None:
+        """A message on the control link (``ControlChannel.serve``)."""
+        if isinstance(message, Bell):
+            doorbell = self._shm.doorbell if self._shm is not None else None
             if isinstance(doorbell, ControlDoorbell):
                 doorbell.on_ring()
-        elif op == "close":
-            self._peer_closed_link = True  # a graceful close: its loss is no error
-        elif op == "switch":
+        elif isinstance(message, SwitchAck):
+            self._on_switch_ack(message.offset)
+        elif isinstance(message, Switch):
             self._on_switch(message)
+        elif isinstance(message, Close):
+            self._peer_closed_link = True  # a graceful close: its loss is no error
+        else:  # a handshake message on the link
+            self._fatal_error(
+                ConnectionResetError(f"peer sent {message.OP!r} on the control link"),
+                "protocol violation",
+            )
 
-    def _on_switch(self, message: dict[str, Any]) -> None:
+    def _on_switch(self, message: Switch) -> None:
         state = self._switching
         assert state is not None and self._link is not None
-        offset = message.get("offset")
+        offset = message.offset
         try:
-            state.announced(offset, message.get("to"), self._rx_pos)
+            state.announced(offset, message.to, self._rx_pos)
         except ProtocolViolation:
             self._fatal_error(
                 ConnectionResetError(f"peer announced an impossible switch: {message!r:.80}"),
@@ -120,12 +111,12 @@ class Switching(TransportState):
             return
         self._rx_switch_at = state.next_rx_switch
         try:
-            self._link.send({"op": "switch-ack", "offset": offset})
+            self._link.post(SwitchAck(offset))
         except ConnectionResetError:
             pass  # reported by the link's own loss
         self._advance_rx()
 
-    def _on_switch_ack(self, offset: Any) -> None:
+    def _on_switch_ack(self, offset: int) -> None:
         state = self._switching
         assert state is not None
         try:
@@ -152,6 +143,14 @@ class Switching(TransportState):
 
     def _on_link_lost(self, exc: BaseException | None) -> None:
         if self._lost_called or self._closing or self._peer_closed_link:
+            return
+        if isinstance(exc, ControlProtocolError):
+            # A live peer that breaks the protocol: its byte offsets cannot
+            # be trusted either, whichever path the bytes take now.
+            self._fatal_error(
+                ConnectionResetError(f"peer broke the control protocol: {exc}"),
+                "protocol violation",
+            )
             return
         if self._tx == SHM or self._rx == SHM or self._rx_switch_at != NO_SWITCH:
             self._peer_gone = True
