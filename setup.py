@@ -1,4 +1,6 @@
-"""Builds the Cython ring and the pool's atomics.  AIOCOLOC_NO_EXTENSIONS=1 skips the build."""
+"""Builds the Cython ring (``_ring.pyx`` and the ``_ring_*.pxi`` files it includes: one
+extension, so hot-path calls stay inline) and the pool's atomics.
+AIOCOLOC_NO_EXTENSIONS=1 skips the build."""
 
 import os
 

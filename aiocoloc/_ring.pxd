@@ -3,9 +3,14 @@
 # Shared-memory byte channels: the layouts, the memory ordering and the
 # classes that implement them.  This file is the one place where the layouts
 # of rings and pipes are drawn and explained.  The numbers themselves live in
-# _ring_layout.py, the one source both implementations read (with the attach
-# checks, geometry and resize planning); the enum below is their C copy for
-# the hot path, and _ring refuses to import unless it matches (LayoutMismatch).
+# _ring_layout.py, the one source both implementations read (with the region
+# and ring-header checks); the enum below is their C copy for the hot path,
+# and _ring refuses to import unless it matches (LayoutMismatch).  Pipe
+# geometry, the layout-slot codec and resize planning are _ring_pipe_layout.py;
+# the words of every run-time error, _ring_checks.py.  The classes below are
+# defined in the .pxi files _ring.pyx includes, one per concept: _ring_end
+# (_End), _ring_producer, _ring_consumer, _ring_contiguous (Ring*), _ring_pipe
+# (Pipe*, _PipeGeometry); the pure-Python twin has one _ring_py_* module each.
 # (The pool that holds pipes is laid out in aiocoloc/shm/layout.py.)
 #
 # Position cells (shared by rings and pipes)
@@ -199,6 +204,7 @@ cdef class _End:
     cdef object __weakref__      # pools track the ends they hand out
     # Placement.  A contiguous ring: its capacity (local copy, validated at
     # attach).  A pipe: the pool geometry and the layouts, copied locally.
+    # Bound by the placements' attach functions, _attach_ring/_attach_pipe.
     cdef uint64_t _capacity
     cdef uint64_t _mask
     cdef bint _is_pipe
@@ -217,10 +223,8 @@ cdef class _End:
     cdef int _check_usable(self) except -1
     cdef int _corrupt(self, str what) except -1
     cdef int _attach_positions(self, uint64_t *head, uint64_t *tail) except -1
-    cdef int _attach_pipe(self, object region, object entry_offset, object data_offset,
-                          object slice_size, object slice_count, object max_slices) except -1
-    # Placement: where position ``pos`` lives (both ends); the contiguous
-    # ring's by default, pipes override.
+    # Placement: where position ``pos`` lives (both ends): the contiguous
+    # ring's, or the pipe's when _is_pipe (a branch on a local flag).
     cdef Span _locate(self, uint64_t pos) noexcept nogil
     # The highest tail allowed when the consumer is at ``head``.
     cdef uint64_t _limit(self, uint64_t head) noexcept nogil
@@ -266,6 +270,8 @@ cdef class RingConsumer(_Consumer):
 
 
 cdef class PipeProducer(_Producer):
+    # The layout the consumer acknowledged: ours (_seq) or the one before.
+    cdef uint64_t _check_ack(self) except? 0xFFFFFFFFFFFFFFFF
     cdef int _publish(self, uint64_t start, list slices) except -1
 
 

@@ -1,20 +1,21 @@
-"""The cold path both ring implementations share: layout numbers, attach checks,
-geometry and resize planning.
+"""The cold path both ring implementations share: layout numbers, region and
+ring-header checks.
 
 This module is the single source of the ring header and pipe entry offsets
 (drawn and explained in ``_ring.pxd``, next to the memory ordering).  The
 pure-Python reference (``_ring_py``) reads them from here; the Cython core
 needs them as C constants, so ``_ring.pxd`` repeats them in an enum and
 ``_ring`` calls ``check_compiled_layout`` when it loads: a build that
-disagrees does not import.  Everything here runs at attach, format or resize
-time, never per byte or per message, so both twins share one copy of each
-check and each error message.
+disagrees does not import.  Everything here runs at attach or format time,
+never per byte or per message, so both twins share one copy of each check
+and each error message.  Pipe entries (geometry, layout slots, resize
+planning) are ``_ring_pipe_layout``'s.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import Any
 
 from aiocoloc.errors import LayoutMismatch, RingAttachError
 
@@ -38,21 +39,16 @@ __all__ = [
     "OFF_PRODUCER_WAITING",
     "OFF_TAIL",
     "OFF_VERSION",
-    "PipeGeometry",
     "check_compiled_layout",
-    "check_first_layout",
-    "check_pipe_entry",
     "check_region",
-    "check_resize",
+    "check_ring_header",
     "format_capacity",
     "is_pow2",
     "not_a_buffer",
     "not_writable",
-    "pipe_entry_size",
-    "plan_resize",
+    "ring_header",
     "ring_header_problem",
     "ring_size",
-    "slot_size",
 ]
 
 # --- the numbers (drawn in _ring.pxd) ------------------------------------------------
@@ -216,102 +212,28 @@ def ring_header_problem(
     return None
 
 
-# --- elastic pipes ----------------------------------------------------------------------
+def ring_header(capacity: int) -> bytes:
+    """The header ``format_ring`` writes for ``capacity`` data bytes, positions
+    and flags zero, but the magic zero too: the twins store ``MAGIC`` last, so
+    whoever sees the magic sees a whole header."""
+    header = bytearray(HEADER_SIZE)
+    header[OFF_VERSION : OFF_VERSION + 4] = LAYOUT_VERSION.to_bytes(4, "little")
+    header[OFF_HEADER_SIZE : OFF_HEADER_SIZE + 4] = HEADER_SIZE.to_bytes(4, "little")
+    header[OFF_CAPACITY : OFF_CAPACITY + 8] = capacity.to_bytes(8, "little")
+    return bytes(header)
 
 
-def slot_size(max_slices: int) -> int:
-    """Bytes of one layout slot holding up to ``max_slices`` indices (8-aligned)."""
-    return (LAYOUT_SLOT_HEADER + 4 * max_slices + 7) & ~7
+def check_ring_header(magic: bytes, header: bytes, length: int) -> int:
+    """The capacity of the ring whose ``header`` was copied from a region of
+    ``length`` bytes, or ``RingAttachError`` if it cannot be attached.
 
-
-def pipe_entry_size(max_slices: int) -> int:
-    """Bytes of a pipe entry whose layouts hold up to ``max_slices`` slices."""
-    if max_slices < 1:
-        raise ValueError(f"max_slices must be >= 1, got {max_slices!r}")
-    return (OFF_LAYOUT_SLOTS + 2 * slot_size(max_slices) + 63) & ~63
-
-
-class PipeGeometry(NamedTuple):
-    """Where a pipe and its pool's slices are, checked against the region."""
-
-    entry_offset: int
-    data_offset: int
-    slice_size: int
-    slice_shift: int  # log2(slice_size)
-    slice_count: int
-    max_slices: int
-    slot_size: int  # bytes of one layout slot
-
-    @classmethod
-    def checked(
-        cls, region_len: int, entry: int, data: int, size: int, count: int, most: int
-    ) -> PipeGeometry:
-        """The geometry, or ``ValueError``/``RingAttachError`` if the region cannot hold it."""
-        if size < 64 or not is_pow2(size):
-            raise ValueError(f"slice size must be a power of two >= 64, got {size!r}")
-        if most < 1 or count < 1:
-            raise ValueError("a pipe needs max_slices >= 1 and a pool with slices")
-        if entry % 64 or data % 64:
-            raise RingAttachError("pipe entry and slices must be 64-byte aligned")
-        if entry + pipe_entry_size(most) > region_len:
-            raise RingAttachError(
-                f"pipe entry at {entry} does not fit a region of {region_len} bytes"
-            )
-        if data + count * size > region_len:
-            raise RingAttachError(
-                f"{count} slices of {size} bytes at {data} do not fit a region of {region_len} bytes"
-            )
-        return cls(entry, data, size, size.bit_length() - 1, count, most, slot_size(most))
-
-
-def check_first_layout(max_slices: int, slices: Sequence[int]) -> None:
-    """Raise ``ValueError`` unless ``slices`` can be a pipe's first layout."""
-    if not 1 <= len(slices) <= max_slices:
-        raise ValueError(f"a pipe needs 1..{max_slices} slices, got {len(slices)}")
-
-
-def check_pipe_entry(length: int, entry_offset: int, max_slices: int) -> int:
-    """The size of a pipe entry at ``entry_offset``, or ``RingAttachError``
-    unless it is 64-byte aligned and fits a region of ``length`` bytes."""
-    size = pipe_entry_size(max_slices)
-    if entry_offset % 64 or entry_offset + size > length:
-        raise RingAttachError(f"pipe entry at {entry_offset} does not fit the region")
-    return size
-
-
-def check_resize(
-    n: int, keep: int, added: Sequence[int], slice_count: int, max_slices: int
-) -> list[int]:
-    """Check a resize request against a current layout of ``n`` slices in a
-    pool of ``slice_count``; return the added slice indices as a list."""
-    new_slices = [int(i) for i in added]
-    if keep < 0 or keep > n:
-        raise ValueError(f"keep must be in 0..{n}, got {keep}")
-    total = keep + len(new_slices)
-    if total < 1 or total > max_slices:
-        raise ValueError(f"a pipe needs 1..{max_slices} slices, got {total}")
-    for i in new_slices:
-        if not 0 <= i < slice_count:
-            raise ValueError(f"slice {i} is not in the pool ({slice_count} slices)")
-    return new_slices
-
-
-def plan_resize(
-    current: Sequence[int], current_start: int, tail: int, keep: int, added: list[int], size: int
-) -> tuple[int, list[int], list[int]]:
-    """Where a checked resize takes effect: ``(switch position, new slices,
-    dropped slices)`` for a layout ``current`` starting at ``current_start``."""
-    # The slice boundary at or below tail: bytes already written from there
-    # on sit where both layouts put them (see _ring.pxd).
-    start = current_start + (tail - current_start) // size * size
-    if keep == 0 and start != tail:
-        raise ValueError(
-            "keep must be >= 1: the bytes written since the last slice "
-            "boundary stay in the first slice"
-        )
-    rotation = ((start - current_start) // size) % len(current)
-    rotated = list(current[rotation:]) + list(current[:rotation])
-    new = rotated[:keep] + added
-    if len(set(new)) != len(new):
-        raise ValueError("a slice cannot appear twice in a pipe")
-    return start, new, rotated[keep:]
+    ``magic`` is the magic as loaded first (with acquire: the creator stores
+    it last), ``header`` a copy of the header taken after it.
+    """
+    version = int.from_bytes(header[OFF_VERSION : OFF_VERSION + 4], "little")
+    header_size = int.from_bytes(header[OFF_HEADER_SIZE : OFF_HEADER_SIZE + 4], "little")
+    capacity = int.from_bytes(header[OFF_CAPACITY : OFF_CAPACITY + 8], "little")
+    problem = ring_header_problem(magic, version, header_size, capacity, length)
+    if problem is not None:
+        raise RingAttachError(problem)
+    return capacity

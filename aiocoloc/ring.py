@@ -3,8 +3,10 @@
 ``AIOCOLOC_NO_EXTENSIONS=1`` selects the pure-Python reference; otherwise the
 Cython core is used and the reference only stands in (with a warning in the
 log) when the extension was not built.  Both have the same API and raise the
-same exceptions (``aiocoloc.errors``); both take their layout numbers, attach
-checks and resize planning from ``_ring_layout``.  A compiled core built with
+same exceptions with the same messages (``aiocoloc.errors``); both take their
+layout numbers and attach checks from ``_ring_layout``, pipe geometry, the
+layout-slot codec and resize planning from ``_ring_pipe_layout``, and the words
+of their run-time errors from ``_ring_checks``.  A compiled core built with
 other layout numbers refuses to import (``LayoutMismatch``): that is a stale
 build to fix, not a missing one to stand in for.
 """
