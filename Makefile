@@ -6,10 +6,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
-EXT_SOURCES := aiocoloc/_ring.pyx aiocoloc/_ring.pxd aiocoloc/shm/_atomic.pyx aiocoloc/includes/atomics.h
+EXT_SOURCES := aiocoloc/_ring.pyx aiocoloc/_ring.pxd $(wildcard aiocoloc/_ring_*.pxi) aiocoloc/shm/_atomic.pyx aiocoloc/includes/atomics.h
 PYTEST_ARGS ?=
 
-.PHONY: all venv build demo test lint typecheck pytest bench clean
+.PHONY: all venv build demo test lint typecheck pytest soak fuzz bench clean
 
 all: build
 
@@ -41,6 +41,19 @@ pytest: build
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# Long runs, not part of `make test`.  SOAK_SECONDS per loop; FUZZ_SCALE
+# multiplies the examples of every property, model and fuzz test.
+SOAK_SECONDS ?= 300
+FUZZ_SCALE ?= 20
+
+soak: build
+	AIOCOLOC_SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest tests/soak $(PYTEST_ARGS)
+
+fuzz: build
+	AIOCOLOC_FUZZ_SCALE=$(FUZZ_SCALE) $(PY) -m pytest --timeout=0 \
+		tests/test_ring_fuzz.py tests/test_ring_model.py tests/test_pipe_model.py \
+		tests/test_handshake_fuzz.py tests/test_control.py tests/test_pool.py $(PYTEST_ARGS)
 
 bench: build
 	$(PY) bench/ring.py

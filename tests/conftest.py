@@ -20,6 +20,8 @@ try:
 except ImportError:  # pragma: no cover - the suite builds the extension first
     _ring_c = None
 
+#: ``make fuzz`` multiplies the examples of every property and model test.
+FUZZ_SCALE = max(1, int(os.environ.get("AIOCOLOC_FUZZ_SCALE", "1")))
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "aiocoloc"
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from aiocoloc.control import MAX_FRAME, FrameDecoder, encode_frame, messages
 from aiocoloc.errors import ControlProtocolError, UnknownOperation, VersionMismatch
 
+from .conftest import FUZZ_SCALE
 from .test_transport import connect, run, teardown
 
 
@@ -53,7 +54,7 @@ def test_decoder_rejects_garbage(body: bytes, message: str) -> None:
         FrameDecoder().feed(struct.pack(">I", len(body)) + body)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300 * FUZZ_SCALE)
 @given(st.binary(max_size=200))
 def test_decoder_never_fails_otherwise(data: bytes) -> None:
     """Arbitrary bytes: messages, a clear ControlProtocolError, or waiting for more."""
@@ -193,6 +194,37 @@ def test_an_unknown_operation_on_the_link_is_skipped() -> None:
         await pair.client_protocol.wait_for_bytes(len(payload))
         assert pair.client_protocol.data == payload
         assert not pair.client_protocol.lost.done()
+        await teardown(pair)
+
+    run("asyncio", scenario)
+
+
+def test_a_switch_deferred_before_close_is_dropped_and_the_close_completes() -> None:
+    """Found by ``make soak``: the acknowledgement of a switch arrived after
+    close(), the deferred switch raised inside the control channel's
+    callback, and the connection never finished closing."""
+
+    async def scenario() -> None:
+        errors: list[Any] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
+        pair = await connect("shm")
+        while pair.client._switching.unacknowledged is not None:  # type: ignore[union-attr]
+            await asyncio.sleep(0.001)
+        pair.server.pause_reading()  # the close waits for TCP to drain: the ack comes first
+        assert pair.client.switch_tx("tcp") is not None
+        assert pair.client.switch_tx("shm") is None  # deferred until the ack
+        payload = os.urandom(8 << 20)
+        pair.client.write(payload)
+        pair.client.close()
+        await asyncio.sleep(0.2)
+        pair.server.resume_reading()
+        async with asyncio.timeout(5):
+            assert await pair.client_protocol.lost is None
+            await pair.server_protocol.eof
+            assert pair.server_protocol.data == payload
+            pair.server.close()  # (the recorder keeps its end open after EOF)
+            assert await pair.server_protocol.lost is None
+        assert errors == []
         await teardown(pair)
 
     run("asyncio", scenario)

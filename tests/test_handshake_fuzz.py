@@ -20,7 +20,7 @@ from aiocoloc.control import encode_frame
 from aiocoloc.shm import MemfdSegment
 from aiocoloc.transport import fallback
 
-from .conftest import open_fds
+from .conftest import FUZZ_SCALE, open_fds
 from .test_connect import FakeControl, fell_back, recv_message, roundtrip
 from .test_transport import run
 
@@ -107,7 +107,7 @@ async def _play(script: list[Any], sock: socket.socket) -> None:
             os.close(fd)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60 * FUZZ_SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(script=steps, warm=st.booleans())
 @example(script=[("frame", {"op": "pipes"}, ["pipe"])], warm=False)  # fds with the wrong message
 @example(script=[("frame", {"op": "pool", "version": 1, "pool": "p"}, ["memfd"])], warm=False)

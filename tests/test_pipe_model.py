@@ -16,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from aiocoloc import _ring_py
 from aiocoloc.errors import RingAttachError, RingCorrupted
 
-from .conftest import _ring_c
+from .conftest import FUZZ_SCALE, _ring_c
 
 SLICE = 64
 SLICES = 16
@@ -151,7 +151,7 @@ class PipeAgainstModel(RuleBasedStateMachine):
 
 
 class TestPythonPipeModel(PipeAgainstModel.TestCase):  # type: ignore[name-defined]
-    settings = settings(max_examples=150, stateful_step_count=80, deadline=None)
+    settings = settings(max_examples=150 * FUZZ_SCALE, stateful_step_count=80, deadline=None)
 
 
 if _ring_c is not None:
@@ -160,7 +160,7 @@ if _ring_c is not None:
         impl = _ring_c
 
     class TestCythonPipeModel(CythonPipeAgainstModel.TestCase):  # type: ignore[name-defined]
-        settings = settings(max_examples=200, stateful_step_count=80, deadline=None)
+        settings = settings(max_examples=200 * FUZZ_SCALE, stateful_step_count=80, deadline=None)
 
 
 # --- rules one at a time --------------------------------------------------------
@@ -370,7 +370,7 @@ def run_pipe_ops(impl: ModuleType, ops: list[tuple[str, int]]) -> list[Any]:
 
 
 @pytest.mark.skipif(_ring_c is None, reason="Cython ring not built")
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300 * FUZZ_SCALE, deadline=None)
 @given(ops=PIPE_OPS)
 def test_pipe_implementations_agree(ops: list[tuple[str, int]]) -> None:
     assert run_pipe_ops(_ring_c, ops) == run_pipe_ops(_ring_py, ops)

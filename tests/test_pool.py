@@ -21,7 +21,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from aiocoloc.errors import PoolError, PoolExhausted
 from aiocoloc.shm import MemfdSegment, Pool, PoolConfig, PosixShmSegment
 
-from .conftest import SHM_PREFIX
+from .conftest import FUZZ_SCALE, SHM_PREFIX
 
 PEER = Path(__file__).with_name("pool_peer.py")
 SMALL = PoolConfig(slice_size=4096, max_members=16, max_pipes=32, max_slices_per_pipe=16, lease=0.5)
@@ -356,7 +356,9 @@ class PoolChurn(RuleBasedStateMachine):
 
 
 TestPoolChurn = PoolChurn.TestCase
-TestPoolChurn.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+TestPoolChurn.settings = settings(
+    max_examples=40 * FUZZ_SCALE, stateful_step_count=30, deadline=None
+)
 
 
 LEAVER = """

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import _ring_c
+from .conftest import FUZZ_SCALE, _ring_c
 
 WORKER = Path(__file__).with_name("ring_fuzz_worker.py")
 
@@ -25,13 +25,13 @@ WORKER = Path(__file__).with_name("ring_fuzz_worker.py")
         pytest.param("aiocoloc._ring_py", id="python"),
     ],
 )
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(300 * FUZZ_SCALE)
 def test_fuzzed_headers_never_crash(module: str) -> None:
     proc = subprocess.run(
-        [sys.executable, str(WORKER), module, "400"],
+        [sys.executable, str(WORKER), module, str(400 * FUZZ_SCALE)],
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=280 * FUZZ_SCALE,
     )
     assert proc.returncode == 0, (
         f"fuzz worker died with {proc.returncode} (negative: killed by signal)\n"

@@ -19,7 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from aiocoloc import _ring_layout, _ring_py
 from aiocoloc.errors import LayoutMismatch, RingClosed
 
-from .conftest import _ring_c
+from .conftest import FUZZ_SCALE, _ring_c
 
 CAPACITIES = st.sampled_from([16, 32, 64, 256, 4096])
 
@@ -154,7 +154,7 @@ class RingAgainstModel(RuleBasedStateMachine):
 
 
 class TestPythonRingModel(RingAgainstModel.TestCase):  # type: ignore[name-defined]
-    settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+    settings = settings(max_examples=150 * FUZZ_SCALE, stateful_step_count=60, deadline=None)
 
 
 if _ring_c is not None:
@@ -163,7 +163,7 @@ if _ring_c is not None:
         impl = _ring_c
 
     class TestCythonRingModel(CythonRingAgainstModel.TestCase):  # type: ignore[name-defined]
-        settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+        settings = settings(max_examples=150 * FUZZ_SCALE, stateful_step_count=60, deadline=None)
 
 
 # --- differential: the same operations give the same results on both --------
@@ -219,7 +219,7 @@ def run_operations(impl: ModuleType, capacity: int, ops: list[tuple[str, int]]) 
 
 
 @pytest.mark.skipif(_ring_c is None, reason="Cython ring not built")
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300 * FUZZ_SCALE, deadline=None)
 @given(capacity=CAPACITIES, ops=OPERATIONS)
 def test_implementations_agree(capacity: int, ops: list[tuple[str, int]]) -> None:
     assert run_operations(_ring_c, capacity, ops) == run_operations(_ring_py, capacity, ops)

@@ -211,8 +211,10 @@ class ControlChannel:
     def _lost(self, exc: BaseException | None) -> None:
         if self.closed:
             return
-        if exc is not None:
+        if isinstance(exc, ControlProtocolError):
             _log.warning("control channel lost: %s", exc)
+        elif exc is not None:  # the peer went, or closed first: its transport says more
+            _log.debug("control channel lost: %s", exc)
         on_lost = self._on_lost
         self._out.clear()  # nobody reads it any more
         self.close()

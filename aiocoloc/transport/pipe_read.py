@@ -14,12 +14,17 @@ from aiocoloc.notify.spin import AFTER_EMPTY, AFTER_WRITE
 from aiocoloc.transport.state import TransportState
 from aiocoloc.transport.switch_state import SHM
 
-__all__ = ["DRAIN_BUDGET", "READ_CHUNK", "PipeReadPath"]
+__all__ = ["DRAIN_BUDGET", "HOLD_LIMIT", "READ_CHUNK", "PipeReadPath"]
 
 #: Bytes moved from a pipe to the protocol before yielding to the loop.
 DRAIN_BUDGET = 4 << 20
 #: Largest chunk handed to ``Protocol.data_received``.
 READ_CHUNK = 256 * 1024
+#: Bytes a reader whose protocol paused reading still takes from its pipe
+#: and keeps, as a socket's receive buffer goes on filling (Linux lets a
+#: loopback socket's grow to 6 MiB): a peer that writes a large message
+#: before it reads ours must not find us both waiting for room.
+HOLD_LIMIT = 4 << 20
 
 
 class PipeReadPath(TransportState):
@@ -77,8 +82,13 @@ class PipeReadPath(TransportState):
     def _drain(self) -> None:
         """Move bytes from the incoming pipe to the protocol."""
         shm = self._shm
-        if shm is None or shm.closed or self._paused_reading or self._rx_eof or self._lost_called:
+        if shm is None or shm.closed or self._rx_eof or self._lost_called:
             return
+        if self._paused_reading:
+            self._hold()
+            return
+        if self._rx_held and not self._deliver_held():
+            return  # paused again
         consumer = shm.consumer
         moved = 0
         self._woke_peer = False
@@ -115,6 +125,8 @@ class PipeReadPath(TransportState):
             else:
                 if moved >= DRAIN_BUDGET:
                     self._schedule_drain()  # let other callbacks run, then go on
+                elif self._paused_reading and not self._lost_called:
+                    self._hold()
                 return
             if shm.closed:
                 return  # get_buffer() failed: the pipes are gone
@@ -123,6 +135,47 @@ class PipeReadPath(TransportState):
             self._fatal_error(
                 ConnectionResetError(f"shared-memory pipe corrupted: {exc}"), "pipe corrupted"
             )
+
+    def _hold(self) -> None:
+        """The protocol paused reading: go on emptying the pipe into a buffer
+        of our own, up to ``HOLD_LIMIT`` and never past the next switch, and
+        be rung when more comes.  Delivered first once reading resumes."""
+        shm = self._shm
+        assert shm is not None
+        consumer = shm.consumer
+        held = self._rx_held
+        if held is None:
+            held = self._rx_held = bytearray()
+        data: Any = None
+        try:
+            while len(held) < HOLD_LIMIT:
+                room = min(self._rx_switch_at - self._rx_pos - len(held), HOLD_LIMIT - len(held))
+                if room <= 0:
+                    return  # the rest comes after the switch, or after resume_reading
+                data = consumer.read(min(room, READ_CHUNK))
+                if not data:
+                    break  # None: empty for now; b"": EOF, left for the drain after resuming
+                held += data
+                if consumer.wake_needed():
+                    shm.doorbell.ring()  # the producer waits for the space we freed
+            else:
+                return  # full: resume_reading drains
+            if data is None and not self._rx_asleep:
+                self._sleep()
+        except RingCorrupted as exc:
+            self._fatal_error(
+                ConnectionResetError(f"shared-memory pipe corrupted: {exc}"), "pipe corrupted"
+            )
+
+    def _deliver_held(self) -> bool:
+        """Deliver what ``_hold`` kept; False if the protocol paused again first."""
+        held = self._rx_held
+        assert held is not None
+        while held and not self._paused_reading and not self._lost_called:
+            chunk = bytes(held[:READ_CHUNK])
+            del held[:READ_CHUNK]
+            self._deliver(chunk)
+        return not held
 
     def _wait_for_bytes(self, trigger: int) -> None:
         """The incoming pipe is empty (``AFTER_EMPTY``) or we just wrote and a

@@ -44,6 +44,7 @@ class TransportState(asyncio.transports._FlowControlMixin):
     _buffered: bool  # we copy into the protocol's buffers (get_buffer/buffer_updated)
     _overflow: bytearray  # written, not yet placed in the pipe
     _tcp_backlog: bytearray  # TCP bytes not delivered yet (a later TCP segment)
+    _rx_held: bytearray | None = None  # pipe bytes taken while the protocol paused reading
     _close_callbacks: list[Callable[[SwitchableTransport], object]]
 
     _entered = False  # running in the connection's context already

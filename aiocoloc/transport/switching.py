@@ -76,6 +76,9 @@ class Switching(TransportState):
                 self._tcp.write(bytes(self._overflow))
                 self._overflow.clear()
             self._waiting_space = False
+            # A writer paused for the overflow: resumed now unless the loop's
+            # transport took over the pause (it resumes it when it drains).
+            self._maybe_resume_protocol()
         self.switches += 1
         return offset
 
@@ -125,9 +128,9 @@ class Switching(TransportState):
             self._fatal_error(ConnectionResetError(str(exc)), "protocol violation")
             return
         self._tx = state.tx
-        if target is not None and not self._lost_called:
-            if not (self._eof_written or self._eof_pending):
-                self.switch_tx(target)
+        if target is None or self._closing or self._eof_written or self._eof_pending:
+            return  # a switch deferred before close() or write_eof() is dropped: they end the stream where it is
+        self.switch_tx(target)
 
     def _advance_rx(self) -> None:
         """Take pending switches whose offset is reached, then feed the new path."""
