@@ -12,9 +12,11 @@ pools) for a count of our own to be trusted more than the kernel's.
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import asdict, dataclass
+from typing import Any
 
-__all__ = ["LiveCounts", "live", "open_descriptors"]
+__all__ = ["LiveCounts", "live", "open_descriptors", "track_end"]
 
 
 @dataclass
@@ -22,20 +24,31 @@ class LiveCounts:
     """How many of each are alive in this process."""
 
     transports: int = 0  # SwitchableTransports not yet lost
-    pipe_ends: int = 0  # producer/consumer ends of pool pipes not yet released
     pool_refs: int = 0  # references this process holds on pools (connections, servers)
     control_channels: int = 0  # control sockets not yet closed
 
+    @property
+    def pipe_ends(self) -> int:
+        """Producer and consumer ends of pool pipes made and not yet released
+        (counted on demand: an end's release is its own business)."""
+        return sum(1 for end in _ends if not end.released)
+
     def snapshot(self) -> dict[str, int]:
-        return asdict(self)
+        return {**asdict(self), "pipe_ends": self.pipe_ends}
 
     def nonzero(self) -> dict[str, int]:
         """The counts that are not zero (what a leak check reports)."""
-        return {name: n for name, n in asdict(self).items() if n}
+        return {name: n for name, n in self.snapshot().items() if n}
 
 
 #: This process's counts.
 live = LiveCounts()
+_ends: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def track_end(end: Any) -> None:
+    """Count a pipe end (``aiocoloc.shm.Pool`` makes them) until it is released."""
+    _ends.add(end)
 
 
 def open_descriptors() -> int:

@@ -60,8 +60,8 @@ def no_shm_leak() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def no_live_objects() -> Iterator[None]:
-    """Fail any test after which more transports, control channels or pool
-    references are alive than before it (``aiocoloc.debug``): a leak fails
+    """Fail any test after which more transports, control channels, pipe
+    ends or pool references are alive than before it (``aiocoloc.debug``): a leak fails
     the test that caused it."""
     before = debug.live.snapshot()
     yield

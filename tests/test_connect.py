@@ -1211,11 +1211,13 @@ def test_debug_counts_follow_connections_and_return_to_zero(loop_kind: str) -> N
             assert now["transports"] == 6  # both ends of each
             assert now["control_channels"] == 6
             assert now["pool_refs"] >= 6  # each end's, plus the server's own
+            assert now["pipe_ends"] == 12  # a producer and a consumer at each end
             for writer in writers:
                 writer.close()
                 await writer.wait_closed()
             await until(lambda: grown()["transports"] == 0, "the transports to go")
         await until(lambda: grown()["control_channels"] == 0, "the channels to close")
         await until(lambda: grown()["pool_refs"] == 0, "the pool references to go")
+        assert grown()["pipe_ends"] == 0
 
     run(loop_kind, scenario)

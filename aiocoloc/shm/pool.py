@@ -17,7 +17,7 @@ import weakref
 from contextlib import AbstractContextManager
 from typing import Any
 
-from aiocoloc import ring
+from aiocoloc import debug, ring
 from aiocoloc.errors import PoolBusy, PoolError, SegmentError
 from aiocoloc.shm.atomic import SharedWords, atomics_are_process_safe
 from aiocoloc.shm.layout import (
@@ -278,12 +278,14 @@ class Pool:
         """The writing end of a pipe whose producer is this member."""
         end = ring.PipeProducer(self._region, *self._pipes.end_args(handle, P_PRODUCER, self.slot))
         self._ends.add(end)
+        debug.track_end(end)
         return end
 
     def pipe_consumer(self, handle: PipeHandle) -> Any:
         """The reading end of a pipe whose consumer is this member."""
         end = ring.PipeConsumer(self._region, *self._pipes.end_args(handle, P_CONSUMER, self.slot))
         self._ends.add(end)
+        debug.track_end(end)
         return end
 
     # -- accounting and closing -------------------------------------------------
