@@ -21,9 +21,11 @@ DRAIN_BUDGET = 4 << 20
 #: Largest chunk handed to ``Protocol.data_received``.
 READ_CHUNK = 256 * 1024
 #: Bytes a reader whose protocol paused reading still takes from its pipe
-#: and keeps, as a socket's receive buffer goes on filling (Linux lets a
-#: loopback socket's grow to 6 MiB): a peer that writes a large message
-#: before it reads ours must not find us both waiting for room.
+#: and keeps while its own writer waits for room too: two peers that each
+#: write a large message before they read would otherwise wait for each
+#: other for good, where sockets' buffers (Linux grows a loopback socket's
+#: to 6 MiB) would have held it.  Only then: a reader that is merely slower
+#: than its writer leaves the bytes in the pipe (no copy).
 HOLD_LIMIT = 4 << 20
 
 
@@ -85,7 +87,8 @@ class PipeReadPath(TransportState):
         if shm is None or shm.closed or self._rx_eof or self._lost_called:
             return
         if self._paused_reading:
-            self._hold()
+            if self._overflow:  # we wait for the peer, who may wait for us
+                self._hold()
             return
         if self._rx_held and not self._deliver_held():
             return  # paused again
@@ -125,7 +128,7 @@ class PipeReadPath(TransportState):
             else:
                 if moved >= DRAIN_BUDGET:
                     self._schedule_drain()  # let other callbacks run, then go on
-                elif self._paused_reading and not self._lost_called:
+                elif self._paused_reading and self._overflow and not self._lost_called:
                     self._hold()
                 return
             if shm.closed:
@@ -137,9 +140,10 @@ class PipeReadPath(TransportState):
             )
 
     def _hold(self) -> None:
-        """The protocol paused reading: go on emptying the pipe into a buffer
-        of our own, up to ``HOLD_LIMIT`` and never past the next switch, and
-        be rung when more comes.  Delivered first once reading resumes."""
+        """The protocol paused reading while our writer waits for room: go on
+        emptying the pipe into a buffer of our own, up to ``HOLD_LIMIT`` and
+        never past the next switch, and be rung when more comes.  Delivered
+        first once reading resumes."""
         shm = self._shm
         assert shm is not None
         consumer = shm.consumer

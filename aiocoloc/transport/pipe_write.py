@@ -107,6 +107,8 @@ class PipeWritePath(TransportState):
             return
         if not must_wait:
             self._loop.call_soon(self._flush_overflow)
+        if self._paused_reading and self._rx == SHM:  # hold the peer's bytes (pipe_read)
+            self._schedule_drain()
 
     def _flush_overflow(self) -> None:
         self._waiting_space = False
