@@ -25,6 +25,7 @@ from asyncio import sslproto
 from collections.abc import Callable
 from typing import Any
 
+from aiocoloc.connect import sidecar
 from aiocoloc.connect.colocation import local_pools
 from aiocoloc.connect.endpoint import ControlEndpoint
 from aiocoloc.connect.handshake import ConnKey, connection_key
@@ -195,7 +196,7 @@ async def _upgrade_client(
     descriptors left) ends in a reason, counted and logged, never in a dead
     task that leaves the connection without one."""
     try:
-        conn, records = _advertised(transport)
+        conn, records = await _advertised(transport)
         async with asyncio.timeout(settings.handshake_timeout):
             # Half the time for a full accept queue: a busy endpoint is then
             # reported as such, not as a timeout.
@@ -216,25 +217,34 @@ async def _upgrade_client(
         fallback.record(transport, fallback.PROTOCOL_ERROR, repr(exc), where=where)
 
 
-def _advertised(transport: SwitchableTransport) -> tuple[ConnKey, list[Record]]:
-    """The connection's 4-tuple and the records advertising its peer."""
+async def _advertised(transport: SwitchableTransport) -> tuple[ConnKey, list[Record]]:
+    """The connection's 4-tuple and the records advertising its peer: the
+    host registry's, else those the discovery sidecar knows (if it runs)."""
     local, remote = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
     if not (isinstance(local, tuple) and isinstance(remote, tuple)):
         raise HandshakeFailed(fallback.NO_REGISTRY_ENTRY, "not an IP connection")
     conn = connection_key(local, remote)
-    if not _on_this_host(conn):
-        raise HandshakeFailed(fallback.NO_REGISTRY_ENTRY, "the peer is not on this host")
-    try:
-        records = Registry().lookup(conn[2], conn[3])
-    except RegistryError as exc:
-        raise HandshakeFailed(fallback.NO_REGISTRY_ENTRY, str(exc)) from None
-    except OSError as exc:  # out of descriptors, say
-        raise HandshakeFailed(
-            fallback.NO_REGISTRY_ENTRY, f"cannot read the registry: {exc}"
-        ) from None
-    if not records:
-        raise HandshakeFailed(fallback.NO_REGISTRY_ENTRY, "no aiocoloc server advertises it")
-    return conn, records
+    records: list[Record] = []
+    why = "no aiocoloc server advertises it"
+    if _on_this_host(conn):
+        try:
+            records = Registry().lookup(conn[2], conn[3])
+        except RegistryError as exc:
+            why = str(exc)
+        except OSError as exc:  # out of descriptors, say
+            why = f"cannot read the registry: {exc}"
+    else:
+        why = "the peer is not on this host"
+    if records:
+        return conn, records
+    answer = await sidecar.lookup(conn[2], conn[3])
+    if answer is None:
+        raise HandshakeFailed(fallback.NO_REGISTRY_ENTRY, why)
+    if not answer.colocated:
+        raise HandshakeFailed(fallback.NOT_COLOCATED, answer.detail)
+    if not answer.records:
+        raise HandshakeFailed(fallback.NO_REGISTRY_ENTRY, answer.detail)
+    return conn, answer.records
 
 
 # --- server side -----------------------------------------------------------------------
@@ -295,23 +305,30 @@ async def create_server(
         raise
     registry: Registry | None = None
     records = []
+    advertised: list[str] = []
     if endpoint is not None:
         registry = Registry()
+        addresses = [
+            sock.getsockname()
+            for sock in inner.sockets
+            if sock.family in (socket.AF_INET, socket.AF_INET6)
+        ]
         try:
-            for sock in inner.sockets:
-                if sock.family in (socket.AF_INET, socket.AF_INET6):
-                    address = sock.getsockname()
-                    records.append(
-                        registry.publish(
-                            address[0],
-                            address[1],
-                            endpoint.address,
-                            pool=str(pool.id) if pool is not None else None,
-                        )
+            for address in addresses:
+                records.append(
+                    registry.publish(
+                        address[0],
+                        address[1],
+                        endpoint.address,
+                        pool=str(pool.id) if pool is not None else None,
                     )
+                )
         except (RegistryError, OSError) as exc:
-            _log.warning("clients of this server cannot upgrade: %s", exc)
-    return Server(inner, endpoint, records, registry, pool)
+            _log.warning("clients of this server cannot upgrade through the registry: %s", exc)
+        # Clients the registry cannot reach ask the discovery sidecar, if any.
+        advertised = [sidecar.endpoint_string(a[0], a[1], endpoint.address) for a in addresses]
+        sidecar.Advertiser.of(loop).add(advertised)
+    return Server(inner, endpoint, records, registry, pool, advertised)
 
 
 # --- streams ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any
 from aiocoloc.connect.colocation import local_pools
 from aiocoloc.connect.endpoint import ControlEndpoint
 from aiocoloc.connect.registry import Registry
+from aiocoloc.connect.sidecar import Advertiser
 
 __all__ = ["Server"]
 
@@ -31,12 +32,14 @@ class Server(asyncio.AbstractServer):
         records: Iterable[Any],
         registry: Registry | None,
         pool: Any = None,
+        advertised: Iterable[str] = (),
     ) -> None:
         self._inner = inner
         self._endpoint = endpoint
         self._records = list(records)
         self._registry = registry
         self._pool = pool
+        self._advertised = list(advertised)  # to the discovery sidecar
         # (Those of loops closed since without closing them go now.)
         Server._serving = {s for s in Server._serving if not s.get_loop().is_closed()}
         Server._serving.add(self)
@@ -51,6 +54,9 @@ class Server(asyncio.AbstractServer):
             for path in self._records:
                 self._registry.withdraw(path)
             self._records.clear()
+        if self._advertised:
+            Advertiser.of(self.get_loop()).remove(self._advertised)
+            self._advertised.clear()
         if self._endpoint is not None:
             self._endpoint.close()
         if self._pool is not None:

@@ -18,6 +18,7 @@ __all__ = [
     "CONTROL_BUSY",
     "DISABLED",
     "NOT_AIOCOLOC",
+    "NOT_COLOCATED",
     "NOT_TRUSTED",
     "NO_REGISTRY_ENTRY",
     "POOL_EXHAUSTED",
@@ -47,6 +48,7 @@ POOL_EXHAUSTED = "pool exhausted"
 NOT_TRUSTED = "peer not trusted"
 TIMED_OUT = "upgrade timed out"
 PROTOCOL_ERROR = "handshake protocol error"  # garbage, or a peer that hung up mid-way
+NOT_COLOCATED = "not co-located"  # the discovery sidecar says the peer shares no pool with us
 REASONS = (
     DISABLED,
     NO_REGISTRY_ENTRY,
@@ -60,6 +62,7 @@ REASONS = (
     NOT_TRUSTED,
     TIMED_OUT,
     PROTOCOL_ERROR,
+    NOT_COLOCATED,  # (append only: peers send reasons in refusals)
 )
 
 _lock = threading.Lock()

@@ -1,0 +1,257 @@
+"""The library's side of the discovery sidecar (``aiocoloc-discoveryd``).
+
+Within one kernel and network namespace the host registry finds a peer's
+control endpoint without any daemon.  Where it cannot (containers with
+their own registry directories or namespaces, and VMs), a sidecar that
+answers on its local API (``discovery.client``) knows which members are
+co-located and which control endpoints they advertise:
+
+- a client whose registry has no record for its peer asks the sidecar
+  ``colocated(ip:port)`` (``lookup``); the endpoints the answer lists for
+  that port become the records to ask, as the registry's would;
+- a server advertises its control endpoint for each listening address
+  (``Advertiser``), and advertises them again whenever the sidecar comes
+  back after a restart (a subscription tells it the sidecar went away).
+
+Nothing here is ever an error the application sees: a sidecar that is
+absent, slow or restarting only means the registry alone is asked, and a
+lookup is not tried again for ``RETRY_AFTER`` seconds after one failed.
+
+An advertised endpoint is ``"<host>:<port>=<control>"`` (``[v6]:port`` for
+IPv6; ``host`` may be a wildcard): short, as a Serf tag must be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from aiocoloc.connect.registry import Record
+
+if TYPE_CHECKING:
+    from discovery.client import SidecarClient
+
+__all__ = [
+    "LOOKUP_TIMEOUT",
+    "RETRY_AFTER",
+    "Advertiser",
+    "SidecarAnswer",
+    "endpoint_string",
+    "lookup",
+    "parse_endpoint",
+]
+
+_log = logging.getLogger("aiocoloc.connect.sidecar")
+
+#: Seconds a client's upgrade waits for the sidecar's answer.
+LOOKUP_TIMEOUT = 0.25
+#: Seconds the sidecar is not asked again after it did not answer.
+RETRY_AFTER = 1.0
+#: Seconds between a server's attempts to reach a sidecar that went away.
+READVERTISE_EVERY = 0.5
+_WILDCARDS = ("0.0.0.0", "::", "")
+
+_down_until = 0.0
+
+
+def endpoint_string(host: str, port: int, control: str) -> str:
+    """What a server advertises for one listening address."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"{address}={control}"
+
+
+def parse_endpoint(text: str) -> tuple[str, int, str] | None:
+    """``(host, port, control)`` of ``endpoint_string``'s output, else None
+    (an endpoint of another kind, or garbage from a peer)."""
+    address, sep, control = text.partition("=")
+    host, colon, port = address.rpartition(":")
+    if not (sep and colon and port.isdigit() and control):
+        return None
+    if not (control.startswith("@") or control.startswith("/")):
+        return None  # (control endpoints between kernels come with "VMs of one host")
+    return host.strip("[]"), int(port), control
+
+
+@dataclass(frozen=True)
+class SidecarAnswer:
+    """What the sidecar said about a peer: ``records`` to ask (empty when
+    none matches the port), or why there are none."""
+
+    colocated: bool
+    records: list[Record]
+    detail: str
+
+
+def _api_path() -> str:
+    from discovery.client import default_api_path
+
+    return str(default_api_path())
+
+
+def _client(path: str, timeout: float) -> SidecarClient:
+    from discovery.client import SidecarClient
+
+    return SidecarClient(path, timeout=timeout)
+
+
+async def lookup(host: str, port: int) -> SidecarAnswer | None:
+    """Ask the sidecar about ``host:port``; None when no sidecar answers."""
+    global _down_until
+    if time.monotonic() < _down_until:
+        return None
+    path = _api_path()
+    if not os.path.exists(path):
+        return None  # no sidecar here: not even a connect
+    from discovery.client import SidecarUnavailable
+
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        async with _client(path, LOOKUP_TIMEOUT) as client:
+            answer = await client.colocated(address)
+    except (SidecarUnavailable, OSError) as exc:
+        _down_until = time.monotonic() + RETRY_AFTER
+        _log.debug("no sidecar answer about %s: %s", address, exc)
+        return None
+    except Exception as exc:  # an error answer: as good as none
+        _log.debug("the sidecar refused a lookup of %s: %s", address, exc)
+        return None
+    if not answer.colocated:
+        where = answer.member.node if answer.member is not None else "no member"
+        return SidecarAnswer(False, [], f"the sidecar says {address} ({where}) shares no pool")
+    records = []
+    for text in answer.endpoints:
+        parsed = parse_endpoint(text)
+        if parsed is None:
+            continue
+        record = Record(parsed[0], parsed[1], parsed[2], None, 0, 0, os.getuid())
+        if record.matches(host, port):
+            records.append(record)
+    node = answer.member.node if answer.member is not None else "?"
+    return SidecarAnswer(True, records, f"co-located member {node} advertises no server there")
+
+
+class Advertiser:
+    """A loop's servers' endpoints, kept advertised to the sidecar.
+
+    While a loop has endpoints and a sidecar's socket exists, one task
+    advertises them all, then holds a subscription open to learn when the
+    sidecar goes away, and advertises them again once it is back.  Without
+    a socket, a timer looks for one every ``READVERTISE_EVERY`` seconds (no
+    task, no connect)."""
+
+    _by_loop: dict[asyncio.AbstractEventLoop, Advertiser] = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._endpoints: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._wake = asyncio.Event()
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> Advertiser:
+        """The advertiser of ``loop`` (made on first use)."""
+        for stale in [other for other in cls._by_loop if other.is_closed()]:
+            del cls._by_loop[stale]
+        advertiser = cls._by_loop.get(loop)
+        if advertiser is None:
+            advertiser = cls._by_loop[loop] = cls(loop)
+        return advertiser
+
+    def add(self, endpoints: list[str]) -> None:
+        """Advertise ``endpoints`` (now if a sidecar answers, else when one does)."""
+        self._endpoints.update(endpoints)
+        self._wake.set()
+        self._look()
+
+    def _look(self) -> None:
+        """Start advertising if a sidecar's socket exists, else look again later."""
+        self._timer = None
+        if not self._endpoints or self._loop.is_closed():
+            return
+        if self._task is not None and not self._task.done():
+            return
+        if os.path.exists(_api_path()):
+            self._task = self._loop.create_task(self._keep())
+        else:
+            self._timer = self._loop.call_later(READVERTISE_EVERY, self._look)
+
+    def remove(self, endpoints: list[str]) -> None:
+        """Withdraw ``endpoints`` (best effort: the sidecar also withdraws a
+        process's endpoints when it exits)."""
+        gone = self._endpoints & set(endpoints)
+        self._endpoints -= gone
+        if not gone or self._loop.is_closed():
+            return
+        if not self._endpoints:
+            if self._task is not None:
+                self._task.cancel()
+                self._task = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        path = _api_path()
+        if os.path.exists(path):
+            self._loop.create_task(self._withdraw(path, sorted(gone)))
+
+    async def _withdraw(self, path: str, endpoints: list[str]) -> None:
+        from discovery.client import SidecarUnavailable
+
+        try:
+            async with _client(path, 1.0) as client:
+                await client.withdraw(endpoints)
+        except (SidecarUnavailable, OSError) as exc:
+            _log.debug("could not withdraw %s: %s", endpoints, exc)
+        except Exception as exc:
+            _log.debug("the sidecar refused to withdraw %s: %s", endpoints, exc)
+
+    async def _keep(self) -> None:
+        from discovery.client import SidecarUnavailable
+
+        while self._endpoints:
+            path = _api_path()
+            if not os.path.exists(path):  # gone: the timer looks for a new one
+                self._timer = self._loop.call_later(READVERTISE_EVERY, self._look)
+                self._task = None
+                return
+            try:
+                async with _client(path, 2.0) as client:
+                    async with await client.subscribe() as feed:
+                        await client.advertise(sorted(self._endpoints))
+                        _log.debug("advertised %d endpoints to %s", len(self._endpoints), path)
+                        self._wake.clear()
+                        # Events are not ours to act on (yet): the feed only
+                        # tells when the sidecar goes; new endpoints wake us.
+                        await self._until_lost_or_woken(feed)
+            except (SidecarUnavailable, OSError) as exc:
+                _log.debug("no sidecar to advertise to (%s): retrying", exc)
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), READVERTISE_EVERY)
+                except TimeoutError:
+                    pass
+            except Exception as exc:  # an error answer: tell once, try again later
+                _log.warning("the sidecar refused our endpoints: %s", exc)
+                await asyncio.sleep(READVERTISE_EVERY * 10)
+
+    async def _until_lost_or_woken(self, feed: object) -> None:
+        async def drain() -> None:
+            async for _ in feed:  # type: ignore[attr-defined]
+                pass
+            raise ConnectionResetError("the sidecar ended our subscription")
+
+        lost = asyncio.ensure_future(drain())
+        woken = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait((lost, woken), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+            lost.cancel()
+        if lost.done() and not lost.cancelled():
+            exc = lost.exception()
+            if exc is not None:
+                raise exc
