@@ -1,0 +1,139 @@
+"""The members as a Serf engine last saw them, and the events changes make.
+
+Everything the agent tells (an event-stream record, a ``members`` snapshot)
+goes through ``MemberTable.apply``: it compares the new record with the one
+known and returns the event that difference is — so an event seen twice
+(in the stream and in a snapshot taken during a resync) is published once,
+and a snapshot taken after a gap publishes exactly what was missed.
+
+* not a member (or left/failed) -> alive: ``join``;
+* alive -> left: ``leave``; alive -> failed: ``failed``;
+* alive -> alive with another record (pools, endpoints, address,
+  incarnation): ``update``;
+* a member that vanishes from a snapshot, or is reaped, while alive:
+  ``failed``; one whose ``ac`` tag vanishes (an engine that detached from a
+  shared agent): ``leave``.
+
+The local member is in the table (for ``members()``) but makes no events.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from discovery.events import Event
+from discovery.member import Member, MemberError, Status
+from discovery.serf.tags import TAG, TagRecord, decode_tag
+from discovery.serf.wire import SerfMember
+
+__all__ = ["MemberTable", "serf_status"]
+
+_log = logging.getLogger("discovery.serf.view")
+
+#: Serf's statuses as ours; a leaving member is still one ("none": unknown).
+_STATUS = {
+    "alive": Status.ALIVE,
+    "leaving": Status.ALIVE,
+    "left": Status.LEFT,
+    "failed": Status.FAILED,
+}
+#: The status a member event implies, whatever the member's own says.
+EVENT_STATUS = {"member-leave": Status.LEFT, "member-failed": Status.FAILED}
+
+
+def serf_status(member: SerfMember, event: str | None = None) -> Status | None:
+    """Our status for a Serf member (as told by ``event`` if given)."""
+    if event in EVENT_STATUS:
+        return EVENT_STATUS[event]
+    return _STATUS.get(member.status)
+
+
+def read_tag(member: SerfMember) -> TagRecord | None:
+    """The member's ``ac`` tag, None if it has none (not one of ours) or an
+    unreadable one."""
+    value = member.tags.get(TAG)
+    if value is None:
+        return None
+    try:
+        return decode_tag(value)
+    except MemberError as exc:
+        _log.warning("%s: ignoring its %r tag: %s", member.name, TAG, exc)
+        return None
+
+
+class MemberTable:
+    """The members by node name, as records of ours."""
+
+    def __init__(self, local: Member) -> None:
+        self.local = local
+        self._records: dict[str, Member] = {}
+
+    def members(self) -> list[Member]:
+        records = dict(self._records)
+        records[self.local.node] = self.local
+        return [records[node] for node in sorted(records)]
+
+    def get(self, node: str) -> Member | None:
+        return self.local if node == self.local.node else self._records.get(node)
+
+    def names(self) -> set[str]:
+        return set(self._records)
+
+    def record(
+        self, member: SerfMember, tag: TagRecord, status: Status, full: Member | None
+    ) -> Member:
+        """Our record of ``member``: its tag, with the endpoints of ``full``
+        (its answer to the record query) when the tag has none."""
+        endpoints = tag.endpoints
+        addresses: tuple[str, ...] = (member.address,)
+        if full is not None and full.incarnation == tag.incarnation:
+            if endpoints is None:
+                endpoints = full.endpoints
+            addresses += tuple(a for a in full.addresses if a != member.address)
+        if endpoints is None:  # not known yet: keep what we had for this version
+            known = self._records.get(member.name)
+            if known is not None and known.incarnation == tag.incarnation:
+                endpoints = known.endpoints
+        return Member(
+            node=member.name,
+            addresses=addresses,
+            pools=tag.pools,
+            endpoints=endpoints or (),
+            incarnation=tag.incarnation,
+            status=status,
+        )
+
+    def apply(self, new: Member, *, ordered: bool = False) -> Event | None:
+        """Record ``new``; the event the change is, if any.  ``ordered``: it
+        comes from the event stream, which may lag behind a snapshot
+        already applied, so a record older than the one known is dropped."""
+        if new.node == self.local.node:
+            return None
+        old = self._records.get(new.node)
+        if ordered and old is not None and old.alive and new.incarnation < old.incarnation:
+            _log.debug(
+                "%s: stale record %d < %d dropped", new.node, new.incarnation, old.incarnation
+            )
+            return None
+        self._records[new.node] = new
+        if old is None or not old.alive:
+            return Event("join", new) if new.alive else None
+        if not new.alive:
+            return Event("leave" if new.status is Status.LEFT else "failed", new)
+        if new != old:
+            return Event("update", new, previous=old)
+        return None
+
+    def remove(self, node: str, status: Status = Status.FAILED) -> Event | None:
+        """Forget ``node`` (reaped, untagged, or not in a snapshot); an event
+        if it was still a member."""
+        old = self._records.pop(node, None)
+        if old is None or not old.alive:
+            return None
+        gone = old.with_status(status)
+        return Event("leave" if status is Status.LEFT else "failed", gone)
+
+    def vanished(self, present: Iterable[str]) -> list[str]:
+        """Known nodes that are not in ``present`` (a snapshot's names)."""
+        return sorted(self.names() - set(present))

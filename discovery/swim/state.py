@@ -1,0 +1,390 @@
+"""The member table and its state machine: what alive, suspect and dead
+messages do to it.
+
+Every member's record carries an incarnation that only the member itself
+raises.  A message about a member is news only if its incarnation is
+higher than the one we hold (or, for suspect and dead, at least as high:
+an accusation of the current incarnation is news).  Transitions::
+
+    (unknown) --alive--> ALIVE <--alive (higher)-- SUSPECT, FAILED, LEFT
+    ALIVE --suspect--> SUSPECT --timeout--> FAILED
+    ALIVE/SUSPECT --dead--> FAILED, or LEFT when the member said it itself
+
+An accusation of the local member is refuted: it re-announces itself alive
+with an incarnation above the accusation's, and counts the accusation
+against its own health (Lifeguard).  A restarted member learns its old
+incarnation the same way, from a push/pull that shows it failed or left.
+
+News is gossiped on (``BroadcastQueue``) and published as events: ``join``
+(new, or back from failed/left), ``update`` (the record changed),
+``failed``, ``leave``.  After memberlist's ``state.go`` (``aliveNode``,
+``suspectNode``, ``deadNode``, ``mergeState``), with two changes: a failed
+or left member may come back under a new address only with a higher
+incarnation (so a ``join`` always orders after the ``failed`` it follows),
+and a member that announces itself with a stale incarnation is told at
+once that it is dead there, so it refutes without waiting for a push/pull.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+
+from discovery.events import Event, EventStream
+from discovery.member import Member, Status
+from discovery.profiles import Profile
+from discovery.swim.awareness import Awareness
+from discovery.swim.broadcast import BroadcastQueue
+from discovery.swim.messages import Alive, Dead, Suspect, encode
+from discovery.swim.suspicion import Suspicion
+
+__all__ = ["Membership", "NodeState"]
+
+_log = logging.getLogger("discovery.swim.state")
+
+_GONE = (Status.FAILED, Status.LEFT)
+
+
+@dataclass
+class NodeState:
+    """One member as we know it, and since when in this status (loop time)."""
+
+    member: Member
+    changed: float
+    hinted: float = float("-inf")
+    returned: float = float("-inf")  # when it last came back from failed or left
+
+    @property
+    def status(self) -> Status:
+        return self.member.status
+
+    @property
+    def address(self) -> str:
+        return self.member.addresses[0]
+
+
+def _same_record(a: Member, b: Member) -> bool:
+    return a.addresses == b.addresses and a.pools == b.pools and a.endpoints == b.endpoints
+
+
+class Membership:
+    """The member table of the local member ``local``."""
+
+    def __init__(
+        self,
+        local: Member,
+        profile: Profile,
+        events: EventStream,
+        awareness: Awareness,
+        stats: Counter[str],
+        send: Callable[[str, bytes], None],
+        suspected: Callable[[str], None] = lambda node: None,
+    ) -> None:
+        self._me = local.node
+        self._suspected = suspected  # a suspicion we did not raise has begun
+        self._profile = profile
+        self._events = events
+        self._awareness = awareness
+        self._stats = stats
+        self._send = send  # one encoded message, straight to "ip:port"
+        self._loop = asyncio.get_running_loop()
+        self._nodes: dict[str, NodeState] = {self._me: NodeState(local, self._loop.time())}
+        self._by_address: dict[str, str] = {local.addresses[0]: self._me}
+        self._suspicions: dict[str, Suspicion] = {}
+        self.queue = BroadcastQueue(lambda: profile.retransmit_limit(self.count()))
+        self.left = False
+        self._goodbye: asyncio.Future[None] | None = None
+
+    # -- reading ----------------------------------------------------------
+
+    @property
+    def local(self) -> Member:
+        return self._nodes[self._me].member
+
+    def get(self, node: str) -> NodeState | None:
+        return self._nodes.get(node)
+
+    def knows_address(self, address: str) -> bool:
+        """Whether ``address`` is the gossip address of a member we know
+        (we gossip to, and probe for others, members only)."""
+        return address in self._by_address
+
+    def members(self) -> list[Member]:
+        return [state.member for state in self._nodes.values()]
+
+    def count(self) -> int:
+        """Members alive or suspect, ourselves included (the ``n`` of the
+        timing formulas)."""
+        return sum(1 for state in self._nodes.values() if state.member.alive)
+
+    def peers(self) -> list[NodeState]:
+        """The others still members (alive or suspect)."""
+        return [s for n, s in self._nodes.items() if n != self._me and s.member.alive]
+
+    def recently_failed(self, within: float) -> list[NodeState]:
+        now = self._loop.time()
+        return [
+            s
+            for n, s in self._nodes.items()
+            if n != self._me and s.status is Status.FAILED and now - s.changed <= within
+        ]
+
+    def failed(self) -> list[NodeState]:
+        return [s for s in self._nodes.values() if s.status is Status.FAILED]
+
+    def snapshot(self) -> tuple[Member, ...]:
+        """Every record with its status, for a push/pull."""
+        return tuple(state.member for state in self._nodes.values())
+
+    # -- the local member ---------------------------------------------------
+
+    def announce(self) -> None:
+        """Gossip the local record (at start, and after changing it)."""
+        self.queue.queue(self._me, encode(Alive(self.local)))
+
+    def update_local(self, pools: frozenset[str], endpoints: tuple[str, ...]) -> Member:
+        """Change the local record, raise its incarnation, announce it."""
+        previous = self.local
+        member = replace(
+            previous, pools=pools, endpoints=endpoints, incarnation=previous.incarnation + 1
+        )
+        self._nodes[self._me].member = member
+        self.announce()
+        if not _same_record(previous, member):
+            self._events.publish(Event("update", member, previous))
+        return member
+
+    def leave(self) -> asyncio.Future[None]:
+        """Mark ourselves left and gossip the goodbye; the future resolves
+        once it has been sent often enough."""
+        self._goodbye = self._loop.create_future()
+        self.left = True
+        me = self.local
+        self.on_dead(Dead(me.node, me.incarnation, me.node))
+        return self._goodbye
+
+    def _refute(self, accused: int, accuser: str | None = None) -> None:
+        me = self.local
+        incarnation = max(me.incarnation + 1, accused + 1)
+        self._nodes[self._me].member = replace(me, incarnation=incarnation)
+        self._awareness.apply(1)  # being accused is evidence we are slow
+        self._stats["refuted"] += 1
+        _log.info("refuting an accusation at incarnation %d with %d", accused, incarnation)
+        self.announce()
+        # The accuser holds the suspicion timer that matters most: tell it
+        # straight away rather than hope gossip reaches it in time.
+        state = self._nodes.get(accuser) if accuser is not None and accuser != self._me else None
+        if state is not None and state.member.alive:
+            self._send(state.address, encode(Alive(self.local)))
+
+    # -- messages -----------------------------------------------------------
+
+    def on_alive(self, member: Member) -> None:
+        node = member.node
+        if node == self._me:
+            me = self.local
+            if self.left or member.incarnation < me.incarnation:
+                return
+            if member.incarnation == me.incarnation and _same_record(member, me):
+                return
+            self._refute(member.incarnation)  # another version of us is about
+            return
+        member = member.with_status(Status.ALIVE)
+        now = self._loop.time()
+        state = self._nodes.get(node)
+        if state is None:
+            self._nodes[node] = NodeState(member, now)
+            self._by_address[member.addresses[0]] = node
+            self.queue.queue(node, encode(Alive(member)))
+            _log.info("%s joined (incarnation %d)", node, member.incarnation)
+            self._events.publish(Event("join", member))
+            return
+        old = state.member
+        if old.status in _GONE:
+            if member.incarnation <= old.incarnation:
+                self._hint(state, member)
+                return
+        elif member.addresses[:1] != old.addresses[:1]:
+            self._stats["conflict"] += 1
+            _log.warning(
+                "%s claims %s but is alive at %s", node, member.addresses[0], state.address
+            )
+            return
+        elif member.incarnation <= old.incarnation:
+            return
+        _log.debug(
+            "%s alive at incarnation %d (was %s at %d)",
+            node,
+            member.incarnation,
+            old.status.value,
+            old.incarnation,
+        )
+        self._cancel_suspicion(node)
+        if old.status in _GONE:
+            state.returned = now
+        if member.addresses[0] != old.addresses[0]:
+            self._by_address.pop(old.addresses[0], None)
+            self._by_address[member.addresses[0]] = node
+        state.member = member
+        if old.status is not Status.ALIVE:
+            state.changed = now
+        self.queue.queue(node, encode(Alive(member)))
+        if old.status in _GONE:
+            _log.info("%s is back (incarnation %d)", node, member.incarnation)
+            self._events.publish(Event("join", member))
+        elif not _same_record(old, member):
+            self._events.publish(Event("update", member, old.with_status(Status.ALIVE)))
+
+    def on_suspect(self, message: Suspect, *, tell: bool | None = None) -> None:
+        """``tell``: send the accusation to the accused too (default: when
+        we are the accuser), so that it can refute in time however the
+        gossip goes."""
+        node = message.node
+        state = self._nodes.get(node)
+        if state is None or message.incarnation < state.member.incarnation:
+            return
+        suspicion = self._suspicions.get(node)
+        if suspicion is not None:
+            if suspicion.confirm(message.source):
+                self.queue.queue(node, encode(message))  # let others count it too
+            return
+        if state.status is not Status.ALIVE:
+            return
+        if node == self._me:
+            if not self.left:
+                self._refute(message.incarnation, message.source)
+            return
+        self.queue.queue(node, encode(message))
+        changed = self._loop.time()
+        state.member = replace(state.member, incarnation=message.incarnation, status=Status.SUSPECT)
+        state.changed = changed
+        n = self.count()
+        self._stats["suspected"] += 1
+        _log.info("suspecting %s (accused by %s)", node, message.source)
+        self._suspicions[node] = Suspicion(
+            message.source,
+            self._profile.suspicion_confirmations(n),
+            self._profile.suspicion_timeout(n),
+            self._profile.suspicion_max_timeout(n),
+            functools.partial(self._suspicion_expired, node, changed),
+            self._loop,
+        )
+        if tell if tell is not None else message.source == self._me:
+            self._send(state.address, encode(message))
+        if message.source != self._me:
+            self._suspected(node)
+
+    def _suspicion_expired(self, node: str, changed: float, confirmations: int) -> None:
+        self._suspicions.pop(node, None)
+        state = self._nodes.get(node)
+        if state is None or state.status is not Status.SUSPECT or state.changed != changed:
+            return
+        _log.info("%s failed: suspicion ran out (%d confirmations)", node, confirmations)
+        self.on_dead(Dead(node, state.member.incarnation, self._me))
+
+    def on_dead(self, message: Dead) -> None:
+        node = message.node
+        state = self._nodes.get(node)
+        if state is None or message.incarnation < state.member.incarnation:
+            return
+        if (
+            not message.left
+            and node != self._me
+            and state.member.alive
+            and self._cut_off(message.source)
+        ):
+            # Declared by a member we hold failed, or held failed until just
+            # now: a verdict from the far side of a partition that is
+            # healing (or from the dead).  It may be stale, so it only opens
+            # a suspicion, which the accused can refute, as a push/pull's
+            # verdicts do (or confirms one).
+            self._stats["dead_as_suspect"] += 1
+            self.on_suspect(Suspect(node, message.incarnation, message.source), tell=True)
+            return
+        self._cancel_suspicion(node)
+        if state.status in _GONE:
+            return
+        if node == self._me:
+            if not self.left:
+                self._refute(message.incarnation, message.source)
+                return
+            self.queue.queue(node, encode(message), self._goodbye)
+        else:
+            self.queue.queue(node, encode(message))
+        status = Status.LEFT if message.left else Status.FAILED
+        state.member = replace(state.member, incarnation=message.incarnation, status=status)
+        state.changed = self._loop.time()
+        self._stats["left" if message.left else "failed"] += 1
+        _log.info("%s %s", node, "left" if message.left else "failed")
+        self._events.publish(Event("leave" if message.left else "failed", state.member))
+
+    def _cut_off(self, judge: str) -> bool:
+        """Whether ``judge`` is, or was within the longest suspicion, a
+        member we hold failed or left (its verdicts may predate a heal)."""
+        state = self._nodes.get(judge)
+        if state is None or judge == self._me:
+            return False
+        if state.status in _GONE:
+            return True
+        window = self._profile.suspicion_max_timeout(self.count())
+        return self._loop.time() - state.returned < window
+
+    def merge(self, members: Iterable[Member]) -> None:
+        """Fold in another member's full state (push/pull).  Its failed
+        verdicts become our suspicions: the accused may still refute."""
+        for member in members:
+            if member.status is Status.ALIVE:
+                self.on_alive(member)
+            elif member.status is Status.LEFT:
+                self.on_dead(Dead(member.node, member.incarnation, member.node))
+            else:
+                if member.status is Status.SUSPECT and member.node not in self._nodes:
+                    self.on_alive(member)  # learn the record, then the doubt
+                self.on_suspect(Suspect(member.node, member.incarnation, self._me))
+
+    # -- housekeeping ---------------------------------------------------------
+
+    def _hint(self, state: NodeState, claim: Member) -> None:
+        """Tell a member announcing a stale incarnation that it is dead to
+        us, at most once a probe interval, so it refutes."""
+        now = self._loop.time()
+        if now - state.hinted < self._profile.probe_interval:
+            return
+        state.hinted = now
+        self._stats["hints"] += 1
+        old = state.member
+        self._send(claim.addresses[0], encode(Dead(old.node, old.incarnation, self._me)))
+
+    def _cancel_suspicion(self, node: str) -> None:
+        suspicion = self._suspicions.pop(node, None)
+        if suspicion is not None:
+            suspicion.cancel()
+
+    def reap(self) -> list[Member]:
+        """Forget members failed or left long enough ago; returns them."""
+        now = self._loop.time()
+        limits = {
+            Status.FAILED: self._profile.reconnect_timeout,
+            Status.LEFT: self._profile.tombstone_timeout,
+        }
+        gone = [
+            name
+            for name, state in self._nodes.items()
+            if name != self._me
+            and state.status in limits
+            and now - state.changed > limits[state.status]
+        ]
+        reaped = [self._nodes.pop(name).member for name in gone]
+        for member in reaped:
+            self._by_address.pop(member.addresses[0], None)
+        return reaped
+
+    def close(self) -> None:
+        for suspicion in self._suspicions.values():
+            suspicion.cancel()
+        self._suspicions.clear()
+        self.queue.clear()
