@@ -80,7 +80,7 @@ async def connect_remote(role: str) -> Remote:
     child.stdin.write(f"{up.slot} {up.generation} {down.slot} {down.generation}\n")
     child.stdin.flush()
     transport, protocol = await open_transport(loop, Recorder, mine)
-    await attach_shared_memory(
+    attach_shared_memory(
         transport,
         pool,
         send=up,
