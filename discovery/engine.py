@@ -9,10 +9,14 @@ this interface.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from discovery.events import EventStream, Subscription
 from discovery.member import Member
+
+if TYPE_CHECKING:
+    from discovery.keys import Keyring
 
 __all__ = ["Engine", "EngineError"]
 
@@ -55,10 +59,24 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def update_local(
-        self, *, pools: frozenset[str] | None = None, endpoints: Sequence[str] | None = None
+        self,
+        *,
+        pools: frozenset[str] | None = None,
+        endpoints: Sequence[str] | None = None,
+        slots: Mapping[str, bytes] | None = None,
     ) -> Member:
-        """Change what the local member advertises and announce it (the
-        others see ``update``); returns the new record."""
+        """Change what the local member advertises (None: keep it; the
+        slots of pools no longer mapped go) and announce it (the others see
+        ``update``); returns the new record."""
+
+    async def set_keyring(self, keyring: Keyring) -> None:
+        """Use ``keyring`` from now on: its primary key encrypts, all its
+        keys decrypt (one step of a key rotation).  ``EngineError`` if the
+        engine cannot (this default: it needs a restart for new keys)."""
+        raise EngineError(
+            f"the {type(self).__name__} cannot change keys while running; "
+            "restart it to use new keys"
+        )
 
     def subscribe(self) -> Subscription:
         """A subscription to this engine's events."""

@@ -34,7 +34,7 @@ class Event:
     """``kind`` happened to ``member`` (its record as of the event).
 
     ``update``: the record changed while the member stayed a member (pools,
-    endpoints, addresses); ``previous`` is the record before.  ``resync``:
+    endpoints, slots, addresses); ``previous`` is the record before.  ``resync``:
     events were lost; ``member`` is the local node."""
 
     kind: EventKind

@@ -4,21 +4,36 @@ A member is one ``aiocoloc-discoveryd`` (one per host, VM or container
 group).  Its record says where it is (``addresses``), which shared-memory
 pools it maps (``pools``: pool ids, the UUIDs the pools carry in their
 headers) and where its aiocoloc servers take upgrade requests
-(``endpoints``).  ``incarnation`` orders versions of one member's record:
-only the member itself raises it (to refute a suspicion, or to announce a
-change such as "now maps pool X" after a migration).
+(``endpoints``).  ``slots`` says, per pool, which member slot of the pool's
+member table is the member's own (an opaque *slot tag* of at most
+``MAX_SLOT`` bytes, written and read by ``discovery.daemon.slots``):
+co-located members watch each other through it.  ``incarnation`` orders
+versions of one member's record: only the member itself raises it (to
+refute a suspicion, or to announce a change such as "now maps pool X"
+after a migration).
 
-The encoding (``Member.pack``/``Member.unpack``) is a msgpack array, short
-enough for a Serf tag (512 bytes for all tags): ids, not descriptions.
-Append-only: new fields go at the end, and a decoder ignores trailing
-fields it does not know.
+The encoding (``Member.pack``/``Member.unpack``) is a msgpack array of ids,
+not descriptions::
+
+    [node, addresses, pools (sorted), endpoints, incarnation, slots]
+
+``slots`` lines up with ``pools``: the slot tag (bin) of the pool at the
+same index, or nil; an empty array when the member has none.
+
+Versions (append-only: new fields go at the end, and a decoder ignores
+trailing fields it does not know, so older decoders read newer records):
+
+1. fields 0-4, node to incarnation;
+2. field 5, ``slots`` (a record without it has none).
 """
 
 from __future__ import annotations
 
 import enum
 import ipaddress
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any
 
 import msgpack
@@ -31,6 +46,11 @@ MAX_NODE = 128
 MAX_POOLS = 8
 MAX_ENDPOINTS = 8
 MAX_ADDRESSES = 8
+#: Longest slot tag: 24 bytes keep eight of them, beside eight pool ids, in
+#: Serf's 512 bytes of tags (``discovery.serf.tags``).
+MAX_SLOT = 24
+
+_NO_SLOTS: Mapping[str, bytes] = MappingProxyType({})
 
 
 class MemberError(ValueError):
@@ -57,6 +77,8 @@ class Member:
     incarnation: int = 0
     status: Status = Status.ALIVE
     meta: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    # pool id (one of pools) -> its slot tag there; read-only once made
+    slots: Mapping[str, bytes] = field(default_factory=lambda: _NO_SLOTS, hash=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.node, str) or not 0 < len(self.node.encode()) <= MAX_NODE:
@@ -73,6 +95,13 @@ class Member:
             raise MemberError(f"{self.node}: bad endpoints")
         if not isinstance(self.incarnation, int) or not 0 <= self.incarnation < 1 << 63:
             raise MemberError(f"{self.node}: bad incarnation {self.incarnation!r}")
+        if not isinstance(self.slots, Mapping) or not all(
+            pool in self.pools and isinstance(tag, bytes) and 0 < len(tag) <= MAX_SLOT
+            for pool, tag in self.slots.items()
+        ):
+            raise MemberError(f"{self.node}: bad slots (a tag of 1-{MAX_SLOT} bytes per pool)")
+        if not isinstance(self.slots, MappingProxyType):
+            object.__setattr__(self, "slots", MappingProxyType(dict(self.slots)))
 
     @property
     def alive(self) -> bool:
@@ -91,15 +120,48 @@ class Member:
     def with_status(self, status: Status) -> Member:
         return replace(self, status=status)
 
+    def changed(
+        self,
+        incarnation: int,
+        *,
+        pools: frozenset[str] | None = None,
+        endpoints: Sequence[str] | None = None,
+        slots: Mapping[str, bytes] | None = None,
+    ) -> Member:
+        """This record at ``incarnation`` with what is given replaced (None:
+        kept); the slots of pools it no longer maps go.  ``MemberError`` if
+        the result is not a record."""
+        pools = self.pools if pools is None else frozenset(pools)
+        slots = self.slots if slots is None else slots
+        return replace(
+            self,
+            pools=pools,
+            endpoints=self.endpoints if endpoints is None else tuple(endpoints),
+            slots={pool: tag for pool, tag in slots.items() if pool in pools},
+            incarnation=incarnation,
+        )
+
+    def same_record(self, other: Member) -> bool:
+        """Whether ``other`` says what this record says (incarnation and
+        status aside)."""
+        return (self.addresses, self.pools, self.endpoints, self.slots) == (
+            other.addresses,
+            other.pools,
+            other.endpoints,
+            other.slots,
+        )
+
     def pack(self) -> bytes:
         """The compact encoding (status is not part of it: each node judges that)."""
+        pools = sorted(self.pools)
         body: bytes = msgpack.packb(
             [
                 self.node,
                 list(self.addresses),
-                sorted(self.pools),
+                pools,
                 list(self.endpoints),
                 self.incarnation,
+                [self.slots.get(pool) for pool in pools] if self.slots else [],
             ],
             use_bin_type=True,
         )
@@ -120,7 +182,13 @@ class Member:
         if not isinstance(raw, list) or len(raw) < 5:
             raise MemberError(f"member record is not a record: {raw!r:.80}")
         node, addresses, pools, endpoints, incarnation = raw[:5]
-        for name, value in (("addresses", addresses), ("pools", pools), ("endpoints", endpoints)):
+        slots = raw[5] if len(raw) > 5 else []
+        for name, value in (
+            ("addresses", addresses),
+            ("pools", pools),
+            ("endpoints", endpoints),
+            ("slots", slots),
+        ):
             if not isinstance(value, list):
                 raise MemberError(f"member record: bad {name}")
         if isinstance(incarnation, bool):
@@ -133,12 +201,14 @@ class Member:
                 endpoints=tuple(endpoints),
                 incarnation=incarnation,
                 status=status,
+                slots=aligned_slots(pools, slots),
             )
         except TypeError as exc:  # unhashable pool ids, say
             raise MemberError(f"member record: {exc}") from None
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready mapping (the CLI's and the local API's shape)."""
+        """A JSON-ready mapping (the CLI's and the local API's shape; slot
+        tags are the sidecars' business, not their clients')."""
         return {
             "node": self.node,
             "addresses": list(self.addresses),
@@ -167,6 +237,15 @@ class Member:
             ],
             status,
         )
+
+
+def aligned_slots(pools: Sequence[Any], slots: Sequence[Any]) -> dict[Any, Any]:
+    """The slots of an encoding that lines them up with its pools (nil: that
+    pool has none; no slots at all: an empty array); ``MemberError`` if they
+    do not line up.  Values are checked by ``Member``."""
+    if slots and len(slots) != len(pools):
+        raise MemberError(f"member record: {len(slots)} slots for {len(pools)} pools")
+    return {pool: tag for pool, tag in zip(pools, slots, strict=False) if tag is not None}
 
 
 def split_host(address: str) -> tuple[str, int]:

@@ -16,7 +16,6 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from discovery.api_messages import ApiError
-from discovery.daemon.slots import is_tag
 
 __all__ = ["AdvertisedEndpoints"]
 
@@ -24,12 +23,10 @@ _log = logging.getLogger("discovery.daemon.advertised")
 
 
 class AdvertisedEndpoints:
-    """Endpoints by owner; ``on_change()`` after every change.  ``room()``
-    says how many endpoints the member record can carry in all."""
+    """Endpoints by owner; ``on_change()`` after every change.  ``room`` is
+    how many endpoints the member record carries in all."""
 
-    def __init__(
-        self, room: Callable[[], int], on_change: Callable[[], Coroutine[Any, Any, None]]
-    ) -> None:
+    def __init__(self, room: int, on_change: Callable[[], Coroutine[Any, Any, None]]) -> None:
         self._room = room
         self._on_change = on_change
         self._owner: dict[str, int] = {}  # endpoint -> pid (insertion order kept)
@@ -41,15 +38,12 @@ class AdvertisedEndpoints:
 
     async def advertise(self, endpoints: Sequence[str], pid: int) -> list[str]:
         """Add ``endpoints`` (owned by ``pid`` from now on)."""
-        bad = [e for e in endpoints if is_tag(e)]
-        if bad:
-            raise ApiError("bad-request", f"endpoint {bad[0]!r}: the '~s:' prefix is reserved")
         new = [e for e in dict.fromkeys(endpoints) if e not in self._owner]
-        if len(self._owner) + len(new) > self._room():
+        if len(self._owner) + len(new) > self._room:
             raise ApiError(
                 "limit",
-                f"a member record carries {self._room()} control endpoints with the pools mapped "
-                f"now; {len(self._owner)} are advertised",
+                f"a member record carries {self._room} control endpoints; "
+                f"{len(self._owner)} are advertised",
             )
         for endpoint in endpoints:
             self._owner[endpoint] = pid

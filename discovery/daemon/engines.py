@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from discovery.daemon.config import Config, HostPort
@@ -77,9 +77,14 @@ def advertise_address(config: Config) -> str | None:
 
 
 def make_engine(
-    config: Config, keyring: Keyring | None, pools: frozenset[str], endpoints: Sequence[str]
+    config: Config,
+    keyring: Keyring | None,
+    pools: frozenset[str],
+    endpoints: Sequence[str],
+    slots: Mapping[str, bytes],
 ) -> Engine:
-    """The engine of ``config`` (not started)."""
+    """The engine of ``config`` (not started), advertising ``pools``,
+    ``endpoints`` and ``slots``."""
     advertise = advertise_address(config)
     if config.engine == "embedded":
         from discovery.swim import SwimEngine
@@ -91,6 +96,7 @@ def make_engine(
             keyring=keyring,
             pools=pools,
             endpoints=tuple(endpoints),
+            slots=slots,
             advertise=advertise,
         )
     if config.engine == "serf":
@@ -103,6 +109,7 @@ def make_engine(
             keyring=keyring,
             pools=pools,
             endpoints=tuple(endpoints),
+            slots=slots,
             advertise=advertise,
             rpc=None if config.serf_rpc is None else str(config.serf_rpc),
             rpc_auth=_serf_token(config.serf_rpc_auth_file),

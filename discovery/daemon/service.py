@@ -15,7 +15,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from discovery.api_messages import API_VERSION, ApiError, Request
@@ -47,7 +47,11 @@ class StartupError(RuntimeError):
     """The sidecar cannot start; the message is for the operator."""
 
 
-EngineFactory = Callable[[Config, Keyring | None, frozenset[str], tuple[str, ...]], Engine]
+EngineFactory = Callable[
+    [Config, Keyring | None, frozenset[str], tuple[str, ...], Mapping[str, bytes]], Engine
+]
+#: What the member record advertises: pools, endpoints, slot tags.
+_Record = tuple[frozenset[str], tuple[str, ...], dict[str, bytes]]
 
 
 class Sidecar:
@@ -58,7 +62,7 @@ class Sidecar:
         self._engine_factory = engine_factory
         self._fingerprint = kernel_fingerprint()
         self.pools = PoolSet(config.sysfs_root, self._record_changed)
-        self.advertised = AdvertisedEndpoints(lambda: MAX_ENDPOINTS, self._record_changed)
+        self.advertised = AdvertisedEndpoints(MAX_ENDPOINTS, self._record_changed)
         self.api = ApiServer(config.api, self._handle, self._subscribe)
         self.engine: Engine | None = None
         self.view: MembershipView | None = None
@@ -67,7 +71,7 @@ class Sidecar:
         self.joined = not config.join
         self._join_task: asyncio.Task[None] | None = None
         self._record_lock = asyncio.Lock()
-        self._advertised_record: tuple[frozenset[str], tuple[str, ...]] | None = None
+        self._advertised_record: _Record | None = None
         self._started = time.monotonic()
         self._stopping = False
 
@@ -82,13 +86,12 @@ class Sidecar:
                 self.keyring = load_keyring(config.key_file)
             await self.api.bind()
             await self.pools.open_configured(config.pools)
+            record = self._record()
             try:
-                engine = self._engine_factory(
-                    config, self.keyring, self.pools.ids(), self._endpoints()
-                )
+                engine = self._engine_factory(config, self.keyring, *record)
             except EngineError as exc:
                 raise StartupError(f"cannot set up the {config.engine} engine: {exc}") from None
-            self._advertised_record = (self.pools.ids(), self._endpoints())
+            self._advertised_record = record
             self.view = MembershipView(engine)
             self.view.start()
             try:
@@ -186,7 +189,7 @@ class Sidecar:
                 if keyring == self.keyring:
                     _log.info("key file unchanged")
                 else:
-                    self._set_keyring(keyring)
+                    await self._set_keyring(keyring)
         changed = await self.pools.reprobe()
         _log.info(
             "re-probe done: %d pool(s) mapped%s",
@@ -194,45 +197,43 @@ class Sidecar:
             " (changed)" if changed else "",
         )
 
-    def _set_keyring(self, keyring: Keyring) -> None:
-        setter = getattr(self.engine, "set_keyring", None)
-        if setter is None:
-            _log.error(
-                "the %s engine cannot change keys while running; restart it", self.config.engine
-            )
+    async def _set_keyring(self, keyring: Keyring) -> None:
+        assert self.engine is not None
+        try:
+            await self.engine.set_keyring(keyring)
+        except EngineError as exc:
+            _log.error("keeping the keys we have: %s", exc)
             return
-        setter(keyring)
         self.keyring = keyring
         _log.info("keys reloaded: %r", keyring)
 
     # -- the member record ------------------------------------------------------------
 
-    def _endpoints(self) -> tuple[str, ...]:
-        """What our record advertises: servers' endpoints, then slot tags
-        for the pools mapped while the record has room for them."""
-        endpoints = list(self.advertised.endpoints())
-        for mapped in self.pools.mapped():
-            if len(endpoints) >= MAX_ENDPOINTS:
-                _log.info("no room left in the member record for pool %s's slot tag", mapped.name)
-                break
-            endpoints.append(SlotTag(mapped.pool.endpoint_id, self._fingerprint).encode())
-        return tuple(endpoints)
+    def _record(self) -> _Record:
+        """What our record advertises: the pools mapped, servers' endpoints,
+        and our slot tag in each pool (for the pool watch of our peers)."""
+        slots = {
+            mapped.id: SlotTag(mapped.pool.endpoint_id, self._fingerprint).encode()
+            for mapped in self.pools.mapped()
+        }
+        return self.pools.ids(), self.advertised.endpoints(), slots
 
     async def _record_changed(self) -> None:
-        """Announce our pools and endpoints if they changed."""
+        """Announce our pools, endpoints and slots if they changed."""
         async with self._record_lock:
             if self.engine is None or self._stopping:
                 return
-            record = (self.pools.ids(), self._endpoints())
+            record = self._record()
             if record == self._advertised_record:
                 return
+            pools, endpoints, slots = record
             try:
-                await self.engine.update_local(pools=record[0], endpoints=record[1])
+                await self.engine.update_local(pools=pools, endpoints=endpoints, slots=slots)
             except EngineError as exc:
                 _log.error("cannot announce our new record: %s", exc)
                 return
             self._advertised_record = record
-            _log.info("announced pools %s", sorted(record[0]) or "(none)")
+            _log.info("announced pools %s", sorted(pools) or "(none)")
 
     # -- the API --------------------------------------------------------------------------
 

@@ -2,13 +2,13 @@
 watch saw first.
 
 The engine's events are relayed to the sidecar's own stream (the one API
-subscribers read), with slot tags stripped (``discovery.daemon.slots``).
-When the pool watch sees a co-located peer die before gossip does, the view
-publishes ``failed`` at once and shows the member as failed until the engine
-agrees; the engine's own ``failed`` (or ``leave``) for it is then not
-repeated, and news from the dead member's old life is dropped.  A newer
-record from it (a restart, or a refutation: the watch was wrong) comes out
-as ``join``.
+subscribers read), except updates that change only what clients never see
+(slot tags: ``discovery.daemon.slots``).  When the pool watch sees a
+co-located peer die before gossip does, the view publishes ``failed`` at
+once and shows the member as failed until the engine agrees; the engine's
+own ``failed`` (or ``leave``) for it is then not repeated, and news from the
+dead member's old life is dropped.  A newer record from it (a restart, or a
+refutation: the watch was wrong) comes out as ``join``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 
-from discovery.daemon.slots import public
 from discovery.engine import Engine
 from discovery.events import Event, EventStream, Subscription
 from discovery.member import Member, Status
@@ -29,7 +28,6 @@ _log = logging.getLogger("discovery.daemon.view")
 
 def _same_public(a: Member, b: Member) -> bool:
     """Whether two records of a member differ only in what clients never see."""
-    a, b = public(a), public(b)
     return (a.addresses, a.pools, a.endpoints, a.status) == (
         b.addresses,
         b.pools,
@@ -71,8 +69,8 @@ class MembershipView:
     # -- reading ---------------------------------------------------------------------
 
     def local(self) -> Member:
-        """Our own record, as clients see it."""
-        return public(self.engine.local())
+        """Our own record."""
+        return self.engine.local()
 
     def members(self) -> list[Member]:
         """Every member, as clients see them (watch verdicts included)."""
@@ -80,12 +78,12 @@ class MembershipView:
         for member in self.engine.members():
             if member.node in self._failed and member.alive:
                 member = member.with_status(Status.FAILED)
-            out.append(public(member))
+            out.append(member)
         return out
 
     def watchable(self) -> list[Member]:
-        """Remote members still alive for all we know, slot tags included:
-        the ones the pool watch looks after."""
+        """Remote members still alive for all we know: the ones the pool
+        watch looks after."""
         local = self.engine.local().node
         return [
             m
@@ -105,7 +103,7 @@ class MembershipView:
             return  # the member moved on since the watch looked
         self._failed[node] = current
         _log.warning("member %s failed: %s (seen through the pool, before gossip)", node, reason)
-        self.events.publish(Event("failed", public(current.with_status(Status.FAILED))))
+        self.events.publish(Event("failed", current.with_status(Status.FAILED)))
 
     def declared_failed(self, node: str) -> bool:
         """Whether the pool watch's verdict on ``node`` still stands."""
@@ -118,7 +116,7 @@ class MembershipView:
             return
         current = next((m for m in self.engine.members() if m.node == member.node), member)
         _log.warning("member %s is back: %s", member.node, reason)
-        self.events.publish(Event("join", public(current.with_status(Status.ALIVE))))
+        self.events.publish(Event("join", current.with_status(Status.ALIVE)))
 
     async def _relay(self, subscription: Subscription) -> None:
         async for event in subscription:
@@ -138,7 +136,7 @@ class MembershipView:
                 event.kind == "update" and event.member.incarnation > declared.incarnation
             ):
                 del self._failed[node]
-                self.events.publish(Event("join", public(event.member)))
+                self.events.publish(Event("join", event.member))
                 return
             if event.kind == "update":
                 return  # news of the dead member's old life
@@ -148,5 +146,4 @@ class MembershipView:
             and _same_public(event.member, event.previous)
         ):
             return  # only its slot tags changed
-        previous = None if event.previous is None else public(event.previous)
-        self.events.publish(Event(event.kind, public(event.member), previous))
+        self.events.publish(event)

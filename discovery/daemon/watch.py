@@ -72,7 +72,7 @@ class PoolWatch:
         on_revived: Callable[[Member, str], None],
         declared: Callable[[str], bool],
         *,
-        fingerprint: str,
+        fingerprint: bytes,
         interval: float,
     ) -> None:
         self._pools = pools
@@ -128,16 +128,16 @@ class PoolWatch:
                 continue
             tables[mapped.id] = (mapped, {e["endpoint"]: e for e in entries})
         self._look_at_stalled(tables)
-        wanted: dict[uuid.UUID, tuple[Member, str]] = {}
+        wanted: dict[tuple[str, uuid.UUID], tuple[Member, bytes]] = {}
         for member in self._peers():
-            for tag in slot_tags(member):
-                wanted[tag.member_id] = (member, tag.fingerprint)
+            for pool_id, tag in slot_tags(member).items():
+                wanted[pool_id, tag.member_id] = (member, tag.fingerprint)
         seen: set[uuid.UUID] = set()
         for mapped, by_id in tables.values():
             for member_id, entry in by_id.items():
-                if member_id not in wanted or member_id in seen:
+                if (mapped.id, member_id) not in wanted or member_id in seen:
                     continue
-                member, fingerprint = wanted[member_id]
+                member, fingerprint = wanted[mapped.id, member_id]
                 seen.add(member_id)
                 watched = self._watched.get(member_id)
                 if watched is None or watched.generation != entry["generation"]:
@@ -187,7 +187,7 @@ class PoolWatch:
         member: Member,
         mapped: MappedPool,
         entry: dict[str, Any],
-        fingerprint: str,
+        fingerprint: bytes,
     ) -> _Watched | None:
         slot, generation, pid = int(entry["slot"]), int(entry["generation"]), int(entry["pid"])
         watched = _Watched(member, mapped, slot, generation, pid)

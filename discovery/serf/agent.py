@@ -106,8 +106,8 @@ class SerfAgent:
         self.rpc_auth = rpc_auth
         self.profile = serf_profile(profile)
         self._rpc_addr = rpc_addr
-        self._encrypt_key = encrypt_key
-        self.tags = dict(tags or {})
+        self.encrypt_key = encrypt_key  # -encrypt at the next start (a rotation changes it)
+        self.tags = dict(tags or {})  # -tag at the next start
         self.advertise = advertise
         self.snapshot = snapshot
         self.workdir = workdir
@@ -151,8 +151,8 @@ class SerfAgent:
         ]
         if self.advertise:
             args.append(f"-advertise={self.advertise}")
-        if self._encrypt_key is not None:
-            args.append(f"-encrypt={base64.b64encode(self._encrypt_key).decode('ascii')}")
+        if self.encrypt_key is not None:
+            args.append(f"-encrypt={base64.b64encode(self.encrypt_key).decode('ascii')}")
         if self.snapshot:
             args.append(f"-snapshot={self.snapshot}")
         if config_file:

@@ -3,8 +3,16 @@
 The engine drives one agent over its RPC protocol: its own agent, started
 on ``bind`` (``rpc=None``), or one already running at ``rpc``.  Our record
 rides in the agent's tags (``discovery.serf.tags``); a member whose tag
-cannot carry its endpoints answers the ``aiocoloc-record`` query with its
-whole ``Member.pack()``, so ``members()`` holds full records.
+cannot carry its endpoints (or slots) answers the ``aiocoloc-record`` query
+with its whole ``Member.pack()``, so ``members()`` holds full records.
+
+Keys: an own agent starts with ``-encrypt`` and the keyring's primary key,
+and installs the other keys before it joins anyone.  ``set_keyring`` rotates
+through Serf's key commands, which act on every member of the cluster: the
+first sidecar to apply a step applies it everywhere, and the others then
+find it done.  So it applies only what changed since the keyring it was
+given last (a sidecar whose key file did not change never undoes another's
+step).
 
 Serf's event stream is a hint, not a ledger: the agent drops events when
 the 512-event buffer of a client fills, and nothing flows while the
@@ -27,7 +35,7 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -50,7 +58,7 @@ from discovery.serf.wire import (
 if TYPE_CHECKING:
     from discovery.keys import Keyring
     from discovery.serf.rpc import RecordStream
-    from discovery.serf.wire import StreamRecord
+    from discovery.serf.wire import KeyResponse, StreamRecord
 
 __all__ = ["RECORD_QUERY", "SerfEngine"]
 
@@ -96,6 +104,7 @@ class SerfEngine(Engine):
         keyring: Keyring | None = None,
         pools: frozenset[str] = frozenset(),
         endpoints: Sequence[str] = (),
+        slots: Mapping[str, bytes] | None = None,
         advertise: str | None = None,
         rpc: str | None = None,
         rpc_auth: str | None = None,
@@ -112,11 +121,13 @@ class SerfEngine(Engine):
                 pools=frozenset(pools),
                 endpoints=tuple(endpoints),
                 incarnation=time.time_ns() // 1_000_000,  # a restart outranks the run before
+                slots=slots or {},
             )
         except MemberError as exc:
             raise EngineError(str(exc)) from None
-        tags = record_tags(local.incarnation, local.pools, local.endpoints)  # TagsTooLarge now
+        tags = record_tags(local)  # TagsTooLarge now
         self._table = MemberTable(local)
+        self._keyring = keyring  # the keys last set (an attached agent's: as we were told)
         self.rpc_address = rpc
         self._rpc_auth = rpc_auth
         self._advertise = advertise
@@ -137,6 +148,7 @@ class SerfEngine(Engine):
         self._stream: RecordStream[StreamRecord] | None = None
         self._resync_lock = asyncio.Lock()
         self._tags_lock = asyncio.Lock()  # tag writes in the order of the records
+        self._keys_lock = asyncio.Lock()  # one rotation at a time
         self._tasks: list[asyncio.Task[None]] = []
         self._state = "new"  # -> running -> left -> stopped
         self._counters: Counter[str] = Counter()
@@ -211,21 +223,25 @@ class SerfEngine(Engine):
         return self._table.members()
 
     async def update_local(
-        self, *, pools: frozenset[str] | None = None, endpoints: Sequence[str] | None = None
+        self,
+        *,
+        pools: frozenset[str] | None = None,
+        endpoints: Sequence[str] | None = None,
+        slots: Mapping[str, bytes] | None = None,
     ) -> Member:
         async with self._tags_lock:
             old = self.local()
             try:
-                new = replace(
-                    old,
-                    pools=old.pools if pools is None else frozenset(pools),
-                    endpoints=old.endpoints if endpoints is None else tuple(endpoints),
-                    incarnation=max(old.incarnation + 1, time.time_ns() // 1_000_000),
+                new = old.changed(
+                    max(old.incarnation + 1, time.time_ns() // 1_000_000),
+                    pools=pools,
+                    endpoints=endpoints,
+                    slots=slots,
                 )
             except MemberError as exc:
                 raise EngineError(str(exc)) from None
             others = await self._other_tags()
-            tags = record_tags(new.incarnation, new.pools, new.endpoints, others)
+            tags = record_tags(new, others)
             _check_answerable(new)
             rpc = self._rpc
             if rpc is not None and not rpc.closed:
@@ -235,6 +251,70 @@ class SerfEngine(Engine):
             if self.agent is not None:
                 self.agent.tags = dict(tags)  # a restarted agent starts with them
             return new
+
+    async def set_keyring(self, keyring: Keyring) -> None:
+        """Rotate to ``keyring`` (see the module docstring): install the keys
+        it adds, make its primary the primary, remove the keys it drops, on
+        every member.  Members that failed a step or did not answer are
+        logged (a member that missed a key is cut off once the others stop
+        using the keys it has).  ``EngineError`` if the agent runs without
+        encryption or refused a step itself: the keys last set then stay the
+        engine's, and setting ``keyring`` again retries (every step is
+        idempotent)."""
+        if self.agent is not None and self._keyring is None:
+            raise EngineError(
+                "the serf agent runs without encryption; restart with a key file to encrypt"
+            )
+        async with self._keys_lock:
+            rpc = self._connected()
+            before = self._keyring.keys if self._keyring is not None else ()
+            for key in keyring.keys:
+                if key not in before:
+                    self._key_step(await rpc.install_key(key), "install")
+            if before[:1] != (keyring.primary,):
+                self._key_step(await rpc.use_key(keyring.primary), "make primary")
+                if self.agent is not None:
+                    self.agent.encrypt_key = keyring.primary  # a restarted agent's -encrypt
+            for key in before:
+                if key not in keyring:
+                    self._key_step(await rpc.remove_key(key), "remove")
+            self._keyring = keyring
+            self._counters["key_changes"] += 1
+        _log.info("%s: keyring changed: %r", self.local().node, keyring)
+
+    async def installed_keys(self) -> dict[bytes, int]:
+        """Every key installed on some member, and on how many (Serf's
+        ``list-keys``)."""
+        answer = await self._connected().list_keys()
+        if answer.error:
+            _log.warning("%s: list-keys: %s %s", self.local().node, answer.error, answer.messages)
+        return dict(answer.keys)
+
+    def _key_step(self, answer: KeyResponse, what: str) -> None:
+        """Judge one key command's answer: an error if this member failed it."""
+        node = self.local().node
+        if node in answer.messages or (answer.error and not answer.responses):
+            raise EngineError(
+                f"serf agent could not {what} a key: {answer.messages.get(node) or answer.error}"
+            )
+        if answer.error:
+            _log.warning(
+                "%s: %s key: %s (%d of %d members answered) %s",
+                node,
+                what,
+                answer.error,
+                answer.responses,
+                answer.nodes,
+                "; ".join(f"{n}: {m}" for n, m in sorted(answer.messages.items())),
+            )
+
+    async def _install_other_keys(self, rpc: SerfRPC) -> None:
+        """A fresh own agent has the primary key only (``-encrypt``): the
+        others go in before it joins anyone (so only to itself)."""
+        if self._keyring is None or len(self._keyring) < 2:
+            return
+        for key in self._keyring.keys[1:]:
+            self._key_step(await rpc.install_key(key), "install")
 
     def stats(self) -> dict[str, int]:
         out = dict(self._counters)
@@ -278,6 +358,7 @@ class SerfEngine(Engine):
         """(Re)connect: the agent (restarted if ours died), our tags, the
         event stream, then a resync."""
         rejoin: list[str] = []
+        fresh_agent = self.agent is not None and not self._counters["connections"]
         if self.agent is not None and not self.agent.running:
             if self._counters["connections"]:
                 if not self.restart_agent:
@@ -290,6 +371,7 @@ class SerfEngine(Engine):
                 await self.agent.start()
                 self.rpc_address = self.agent.rpc_address
                 self._counters["agent_restarts"] += 1
+                fresh_agent = True
         assert self.rpc_address is not None
         rpc = await SerfRPC.connect(
             self.rpc_address, auth_key=self._rpc_auth, timeout=self.request_timeout
@@ -303,6 +385,8 @@ class SerfEngine(Engine):
             self._stream = await rpc.stream(STREAM_FILTER)
             self._rpc = rpc
             await self._publish_local(rpc)
+            if fresh_agent:
+                await self._install_other_keys(rpc)
             if rejoin:
                 with contextlib.suppress(SerfError):
                     await rpc.join(rejoin, timeout=self.request_timeout)
@@ -321,7 +405,7 @@ class SerfEngine(Engine):
                     local = replace(self.local(), addresses=(member.address,))
                     self._table.local = local
                     self._pin_gossip_port(member.port)
-                    tags = record_tags(local.incarnation, local.pools, local.endpoints, member.tags)
+                    tags = record_tags(local, member.tags)
                     if member.tags.get(TAG) != tags[TAG] and self._state == "running":
                         await rpc.update_tags(tags)
                     return
@@ -438,7 +522,7 @@ class SerfEngine(Engine):
 
     def _observe(self, member: SerfMember, event: str | None) -> None:
         """Fold one member as the agent sees it into the table; one whose
-        tag lacks endpoints is published once its record is fetched."""
+        tag leaves something out is published once its record is fetched."""
         if member.name == self.local().node:
             return
         status = serf_status(member, event)
@@ -447,7 +531,7 @@ class SerfEngine(Engine):
             self._forget(member.name, Status.LEFT)
             return
         full = self._records.known(member.name, tag.incarnation)
-        if tag.endpoints is None and status is Status.ALIVE and full is None:
+        if not tag.complete and status is Status.ALIVE and full is None:
             if self._records.want(member, status, tag.incarnation):
                 return
         self._records.settled(member.name)

@@ -1,15 +1,16 @@
-"""Whole records, for the members whose tags cannot carry their endpoints.
+"""Whole records, for the members whose tags cannot carry their endpoints
+(or slots).
 
 Such a member answers the ``aiocoloc-record`` query with its
-``Member.pack()``.  ``RecordFetcher`` asks the members seen with an
-endpoint-less tag, in batches (a query filtered on their names), and hands
-each back to the engine (``settle``) with its answer — or without one if
-none came before the query's deadline: its endpoints then stay unknown for
-that version of its record, which is not asked for again.
+``Member.pack()``.  ``RecordFetcher`` asks the members seen with a tag that
+leaves something out, in batches (a query filtered on their names), and
+hands each back to the engine (``settle``) with its answer — or without one
+if none came before the query's deadline: what its tag left out then stays
+unknown for that version of its record, which is not asked for again.
 
 Serf limits a query response to 1024 bytes (``query_response_size_limit``)
 with the node name and some framing: a packed record of more than about 900
-bytes cannot be answered, and the member's endpoints stay unknown.
+bytes cannot be answered, and what the member's tag left out stays unknown.
 """
 
 from __future__ import annotations

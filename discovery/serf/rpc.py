@@ -15,6 +15,7 @@ fails every pending request and ends every stream with
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +27,8 @@ from discovery.member import join_host
 from discovery.serf.streams import STREAM_LIMIT, Call, RecordStream
 from discovery.serf.wire import (
     IPC_VERSION,
+    NO_BODY_ERRORS,
+    KeyResponse,
     QueryRecord,
     SerfConnectionError,
     SerfError,
@@ -36,6 +39,7 @@ from discovery.serf.wire import (
     StreamRecord,
     agent_error,
     is_header,
+    parse_key_response,
     parse_members,
     parse_query_record,
     parse_record,
@@ -183,6 +187,37 @@ class SerfRPC:
             if isinstance(values, dict)
         }
 
+    async def install_key(self, key: bytes, *, timeout: float | None = None) -> KeyResponse:
+        """Install ``key`` on every member (not primary)."""
+        return await self._key_call("install-key", key, timeout)
+
+    async def use_key(self, key: bytes, *, timeout: float | None = None) -> KeyResponse:
+        """Make ``key`` every member's primary key (each must hold it)."""
+        return await self._key_call("use-key", key, timeout)
+
+    async def remove_key(self, key: bytes, *, timeout: float | None = None) -> KeyResponse:
+        """Remove ``key`` from every member (refused where it is primary)."""
+        return await self._key_call("remove-key", key, timeout)
+
+    async def list_keys(self, *, timeout: float | None = None) -> KeyResponse:
+        """Every key installed on some member, and on how many (``keys``)."""
+        return await self._key_call("list-keys", None, timeout)
+
+    async def _key_call(
+        self, command: str, key: bytes | None, timeout: float | None
+    ) -> KeyResponse:
+        """A key command: a query to every member, answered once all have
+        answered or the query's deadline passed (bounded by a generous
+        ``timeout``).  A ``KeyResponse`` whatever the members said;
+        ``SerfAgentError`` only if the agent answered no body."""
+        body = None if key is None else {"Key": base64.b64encode(key).decode("ascii")}
+        error, response = await self._exchange(
+            command, body, timeout=timeout or max(self.timeout, 30.0)
+        )
+        if error in NO_BODY_ERRORS or response is None:
+            raise agent_error(command, error or "no answer")
+        return parse_key_response(error, response)
+
     async def respond(self, query_id: int, payload: bytes) -> None:
         """Answer the query event ``query_id`` received on this connection."""
         await self._call("respond", {"ID": query_id, "Payload": payload})
@@ -274,6 +309,17 @@ class SerfRPC:
         timeout: float | None = None,
         error_body: bool = False,
     ) -> Any:
+        error, response = await self._exchange(command, body, timeout=timeout)
+        if error:
+            raise agent_error(command, error)
+        if error_body and response is None:
+            raise SerfProtocolError(f"{command} answered without a body")
+        return response
+
+    async def _exchange(
+        self, command: str, body: Mapping[str, Any] | None, *, timeout: float | None
+    ) -> tuple[str, Any]:
+        """Send a request; its answer's error string and body."""
         seq = self._next_seq()
         call = Call(command)
         self._pending[seq] = call
@@ -290,11 +336,7 @@ class SerfRPC:
         finally:
             if self._pending.get(seq) is call:
                 del self._pending[seq]  # a late answer is then skipped as an orphan
-        if error:
-            raise agent_error(command, error)
-        if error_body and response is None:
-            raise SerfProtocolError(f"{command} answered without a body")
-        return response
+        return error, response
 
     async def _open(
         self,

@@ -8,7 +8,7 @@ and a snapshot taken after a gap publishes exactly what was missed.
 
 * not a member (or left/failed) -> alive: ``join``;
 * alive -> left: ``leave``; alive -> failed: ``failed``;
-* alive -> alive with another record (pools, endpoints, address,
+* alive -> alive with another record (pools, endpoints, slots, address,
   incarnation): ``update``;
 * a member that vanishes from a snapshot, or is reaped, while alive:
   ``failed``; one whose ``ac`` tag vanishes (an engine that detached from a
@@ -83,18 +83,19 @@ class MemberTable:
     def record(
         self, member: SerfMember, tag: TagRecord, status: Status, full: Member | None
     ) -> Member:
-        """Our record of ``member``: its tag, with the endpoints of ``full``
-        (its answer to the record query) when the tag has none."""
-        endpoints = tag.endpoints
+        """Our record of ``member``: its tag, with what the tag left out
+        (endpoints, slots) from ``full``, its answer to the record query."""
+        endpoints, slots = tag.endpoints, tag.slots
         addresses: tuple[str, ...] = (member.address,)
         if full is not None and full.incarnation == tag.incarnation:
-            if endpoints is None:
-                endpoints = full.endpoints
+            endpoints = full.endpoints if endpoints is None else endpoints
+            slots = full.slots if slots is None else slots
             addresses += tuple(a for a in full.addresses if a != member.address)
-        if endpoints is None:  # not known yet: keep what we had for this version
-            known = self._records.get(member.name)
-            if known is not None and known.incarnation == tag.incarnation:
-                endpoints = known.endpoints
+        known = self._records.get(member.name)
+        if known is not None and known.incarnation == tag.incarnation:
+            # not known yet: keep what we had for this version
+            endpoints = known.endpoints if endpoints is None else endpoints
+            slots = known.slots if slots is None else slots
         return Member(
             node=member.name,
             addresses=addresses,
@@ -102,6 +103,7 @@ class MemberTable:
             endpoints=endpoints or (),
             incarnation=tag.incarnation,
             status=status,
+            slots={pool: data for pool, data in (slots or {}).items() if pool in tag.pools},
         )
 
     def apply(self, new: Member, *, ordered: bool = False) -> Event | None:

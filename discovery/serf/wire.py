@@ -12,7 +12,11 @@ msgpack on one TCP connection, with no framing of its own:
   command (``NO_BODY_ERRORS``);
 * ``stream``, ``monitor`` and ``query`` answer a header first, then keep
   sending header + record pairs under the same ``Seq`` (an event stream until
-  ``stop``, a query until its ``done`` record).
+  ``stop``, a query until its ``done`` record);
+* the key commands (``install-key``, ``use-key``, ``remove-key``: body
+  ``{"Key": base64}``; ``list-keys``: no body) act on every member through an
+  internal query, and always answer a body (``KeyResponse``), also with an
+  error that only says some members failed or did not answer.
 
 Field names are Go's, case and all.  Strings arrive as msgpack ``str``,
 byte slices (``Addr``, ``Payload``) as ``bin``.
@@ -20,6 +24,8 @@ byte slices (``Addr``, ``Payload``) as ``bin``.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +36,7 @@ from discovery.member import join_host
 
 __all__ = [
     "NO_BODY_ERRORS",
+    "KeyResponse",
     "MemberEvent",
     "QueryEvent",
     "QueryRecord",
@@ -45,6 +52,7 @@ __all__ = [
     "UserEvent",
     "decode_addr",
     "has_body",
+    "parse_key_response",
     "parse_record",
 ]
 
@@ -304,3 +312,52 @@ def parse_query_record(body: Any) -> QueryRecord | None:
     if kind == "response":
         return QueryRecord("response", _str(body, "From"), _bytes(body, "Payload"))
     raise SerfProtocolError(f"unknown query record type {kind!r:.40}")
+
+
+# ------------------------------------------------------------------- keys
+
+
+@dataclass(frozen=True)
+class KeyResponse:
+    """The answer to a key command (``keyResponse`` in Serf's ``ipc.go``).
+
+    ``nodes``: the members the command went to (the live ones), of which
+    ``responses`` answered and ``failures`` failed; ``messages``: what the
+    failed ones said, by node name; ``keys`` (``list-keys``): every key
+    installed somewhere and on how many members; ``error``: the agent's
+    error string, empty when every member answered and none failed."""
+
+    error: str
+    nodes: int
+    responses: int
+    failures: int
+    messages: Mapping[str, str] = field(default_factory=dict, hash=False)
+    keys: Mapping[bytes, int] = field(default_factory=dict, hash=False)
+
+
+def parse_key_response(error: str, body: Any) -> KeyResponse:
+    """A key command's answer from its header's error and its body."""
+    if not isinstance(body, dict):
+        raise SerfProtocolError(f"key response is not a map: {body!r:.60}")
+    messages = body.get("Messages") or {}
+    keys = body.get("Keys") or {}
+    if not isinstance(messages, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in messages.items()
+    ):
+        raise SerfProtocolError(f"key response Messages is not a string map: {messages!r:.60}")
+    if not isinstance(keys, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) for k, v in keys.items()
+    ):
+        raise SerfProtocolError(f"key response Keys is not a count map: {keys!r:.60}")
+    try:
+        counts = {base64.b64decode(k, validate=True): v for k, v in keys.items()}
+    except (binascii.Error, ValueError):
+        raise SerfProtocolError("key response Keys holds a key that is not base64") from None
+    return KeyResponse(
+        error,
+        _int(body, "NumNodes"),
+        _int(body, "NumResp"),
+        _int(body, "NumErr"),
+        messages,
+        counts,
+    )

@@ -25,7 +25,8 @@ import asyncio
 import logging
 import random
 from collections import Counter
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from discovery.engine import Engine, EngineError
@@ -78,6 +79,7 @@ class SwimEngine(Engine):
         keyring: Keyring | None = None,
         pools: frozenset[str] = frozenset(),
         endpoints: Sequence[str] = (),
+        slots: Mapping[str, bytes] | None = None,
         advertise: str | None = None,
     ) -> None:
         super().__init__()
@@ -95,7 +97,12 @@ class SwimEngine(Engine):
         self._advertise = advertise
         try:
             self._local = Member(
-                node, (advertise or bind,), frozenset(pools), tuple(endpoints), incarnation=0
+                node,
+                (advertise or bind,),
+                frozenset(pools),
+                tuple(endpoints),
+                incarnation=0,
+                slots=slots or {},
             )
         except MemberError as exc:
             raise EngineError(str(exc)) from None
@@ -122,9 +129,7 @@ class SwimEngine(Engine):
             self._state = "stopped"
             raise EngineError(f"cannot bind {self._bind_host}:{self._bind_port}: {exc}") from exc
         address = self._advertise or join_host(self._bind_host, port)
-        local = Member(
-            self._local.node, (address,), self._local.pools, self._local.endpoints, incarnation=0
-        )
+        local = replace(self._local, addresses=(address,))
         self._check_fits(local)
         self._membership = Membership(
             local,
@@ -202,18 +207,22 @@ class SwimEngine(Engine):
         return self._membership.members() if self._membership is not None else [self._local]
 
     async def update_local(
-        self, *, pools: frozenset[str] | None = None, endpoints: Sequence[str] | None = None
+        self,
+        *,
+        pools: frozenset[str] | None = None,
+        endpoints: Sequence[str] | None = None,
+        slots: Mapping[str, bytes] | None = None,
     ) -> Member:
         membership = self._started()
         me = membership.local
-        new_pools = frozenset(pools) if pools is not None else me.pools
-        new_endpoints = tuple(endpoints) if endpoints is not None else me.endpoints
         try:
-            candidate = Member(me.node, me.addresses, new_pools, new_endpoints, me.incarnation + 1)
+            candidate = me.changed(
+                me.incarnation + 1, pools=pools, endpoints=endpoints, slots=slots
+            )
         except MemberError as exc:
             raise EngineError(str(exc)) from None
         self._check_fits(candidate)
-        return membership.update_local(new_pools, new_endpoints)
+        return membership.update_local(candidate)
 
     def stats(self) -> dict[str, int]:
         out = dict(self._counters)
@@ -235,10 +244,10 @@ class SwimEngine(Engine):
         assert self._prober is not None
         return await self._prober.probe(state)
 
-    def set_keyring(self, keyring: Keyring) -> None:
+    async def set_keyring(self, keyring: Keyring) -> None:
         """Seal with ``keyring.primary`` and open with all its keys from now
-        on (key rotation, one step at a time on every member).
-        ``EngineError`` if the engine runs without a keyring."""
+        on (key rotation, one step at a time on every member; this member
+        only).  ``EngineError`` if the engine runs without a keyring."""
         try:
             self._sealer.rekey(keyring)
         except ValueError as exc:

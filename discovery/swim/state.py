@@ -67,10 +67,6 @@ class NodeState:
         return self.member.addresses[0]
 
 
-def _same_record(a: Member, b: Member) -> bool:
-    return a.addresses == b.addresses and a.pools == b.pools and a.endpoints == b.endpoints
-
-
 class Membership:
     """The member table of the local member ``local``."""
 
@@ -146,15 +142,16 @@ class Membership:
         """Gossip the local record (at start, and after changing it)."""
         self.queue.queue(self._me, encode(Alive(self.local)))
 
-    def update_local(self, pools: frozenset[str], endpoints: tuple[str, ...]) -> Member:
-        """Change the local record, raise its incarnation, announce it."""
+    def update_local(self, member: Member) -> Member:
+        """Make ``member`` (the local record changed, at a higher
+        incarnation) the local record and announce it."""
         previous = self.local
-        member = replace(
-            previous, pools=pools, endpoints=endpoints, incarnation=previous.incarnation + 1
-        )
+        if member.node != previous.node or member.incarnation <= previous.incarnation:
+            raise ValueError(f"{member.node} at {member.incarnation} does not follow our record")
+        member = member.with_status(previous.status)
         self._nodes[self._me].member = member
         self.announce()
-        if not _same_record(previous, member):
+        if not previous.same_record(member):
             self._events.publish(Event("update", member, previous))
         return member
 
@@ -189,7 +186,7 @@ class Membership:
             me = self.local
             if self.left or member.incarnation < me.incarnation:
                 return
-            if member.incarnation == me.incarnation and _same_record(member, me):
+            if member.incarnation == me.incarnation and member.same_record(me):
                 return
             self._refute(member.incarnation)  # another version of us is about
             return
@@ -236,7 +233,7 @@ class Membership:
         if old.status in _GONE:
             _log.info("%s is back (incarnation %d)", node, member.incarnation)
             self._events.publish(Event("join", member))
-        elif not _same_record(old, member):
+        elif not old.same_record(member):
             self._events.publish(Event("update", member, old.with_status(Status.ALIVE)))
 
     def on_suspect(self, message: Suspect, *, tell: bool | None = None) -> None:

@@ -74,8 +74,9 @@ async def test_members_and_colocation(three: Three) -> None:
         assert views["b"].colocated and views["b"].shared_pools == {three.p1[1]}
         assert not views["c"].colocated and views["c"].member.pools == {three.p2[1]}
         assert views["b"].member.addresses[0] == three.b.address
-        # No slot tag ever leaves the daemon.
-        assert all(not e.startswith("~s:") for v in views.values() for e in v.member.endpoints)
+        # Slot tags travel in their own field, never shown: endpoints are servers' only.
+        assert all(v.member.endpoints == () for v in views.values())
+        assert all("slots" not in m for m in three.a.request("members")["result"]["members"])
 
         answer = await client.colocated(three.b.address)
         assert (answer.colocated, answer.pool, answer.member and answer.member.node) == (
@@ -199,7 +200,7 @@ async def test_bad_requests_and_the_daemon_lives_on(three: Three) -> None:
             b'{"op": "colocated", "address": "not-an-ip"}\n',
             b'{"op": "pools.detach", "name": "nope"}\n',
             b'{"op": "pools.attach", "name": "aiocoloc-no-such-pool"}\n',
-            b'{"op": "advertise", "endpoints": ["~s:forged"]}\n',
+            b'{"op": "advertise", "endpoints": [7]}\n',
             b'{"op": "status", "id": "last"}\n',
         ]
         sock.sendall(b"".join(lines))

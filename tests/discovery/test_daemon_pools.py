@@ -12,8 +12,8 @@ import pytest
 from discovery.api_messages import ApiError
 from discovery.daemon.colocation import locate, member_views, parse_address
 from discovery.daemon.pools import PoolOpenError, PoolSet, PoolSpec, PoolSpecError, open_pool
-from discovery.daemon.slots import SlotTag, kernel_fingerprint, public, slot_tags
-from discovery.member import Member, Status
+from discovery.daemon.slots import SlotTag, kernel_fingerprint, slot_tags
+from discovery.member import MAX_SLOT, Member, Status
 from tests.discovery.daemon_pools import fake_ivshmem, posix_pool
 
 
@@ -126,13 +126,13 @@ async def test_configured_pools_fail_as_a_whole(tmp_path: Path) -> None:
 def test_slot_tags() -> None:
     import uuid
 
-    tag = SlotTag(uuid.uuid4(), kernel_fingerprint())
-    assert len(tag.encode()) <= 40 and SlotTag.decode(tag.encode()) == tag
-    assert SlotTag.decode("tcp:1.2.3.4:5") is None and SlotTag.decode("~s:!!@x") is None
-    member = Member("a", ("127.0.0.2:1",), endpoints=("tcp:x", tag.encode()))
-    assert slot_tags(member) == [tag]
-    assert public(member).endpoints == ("tcp:x",)
-    assert kernel_fingerprint() == kernel_fingerprint() != ""
+    fingerprint = kernel_fingerprint()
+    tag = SlotTag(uuid.uuid4(), fingerprint)
+    assert len(tag.encode()) == 22 <= MAX_SLOT and SlotTag.decode(tag.encode()) == tag
+    assert SlotTag.decode(b"short") is None and SlotTag.decode(bytes(MAX_SLOT + 1)) is None
+    member = Member("a", ("127.0.0.2:1",), frozenset({"p1", "p2"}), slots={"p1": tag.encode()})
+    assert slot_tags(member) == {"p1": tag}
+    assert len(fingerprint) == 6 and kernel_fingerprint() == fingerprint
 
 
 ME = Member("me", ("127.0.0.2:7946",), frozenset({"p1", "p2"}))

@@ -1,12 +1,12 @@
-"""The membership the sidecar serves: the engine's events relayed without
-slot tags, and the pool watch's early ``failed`` laid over them (said once,
-undone by a newer record)."""
+"""The membership the sidecar serves: the engine's events relayed (those
+that change only slot tags left out), and the pool watch's early ``failed``
+laid over them (said once, undone by a newer record)."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import pytest
@@ -17,9 +17,11 @@ from discovery.engine import Engine
 from discovery.events import Event, Subscription
 from discovery.member import Member, Status
 
-TAG = SlotTag(uuid.uuid4(), "fp").encode()
+TAG = SlotTag(uuid.uuid4(), b"fp").encode()
 ME = Member("me", ("127.0.0.2:7946",))
-PEER = Member("peer", ("127.0.0.3:7946",), frozenset({"p1"}), ("tcp:x", TAG), incarnation=2)
+PEER = Member(
+    "peer", ("127.0.0.3:7946",), frozenset({"p1"}), ("tcp:x",), incarnation=2, slots={"p1": TAG}
+)
 
 
 class ListEngine(Engine):
@@ -48,7 +50,11 @@ class ListEngine(Engine):
         return list(self.records.values())
 
     async def update_local(
-        self, *, pools: frozenset[str] | None = None, endpoints: Sequence[str] | None = None
+        self,
+        *,
+        pools: frozenset[str] | None = None,
+        endpoints: Sequence[str] | None = None,
+        slots: Mapping[str, bytes] | None = None,
     ) -> Member:
         return self.local()
 
@@ -62,7 +68,7 @@ async def _drain(events: Subscription, count: int) -> list[Event]:
 
 
 @pytest.mark.asyncio
-async def test_relay_strips_tags_and_watch_verdicts() -> None:
+async def test_relay_and_watch_verdicts() -> None:
     engine = ListEngine()
     view = MembershipView(engine)
     view.start()
@@ -72,11 +78,10 @@ async def test_relay_strips_tags_and_watch_verdicts() -> None:
         (joined,) = await _drain(events, 1)
         assert joined.kind == "join" and joined.member.endpoints == ("tcp:x",)
         assert [m.endpoints for m in view.members() if m.node == "peer"] == [("tcp:x",)]
+        assert "slots" not in joined.member.to_json()  # what clients get
         assert view.watchable() == [PEER]  # the watch sees the tags
         # Only the tag changed (a pool re-joined): nothing for clients.
-        moved = replace(
-            PEER, endpoints=("tcp:x", SlotTag(uuid.uuid4(), "fp").encode()), incarnation=3
-        )
+        moved = PEER.changed(3, slots={"p1": SlotTag(uuid.uuid4(), b"fp").encode()})
         engine.happen("update", moved, PEER)
         # The pool watch sees it die first.
         view.declare_failed(moved, "its process exited")

@@ -251,16 +251,101 @@ async def test_encrypted_cluster(engines: EngineFactory) -> None:
     assert [m.node for m in a.members()] == ["a", "b"]
 
 
+# -------------------------------------------------------------------- keys
+
+
+def _all_alive(engines: Iterable[SerfEngine]) -> Callable[[], bool]:
+    trio = list(engines)
+    names = {e.local().node for e in trio}
+    return lambda: all(
+        {m.node for m in e.members() if m.status is Status.ALIVE} == names for e in trio
+    )
+
+
+async def test_keys_rotate_across_the_cluster(engines: EngineFactory) -> None:
+    """Each member's key file goes through the three steps, member after
+    member: the first to apply a step applies it everywhere (Serf's key
+    commands), the others find it done.  An own agent restarted mid-way
+    comes back with the keys in use; the old key removed, a member that
+    has only it cannot get in."""
+    old, new = os.urandom(32), os.urandom(16)
+    a = await engines("a", keyring=Keyring([old]))
+    b = await engines("b", keyring=Keyring([old]), join=[address(a)])
+    c = await engines("c", keyring=Keyring([old]), join=[address(a)])
+    await until(_all_alive((a, b, c)))
+    sub = Watch(a)
+    assert await a.installed_keys() == {old: 3}
+    steps = [
+        (Keyring([old, new]), {old: 3, new: 3}),
+        (Keyring([new, old]), {old: 3, new: 3}),
+        (Keyring([new]), {new: 3}),
+    ]
+    for number, (ring, installed) in enumerate(steps, 1):
+        for engine in (a, b, c):
+            await engine.set_keyring(ring)
+        assert await c.installed_keys() == installed, f"step {number}"
+        if number == 2:  # a's agent dies and restarts: new primary, old key too
+            assert a.agent is not None and a.agent.encrypt_key == new
+            a.agent.kill()
+            await until(lambda: a.stats().get("connections", 0) >= 2)
+            await until(_all_alive((a, b, c)))
+            assert await a.installed_keys() == installed
+    assert a.stats()["key_changes"] == 3
+    # They still talk, with the new key alone.
+    updated = await c.update_local(pools=frozenset({POOL_1}))
+    event = await sub.next("update", "c", where=lambda m: m.pools == {POOL_1})
+    assert event.member == updated
+    outsider = await engines("d", keyring=Keyring([old]))
+    with pytest.raises(EngineError):
+        await outsider.join([address(b)])
+    assert status_of(a, "d") is None
+
+
+async def test_a_member_that_missed_the_rotation_is_cut_off(
+    engines: EngineFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """c's agent dies (kill -9, not restarted) as a rotates the keys: a
+    warns that c did not answer; the old key removed, c back with the old
+    key alone cannot rejoin, and stays failed at a and b."""
+    old, new = os.urandom(32), os.urandom(32)
+    a = await engines("a", keyring=Keyring([old]))
+    b = await engines("b", keyring=Keyring([old]), join=[address(a)])
+    c = await engines("c", keyring=Keyring([old]), join=[address(a)])
+    await until(_all_alive((a, b, c)))
+    subs = {"a": Watch(a), "b": Watch(b)}
+    assert c.agent is not None
+    c.restart_agent = False
+    c.agent.kill()
+    for ring in (Keyring([old, new]), Keyring([new, old]), Keyring([new])):
+        await a.set_keyring(ring)
+    assert "a: install key: 2/3 nodes reported success (2 of 3 members answered)" in caplog.text
+    assert await b.installed_keys() == {new: 2}
+    for viewer in ("a", "b"):
+        await subs[viewer].next("failed", "c", FAIL_DEADLINE)
+    back = await engines("c", bind=address(c), keyring=Keyring([old]))
+    with pytest.raises(EngineError):
+        await back.join([address(a), address(b)])
+    assert status_of(a, "c") is Status.FAILED and status_of(b, "c") is Status.FAILED
+    assert not [e for w in subs.values() for e in w.pending() if e.member.node == "c"]
+
+
+async def test_keys_need_an_encrypted_agent(engines: EngineFactory) -> None:
+    plain = await engines("a")
+    with pytest.raises(EngineError, match="without encryption"):
+        await plain.set_keyring(Keyring([os.urandom(32)]))
+
+
 # ------------------------------------------------------------ full records
 
 
 async def test_endpoints_that_do_not_fit_come_by_query(engines: EngineFactory) -> None:
     endpoints = [f"@aiocoloc-ctl-{4194304 + i}-0123456789abcdef" for i in range(8)]
+    slots = {pool: os.urandom(22) for pool in EIGHT_POOLS}  # as the sidecar's
     a = await engines("a")
     sub = Watch(a)
-    b = await engines("b", pools=EIGHT_POOLS, endpoints=endpoints, join=[address(a)])
+    b = await engines("b", pools=EIGHT_POOLS, endpoints=endpoints, slots=slots, join=[address(a)])
     event = await sub.next("join", "b")
-    assert event.member == b.local()
+    assert event.member == b.local() and event.member.slots == slots
     assert event.member.endpoints == tuple(endpoints)  # not in the tag: asked for
     assert a.stats()["records_fetched"] >= 1
     await until(lambda: b.stats().get("queries_answered", 0) >= 1)  # its respond() returns
@@ -272,7 +357,7 @@ async def test_endpoints_that_do_not_fit_come_by_query(engines: EngineFactory) -
     finally:
         await rpc.close()
     tag = decode_tag(seen.tags[TAG])
-    assert tag.endpoints is None and tag.pools == EIGHT_POOLS
+    assert tag.endpoints is None and tag.pools == EIGHT_POOLS and tag.slots == slots
 
     assert await a.fetch("b") == b.local()
     assert [m for m in a.members() if m.node == "b"] == [b.local()]

@@ -4,6 +4,7 @@ the member table, and the RPC client against a scripted fake agent."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ipaddress
 import uuid
@@ -15,7 +16,7 @@ import pytest
 import pytest_asyncio
 
 from discovery.engine import EngineError
-from discovery.member import Member, MemberError, Status
+from discovery.member import MAX_SLOT, Member, MemberError, Status
 from discovery.serf import SerfEngine
 from discovery.serf.agent import SerfAgent, serf_profile
 from discovery.serf.rpc import SerfRPC
@@ -43,6 +44,7 @@ from discovery.serf.wire import (
     StreamGap,
     UserEvent,
     decode_addr,
+    parse_key_response,
     parse_record,
 )
 
@@ -148,13 +150,40 @@ def test_stream_records() -> None:
 
 
 def test_tag_round_trip() -> None:
-    value = encode_tag(12345678901234, {POOL_A, "pool-not-a-uuid"}, ["@ctl-1", "10.0.0.1:9000"])
+    slots = {POOL_A: bytes(range(22))}
+    value = encode_tag(
+        12345678901234, {POOL_A, "pool-not-a-uuid"}, ["@ctl-1", "10.0.0.1:9000"], slots
+    )
     assert value.isascii() and "=" not in value
     record = decode_tag(value)
     assert record.incarnation == 12345678901234
     assert record.pools == {POOL_A, "pool-not-a-uuid"}
     assert record.endpoints == ("@ctl-1", "10.0.0.1:9000")
+    assert record.slots == slots
     assert record.complete
+    assert decode_tag(encode_tag(1, {POOL_A}, [])).slots == {}
+
+
+def _tag_of(fields: list[Any]) -> str:
+    return base64.urlsafe_b64encode(msgpack.packb(fields)).rstrip(b"=").decode()
+
+
+def test_tags_of_older_and_newer_writers() -> None:
+    pool = uuid.UUID(POOL_A).bytes
+    older = decode_tag(_tag_of([1, 7, [pool], ["@e"]]))  # before slots: none, complete
+    assert (older.pools, older.endpoints, older.slots, older.complete) == (
+        {POOL_A},
+        ("@e",),
+        {},
+        True,
+    )
+    newer = decode_tag(_tag_of([1, 7, [pool], ["@e"], [b"s" * 22], "a field to come", [1]]))
+    assert newer.slots == {POOL_A: b"s" * 22} and newer.complete
+    left_out = decode_tag(_tag_of([1, 7, [pool], ["@e"], None]))
+    assert left_out.slots is None and not left_out.complete
+    for bad in ([b"s" * 22, None], [b"s" * 25], ["text"], "x"):
+        with pytest.raises(MemberError, match="slots"):
+            decode_tag(_tag_of([1, 7, [pool], ["@e"], bad]))
 
 
 def test_uuid_pools_take_sixteen_bytes() -> None:
@@ -182,32 +211,51 @@ def test_serf_tags_size_follows_the_old_msgpack_spec() -> None:
     assert serf_tags_size({f"k{i}": "" for i in range(16)}) == 1 + 3 + 10 * (3 + 1) + 6 * (4 + 1)
 
 
-def test_worst_case_pools_fit_and_endpoints_move_to_the_query() -> None:
+def _record(pools: Any, endpoints: Any = (), slots: Any = None, incarnation: int = 1) -> Member:
+    return Member(
+        "n", ("127.0.0.1:1",), frozenset(pools), tuple(endpoints), incarnation, slots=slots or {}
+    )
+
+
+def test_worst_case_pools_and_slots_fit_and_endpoints_move_to_the_query() -> None:
     pools = {str(uuid.UUID(int=i + 1)) for i in range(8)}
     incarnation = (1 << 63) - 1
-    small = record_tags(incarnation, pools, [])
-    assert serf_tags_size(small) == 218  # the worst case the module docstring states
+    small = record_tags(_record(pools, incarnation=incarnation))
+    assert serf_tags_size(small) == 219  # the sizes the module docstring states
+    widest = {pool: b"\xff" * MAX_SLOT for pool in pools}
+    worst = record_tags(_record(pools, slots=widest, incarnation=incarnation))
+    assert serf_tags_size(worst) == 496 <= TAG_LIMIT
+    assert decode_tag(worst[TAG]).slots == widest
+    sidecar = {pool: b"\x01" * 22 for pool in pools}  # what the sidecar advertises
     many = [f"@aiocoloc-ctl-{4194304 + i}-0123456789abcdef" for i in range(8)]
-    tags = record_tags(incarnation, pools, many)
+    tags = record_tags(_record(pools, many, sidecar, incarnation))
     assert serf_tags_size(tags) <= TAG_LIMIT
-    assert decode_tag(tags[TAG]).endpoints is None  # too many: ask for them
-    few = record_tags(incarnation, pools, many[:5])
+    record = decode_tag(tags[TAG])
+    assert record.endpoints is None and record.slots == sidecar  # ask for the endpoints
+    few = record_tags(_record(pools, many[:5], incarnation=incarnation))
     assert decode_tag(few[TAG]).endpoints == tuple(many[:5])
     assert serf_tags_size(few) <= TAG_LIMIT
+    first = min(pools)
+    one = record_tags(_record({first}, many[:5], {first: sidecar[first]}, incarnation))
+    assert decode_tag(one[TAG]).complete  # with one pool, endpoints keep their room
 
 
 def test_other_tags_count_against_the_limit() -> None:
     endpoints = ["@ctl-" + "x" * 40]
-    assert decode_tag(record_tags(1, {POOL_A}, endpoints)[TAG]).complete
-    crowded = {"role": "y" * 420}
-    assert not decode_tag(record_tags(1, {POOL_A}, endpoints, crowded)[TAG]).complete
+    slots = {POOL_A: b"s" * 22}
+    assert decode_tag(record_tags(_record({POOL_A}, endpoints, slots))[TAG]).complete
+    crowded = record_tags(_record({POOL_A}, endpoints, slots), {"role": "y" * 420})
+    assert decode_tag(crowded[TAG]).endpoints is None
+    assert decode_tag(crowded[TAG]).slots == slots
+    packed = record_tags(_record({POOL_A}, endpoints, slots), {"role": "y" * 450})
+    assert decode_tag(packed[TAG]).slots is None  # slots go to the query too
     with pytest.raises(TagsTooLarge, match="512"):
-        record_tags(1, {POOL_A}, endpoints, {"role": "y" * 480})
+        record_tags(_record({POOL_A}, endpoints), {"role": "y" * 480})
 
 
 def test_pools_that_cannot_fit_are_refused() -> None:
     with pytest.raises(TagsTooLarge, match="pool ids"):
-        record_tags(1, {f"pool-{i}-" + "z" * 60 for i in range(8)}, [])
+        record_tags(_record({f"pool-{i}-" + "z" * 60 for i in range(8)}))
 
 
 # ------------------------------------------------- agent and engine set-up
@@ -321,10 +369,52 @@ def test_table_removals() -> None:
     assert table.apply(record_of(table, serf_member("me"))) is None  # no events about us
 
 
+def test_table_fills_in_what_the_tag_left_out() -> None:
+    table = MemberTable(Member("me", ("127.0.0.1:1",)))
+    slots = {POOL_A: b"s" * 22}
+    full = Member("b", ("127.0.0.1:7000", "10.0.0.1:7000"), frozenset({POOL_A}), ("@e",), 5)
+    full = full.changed(5, slots=slots)
+    member = SerfMember("b", "127.0.0.1", 7000, {TAG: encode_tag(5, {POOL_A}, None, None)})
+    tag = read_tag(member)
+    assert tag is not None and not tag.complete
+    assert table.record(member, tag, Status.ALIVE, None).slots == {}  # not known yet
+    record = table.record(member, tag, Status.ALIVE, full)
+    assert record == full  # the answer to the record query fills in
+    table.apply(record)
+    # This version seen again with no answer at hand: what its answer said stays.
+    again = table.record(member, tag, Status.ALIVE, None)
+    assert (again.endpoints, again.slots) == (("@e",), slots)
+
+
 def test_leaving_is_still_a_member() -> None:
     assert serf_status(serf_member("b", "leaving")) is Status.ALIVE
     assert serf_status(serf_member("b", "none")) is None
     assert serf_status(serf_member("b"), "member-leave") is Status.LEFT
+
+
+def test_key_responses() -> None:
+    key = bytes(range(32))
+    listed = parse_key_response(
+        "1/3 nodes reported success",
+        {
+            "Messages": None,  # Go's nil map
+            "Keys": {base64.b64encode(key).decode(): 1},
+            "NumNodes": 3,
+            "NumResp": 1,
+            "NumErr": 0,
+        },
+    )
+    assert (listed.keys, listed.messages, listed.nodes, listed.responses) == ({key: 1}, {}, 3, 1)
+    refused = parse_key_response(
+        "1/2 nodes reported failure",
+        {"Messages": {"b": "Requested key is not in the keyring"}, "NumNodes": 2, "NumErr": 1},
+    )
+    assert refused.failures == 1 and refused.messages == {
+        "b": "Requested key is not in the keyring"
+    }
+    for bad in ([], {"Keys": {"!!": 1}}, {"Keys": {"AAAA": "1"}}, {"Messages": {"b": 1}}):
+        with pytest.raises(SerfProtocolError):
+            parse_key_response("", bad)
 
 
 # ---------------------------------------------- the client, on a fake agent

@@ -322,15 +322,15 @@ async def test_keys_rotate_on_running_engines() -> None:
             (Keyring([new]), Keyring([new])),  # 3. retire the old key
         ]
         for ring_a, ring_b in steps:
-            a.set_keyring(ring_a)
-            b.set_keyring(ring_b)
+            await a.set_keyring(ring_a)
+            await b.set_keyring(ring_b)
             assert await a.probe("r-b") and await b.probe("r-a")
         auth_drops = a.stats().get("drop_auth", 0)
-        b.set_keyring(Keyring([old]))  # one member left behind
+        await b.set_keyring(Keyring([old]))  # one member left behind
         assert not await a.probe("r-b")
         assert a.stats().get("drop_auth", 0) > auth_drops
         with pytest.raises(EngineError, match="not sealed"):
-            plain.set_keyring(Keyring([new]))
+            await plain.set_keyring(Keyring([new]))
     finally:
         for engine in (a, b, plain):
             await engine.stop()
