@@ -60,6 +60,7 @@ bench: build
 	$(PY) bench/proportional.py
 	$(PY) bench/streams.py
 	$(PY) bench/many.py
+	$(PY) bench/discovery.py
 
 clean:
 	rm -rf build $(VENV) aiocoloc/*.so aiocoloc/*.c aiocoloc/shm/*.so aiocoloc/shm/*.c *.egg-info .pytest_cache .mypy_cache .hypothesis
