@@ -77,6 +77,7 @@ class ApiServer:
         self._server: asyncio.AbstractServer | None = None
         self._inode: tuple[int, int] | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     async def bind(self) -> None:
         """Create the socket (not serving yet); ``ApiStartError`` when it cannot."""
@@ -138,6 +139,7 @@ class ApiServer:
     async def close(self) -> None:
         """Stop listening, hang up on every client, remove the socket file."""
         if self._server is not None:
+            self._closing = True
             self._server.close()
             for task in list(self._connections):
                 task.cancel()
@@ -199,6 +201,11 @@ class ApiServer:
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client went away
+        except asyncio.CancelledError:
+            # Hung up by close(): end normally, or asyncio's stream callback
+            # logs the cancellation as an error, once per open connection.
+            if not self._closing:
+                raise
         finally:
             if subscription is not None:
                 subscription.close()
