@@ -179,6 +179,36 @@ def test_peer_killed_mid_stream_is_reported_within_100ms(loop_kind: str, role: s
     run(loop_kind, scenario)
 
 
+def test_peer_dying_tcp_first_still_frees_its_pipes_at_once(loop_kind: str) -> None:
+    """A peer whose TCP breaks before its process dies: the TCP loss ends the
+    connection at once, and the pipes it never closed come back as soon as
+    its control socket closes, not after the pool's lease."""
+
+    async def scenario() -> None:
+        remote = await connect_remote("stall")
+        try:
+            for _ in range(20):  # a full pipe, the peer's ends open
+                remote.transport.write(os.urandom(256 * 1024))
+                await asyncio.sleep(0.001)
+            assert remote.child.stdin is not None
+            remote.child.stdin.write("die-tcp-first\n")
+            remote.child.stdin.flush()
+            exc = await remote.protocol.lost
+            assert isinstance(exc, ConnectionResetError), exc
+            assert remote.pool.stats()["slices_used"] > 0  # its ends are open: not ours to free yet
+            await asyncio.get_running_loop().run_in_executor(None, remote.child.wait)
+            deadline = time.monotonic() + 1.0
+            while remote.pool.stats()["slices_used"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            stats = remote.pool.stats()
+            assert stats["open_ends"] == 0
+            assert stats["slices_used"] == 0
+        finally:
+            remote.close()
+
+    run(loop_kind, scenario)
+
+
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

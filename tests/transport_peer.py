@@ -10,14 +10,22 @@ pipe handles from stdin, then plays a role:
     stall  never read (the parent's writes pile up)
     idle   do nothing
     sink   read and count; report the count at EOF
+
+Then it waits on stdin for ``die-tcp-first``: its TCP connection is reset, and
+30 ms later the process is killed (its pipe ends still open), so that the
+parent sees the TCP loss well before the control socket closes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
+import struct
 import sys
+import time
 
 from aiocoloc.shm import MemfdSegment, PipeHandle, Pool
 from aiocoloc.transport import attach_shared_memory, open_transport
@@ -78,7 +86,15 @@ async def main(
     )
     transport.switch_tx("shm")
     print(json.dumps({"ready": True}), flush=True)
-    await protocol.done  # type: ignore[attr-defined]
+    command = loop.run_in_executor(None, sys.stdin.readline)
+    await asyncio.wait([protocol.done, command], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[attr-defined]
+    if command.done() and command.result().strip() == "die-tcp-first":
+        reset = socket.socket(fileno=os.dup(tcp_fd))  # closed last, with linger 0: RST
+        reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        os.close(tcp_fd)
+        reset.close()
+        time.sleep(0.03)
+        os.kill(os.getpid(), signal.SIGKILL)
     pool.close()
 
 

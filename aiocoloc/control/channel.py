@@ -36,6 +36,8 @@ _MAX_FDS = 4  # most descriptors one handshake message carries
 _READ = 65536
 #: Seconds a closed channel keeps flushing what the kernel had not taken.
 LINGER = 1.0
+#: Seconds ``wait_for_peer_close`` waits before giving up.
+PEER_CLOSE_WAIT = 5.0
 
 OnMessage = Callable[[Message], None]
 OnLost = Callable[[BaseException | None], None]
@@ -55,6 +57,8 @@ class ControlChannel:
         self._out = bytearray()  # posted, not yet taken by the kernel
         self._on_message: OnMessage | None = None
         self._on_lost: OnLost | None = None
+        self._serving = False  # our reader is registered
+        self._discarding = False  # waiting for the peer to close: data is dropped
         self.closed = False
         debug.live.control_channels += 1
 
@@ -132,6 +136,7 @@ class ControlChannel:
         _close_all(self._fds)  # a link carries no descriptors
         self._fds.clear()
         self._on_message, self._on_lost = on_message, on_lost
+        self._serving = True
         self._loop.add_reader(self._fd, self._read_ready)
         self._deliver()
 
@@ -142,7 +147,7 @@ class ControlChannel:
 
     def post_frame(self, frame: bytes) -> None:
         """``post`` for a frame encoded once in advance (a doorbell's)."""
-        if self.closed:
+        if self.closed or self._discarding:
             raise ConnectionResetError("control channel is closed")
         if self._out:
             self._out += frame
@@ -158,6 +163,40 @@ class ControlChannel:
             self._out += frame[sent:]
             self._loop.add_writer(self._fd, self._write_ready)
 
+    def wait_for_peer_close(
+        self, on_closed: Callable[[], None], on_timeout: Callable[[], None], timeout: float
+    ) -> None:
+        """End our side (shut down for writing, drop what was posted), then
+        read and discard until the peer closes its end: ``on_closed()``, or
+        ``on_timeout()`` after ``timeout`` seconds; the channel is closed
+        either way.  How a connection whose TCP side died learns whether
+        its peer is gone too (its control socket closes with it)."""
+        if self.closed:
+            raise ControlChannelClosed("the control channel is closed")
+        self._out.clear()
+        self._loop.remove_writer(self._fd)
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # closed by the peer already: the read below says so
+        self._discarding = True
+
+        def timed_out() -> None:
+            self._on_lost = None
+            self.close()
+            on_timeout()
+
+        timer = self._loop.call_later(timeout, timed_out)
+
+        def closed(_exc: BaseException | None) -> None:
+            timer.cancel()
+            on_closed()
+
+        self._on_message, self._on_lost = None, closed
+        if not self._serving:
+            self._serving = True
+            self._loop.add_reader(self._fd, self._read_ready)
+
     def _read_ready(self) -> None:
         try:
             data = self.sock.recv(_READ)
@@ -169,6 +208,8 @@ class ControlChannel:
         if not data:
             self._lost(None)
             return
+        if self._discarding:
+            return
         try:
             self._messages.extend(self._decoder.feed(data))
         except ControlProtocolError as exc:
@@ -177,7 +218,7 @@ class ControlChannel:
         self._deliver()
 
     def _deliver(self) -> None:
-        while self._messages and not self.closed:
+        while self._messages and not self.closed and not self._discarding:
             try:
                 message = decode(self._messages.popleft())
             except UnknownOperation as exc:

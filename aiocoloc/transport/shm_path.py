@@ -57,17 +57,31 @@ class ShmPath:
         self.pool_id = pool_id
         self._on_close = on_close
         self.closed = False
+        self._outgoing_done = self._incoming_done = False
 
-    def close(self, peer_gone: bool = False) -> None:
-        """Release the pipe ends and the doorbell.  Idempotent."""
+    def close(self, peer_gone: bool = False) -> bool:
+        """Release the pipe ends and the doorbell.  True if a pipe is left
+        that only the peer may free (its end is open): then ``settle`` must
+        follow, once it is known whether the peer is gone.  Idempotent."""
         if self.closed:
-            return
+            return False
         self.closed = True
-        outgoing_done = close_end(self.producer) or peer_gone
-        incoming_done = close_end(self.consumer) or peer_gone
+        self._outgoing_done = close_end(self.producer) or peer_gone
+        self._incoming_done = close_end(self.consumer) or peer_gone
         self.doorbell.close()
-        if self._on_close is not None:
-            self._on_close(incoming_done, outgoing_done)
+        if self._outgoing_done and self._incoming_done:
+            self.settle(peer_gone=False)
+            return False
+        return True
+
+    def settle(self, peer_gone: bool) -> None:
+        """Give the pipes back after ``close``: ``peer_gone`` frees those the
+        peer never closed (it died with them open); otherwise they are left
+        to the peer, which frees them when it closes last, or to the pool's
+        reaper.  Idempotent."""
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close(self._incoming_done or peer_gone, self._outgoing_done or peer_gone)
 
 
 def close_end(end: Any) -> bool:

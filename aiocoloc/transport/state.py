@@ -88,6 +88,7 @@ class TransportState(asyncio.transports._FlowControlMixin):
     _paused_reading = False
     _closing = False
     _tcp_closed = False
+    _tcp_dropped = False  # TCP was lost while we were not closing it
     _conn_lost = 0
     _lost_called = False
     _peer_closed_link = False

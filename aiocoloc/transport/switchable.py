@@ -36,6 +36,7 @@ from typing import Any
 
 from aiocoloc import debug
 from aiocoloc.control import ControlChannel
+from aiocoloc.control.channel import PEER_CLOSE_WAIT
 from aiocoloc.control.messages import Close
 from aiocoloc.notify.spin import SpinPolicy
 from aiocoloc.transport.contract import LifeCycle, ProtocolCalls, reads_into_buffers
@@ -111,12 +112,14 @@ class SwitchableTransport(
         if self._shm is not None:
             raise RuntimeError("a shared-memory path is already attached")
         if self._lost_called:  # closed while the path was being set up
+            waiting = path.close()  # our ends first: see _release_shared_memory
             try:
                 link.post(Close())  # the loss that follows is no error
             except ConnectionResetError:
                 pass
             link.close()
-            path.close()
+            if waiting:
+                path.settle(peer_gone=False)
             return
         self._shm = path
         self._link = link
@@ -140,10 +143,26 @@ class SwitchableTransport(
             self._spin_handle = None
             assert self._spin is not None
             self._spin.release(self._loop)
-        if self._link is not None:
-            self._link.close()
-        if self._shm is not None:
-            self._shm.close(peer_gone=self._peer_gone)
+        # Our pipe ends close before the link: a live peer reads the link's
+        # end as "done with the pipes" and may free them at once.
+        shm, link = self._shm, self._link
+        waiting = shm is not None and shm.close(peer_gone=self._peer_gone)
+        if waiting and self._tcp_dropped and link is not None and not link.closed:
+            # TCP died under us with the peer's pipe ends still open: a kill -9
+            # closes its control socket in the same instant, so wait for that
+            # to free the pipes now rather than after the pool's lease.
+            assert shm is not None
+            link.wait_for_peer_close(
+                lambda: shm.settle(peer_gone=True),
+                lambda: shm.settle(peer_gone=False),
+                PEER_CLOSE_WAIT,
+            )
+            return
+        if link is not None:
+            link.close()
+        if waiting:
+            assert shm is not None
+            shm.settle(peer_gone=False)
 
     # ------------------------------------------------------------ for its owners
 

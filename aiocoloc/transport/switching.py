@@ -164,6 +164,6 @@ class Switching(TransportState):
             return
         # Both directions still on TCP: the connection goes on without shared memory.
         shm, self._shm, self._link = self._shm, None, None
-        if shm is not None:
-            shm.close()
+        if shm is not None and shm.close():
+            shm.settle(peer_gone=False)  # the peer frees what it still holds when it closes
         fallback.record(self, fallback.PROTOCOL_ERROR, f"control channel lost: {exc}")

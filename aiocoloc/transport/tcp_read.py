@@ -76,6 +76,7 @@ class TcpReadPath(TransportState):
         self._tcp_closed = True
         if self._lost_called:
             return
+        self._tcp_dropped = not self._closing
         if self._direct:  # the loop's transport has reported any error already
             self._force_close(exc, now=True)
         elif self._closing:
