@@ -21,8 +21,9 @@ News is gossiped on (``BroadcastQueue``) and published as events: ``join``
 ``suspectNode``, ``deadNode``, ``mergeState``), with two changes: a failed
 or left member may come back under a new address only with a higher
 incarnation (so a ``join`` always orders after the ``failed`` it follows),
-and a member that announces itself with a stale incarnation is told at
-once that it is dead there, so it refutes without waiting for a push/pull.
+a member that announces itself with a stale incarnation is told at
+once that it is dead there, so it refutes without waiting for a push/pull,
+and a refutation goes straight to the members as well as by gossip.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import random
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -47,6 +49,8 @@ __all__ = ["Membership", "NodeState"]
 _log = logging.getLogger("discovery.swim.state")
 
 _GONE = (Status.FAILED, Status.LEFT)
+#: Members a refutation is sent to directly, besides being gossiped.
+REFUTE_DIRECT = 128
 
 
 @dataclass
@@ -172,11 +176,17 @@ class Membership:
         self._stats["refuted"] += 1
         _log.info("refuting an accusation at incarnation %d with %d", accused, incarnation)
         self.announce()
-        # The accuser holds the suspicion timer that matters most: tell it
-        # straight away rather than hope gossip reaches it in time.
-        state = self._nodes.get(accuser) if accuser is not None and accuser != self._me else None
-        if state is not None and state.member.alive:
-            self._send(state.address, encode(Alive(self.local)))
+        # Every member that heard the accusation runs a suspicion timer, and
+        # we cannot know which did: gossip alone leaves one now and then
+        # uninformed until its timer fails us.  A refutation is rare, so it
+        # also goes straight to the members (the accuser first, up to
+        # REFUTE_DIRECT of them).
+        alive = encode(Alive(self.local))
+        peers = self.peers()
+        random.shuffle(peers)
+        peers.sort(key=lambda s: s.member.node != accuser)
+        for state in peers[:REFUTE_DIRECT]:
+            self._send(state.address, alive)
 
     # -- messages -----------------------------------------------------------
 

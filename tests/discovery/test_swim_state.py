@@ -110,10 +110,17 @@ async def test_our_own_accusation_goes_to_the_accused(table: Table) -> None:
 
 
 @pytest.mark.asyncio
-async def test_accusations_of_us_are_refuted_to_the_accuser(table: Table) -> None:
-    table.membership.on_suspect(Suspect("me", 0, "a"))
+async def test_accusations_of_us_are_refuted_to_every_member_accuser_first(table: Table) -> None:
+    table.membership.on_suspect(Suspect("me", 0, "c"))
     assert table.membership.local.incarnation == 1
-    assert table.sent == [(_member("a").addresses[0], Alive(table.membership.local))]
+    refutation = Alive(table.membership.local)
+    assert table.sent[0] == (_member("c").addresses[0], refutation)
+    peers = {state.address for state in table.membership.peers()}
+    assert len(peers) >= 3
+    assert sorted(table.sent, key=lambda sent: sent[0]) == [(a, refutation) for a in sorted(peers)]
+    table.sent.clear()
+    table.membership.on_suspect(Suspect("me", 0, "b"))  # stale now: nothing to refute
+    assert table.sent == [] and table.stats["refuted"] == 1
     assert table.awareness.score == 1 and table.stats["refuted"] == 1
     table.membership.on_dead(Dead("me", 5, "b"))
     assert table.membership.local.incarnation == 6
