@@ -1,6 +1,7 @@
 """The other process of tests/test_connect_processes.py.
 
-connect_peer.py server <loop> [nohub]  aiocoloc.start_server echo; prints its
+connect_peer.py server <loop> [nohub]  aiocoloc.start_server echo (on $PEER_HOST,
+                                     else 127.0.0.1); prints its
                                      port, then one JSON line per connection
                                      once both its directions are on shm
                                      (nohub: plays a server from before hubs)
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 
 import uvloop
@@ -42,7 +44,8 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
 
 
 async def server() -> None:
-    srv = await aiocoloc.start_server(echo, "127.0.0.1", 0, upgrade="always")
+    host = os.environ.get("PEER_HOST", "127.0.0.1")
+    srv = await aiocoloc.start_server(echo, host, 0, upgrade="always")
     print(srv.sockets[0].getsockname()[1], flush=True)
     async with srv:
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)

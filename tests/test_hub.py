@@ -23,7 +23,8 @@ import pytest
 import aiocoloc
 from aiocoloc.connect.agreement import abandon_pipes
 from aiocoloc.connect.colocation import local_pools
-from aiocoloc.connect.handshake import _read_nonce, _write_nonce, connection_key
+from aiocoloc.connect.handshake import connection_key
+from aiocoloc.connect.handshake_steps import read_nonce, write_nonce
 from aiocoloc.control.messages import NONCE_SIZE
 from aiocoloc.notify import hub
 from aiocoloc.notify.doorbell import Doorbell, new_eventfd
@@ -362,9 +363,9 @@ async def _offer_hub(
 
 def _proof(pool: Any, pipes: dict[str, Any]) -> bytes:
     up, down = PipeHandle(*pipes["up"]), PipeHandle(*pipes["down"])
-    assert _read_nonce(pool, down) == pipes["nonce"]
+    assert read_nonce(pool, down) == pipes["nonce"]
     mine = os.urandom(NONCE_SIZE)
-    _write_nonce(pool, up, mine)
+    write_nonce(pool, up, mine)
     return mine
 
 

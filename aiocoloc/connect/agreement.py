@@ -40,6 +40,7 @@ class Agreement:
         self.listen_fd = -1  # our own doorbell's eventfds (-1: none, or a hub's share)
         self.ring_fd = -1
         self.hub: HubDoorbell | None = None
+        self.socket_bell = False  # peers in different kernels: doorbells are messages
         self.settled = False  # both sides reached ``ready``
         self._done = False  # attached or released
 
@@ -67,6 +68,7 @@ class Agreement:
                 control=self.channel,
                 on_detach=lambda: pools.release(pool),
                 hub=self.hub,
+                socket_bell=self.socket_bell,
             )
         except BaseException:
             self.release()

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiocoloc.connect import sidecar
+from aiocoloc.connect.cluster_auth import cluster_auth
 from aiocoloc.connect.colocation import local_pools
 from aiocoloc.connect.endpoint import ControlEndpoint
 from aiocoloc.connect.handshake import ConnKey, connection_key
@@ -327,8 +328,30 @@ async def create_server(
             _log.warning("clients of this server cannot upgrade through the registry: %s", exc)
         # Clients the registry cannot reach ask the discovery sidecar, if any.
         advertised = [sidecar.endpoint_string(a[0], a[1], endpoint.address) for a in addresses]
+        advertised += _tcp_controls(endpoint, inner.sockets)
         sidecar.Advertiser.of(loop).add(advertised)
     return Server(inner, endpoint, records, registry, pool, advertised)
+
+
+def _tcp_controls(endpoint: ControlEndpoint, sockets: Any) -> list[str]:
+    """With a cluster key, a TCP control port beside each listening address
+    (clients in other VMs upgrade through it), as endpoints to advertise."""
+    if cluster_auth() is None:
+        return []
+    advertised, ports = [], {}
+    for sock in sockets:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        host, port = sock.getsockname()[:2]
+        try:
+            if (host, sock.family) not in ports:
+                ports[host, sock.family] = endpoint.listen_tcp(host, sock.family)
+        except OSError as exc:
+            _log.warning("no control port for clients in other VMs on %s: %s", host, exc)
+            continue
+        control = sidecar.tcp_control_string(host, ports[host, sock.family])
+        advertised.append(sidecar.endpoint_string(host, port, control))
+    return advertised
 
 
 # --- streams ---------------------------------------------------------------------------

@@ -103,6 +103,21 @@ class LocalPools:
             debug.live.pool_refs += 1
             return pool
 
+    def adopt(self, pool: Pool) -> Pool:
+        """A new reference to ``pool``, opened by the caller (owned from now
+        on: a host pool shared across kernels, say); if this process had a
+        pool with its id open already, that one, and ``pool`` is closed."""
+        with self._lock:
+            self._check_fork()
+            entry = self._pools.get(str(pool.id))
+            duplicate = entry is not None
+            if entry is None:
+                entry = self._pools[str(pool.id)] = _Entry(pool, 0)
+            taken = entry.take()
+        if duplicate:
+            pool.close()
+        return taken
+
     def release(self, pool: Pool) -> None:
         """Drop one reference; after the last one the pool lingers (``LINGER``)."""
         with self._lock:

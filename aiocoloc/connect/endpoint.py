@@ -1,5 +1,6 @@
 """A server's control endpoint: the abstract Unix socket its co-located
-clients ask for upgrades on, the index of the TCP connections its server
+clients ask for upgrades on (and TCP ports for clients in other kernels
+that share a pool with us, when a cluster key is configured), the index of the TCP connections its server
 accepted (looked up by 4-tuple only when a client asks), and the server side
 of the handshake for each request."""
 
@@ -13,9 +14,12 @@ import secrets
 import socket
 import weakref
 
+from aiocoloc.connect import sidecar
+from aiocoloc.connect.cluster_auth import cluster_auth
 from aiocoloc.connect.colocation import local_pools
 from aiocoloc.connect.handshake import ConnKey, connection_key, server_handshake
 from aiocoloc.connect.policy import SERVER_WATCH, UPGRADE_WATCH, Settings, Trust
+from aiocoloc.connect.remote_handshake import remote_server_handshake
 from aiocoloc.connect.rendezvous import CONTROL_BACKLOG, until_accepted
 from aiocoloc.connect.rendezvous import describe as _describe
 from aiocoloc.errors import ClientGone, HandshakeAbandoned, HandshakeFailed
@@ -76,8 +80,30 @@ class ControlEndpoint:
         except BaseException:
             self._listener.close()
             raise
-        loop.add_reader(self._listener.fileno(), self._accept)
+        self._listeners = [self._listener]  # and TCP ones, between kernels (``listen_tcp``)
+        loop.add_reader(self._listener.fileno(), self._accept, self._listener)
         self.closed = False
+
+    def listen_tcp(self, host: str, family: socket.AddressFamily) -> int:
+        """Also take handshakes from other kernels (VMs sharing a pool with
+        us) on a TCP port of ``host``; returns the port.  Their clients must
+        prove the cluster key (``aiocoloc.connect.remote_handshake``)."""
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            listener.bind((host, 0))
+            listener.listen(CONTROL_BACKLOG)
+            listener.setblocking(False)
+        except BaseException:
+            listener.close()
+            raise
+        self._listeners.append(listener)
+        if self._retry is None:
+            self._loop.add_reader(listener.fileno(), self._accept, listener)
+        port: int = listener.getsockname()[1]
+        return port
 
     def register(self, transport: SwitchableTransport) -> None:
         """A connection our server accepted (``TcpAdapter`` callback)."""
@@ -116,10 +142,10 @@ class ControlEndpoint:
                 del self._connections[ports]
         self._prune_at = max(PRUNE_MIN, 2 * (len(self._unindexed) + len(self._connections)))
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
-                sock, _ = self._listener.accept()
+                sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:
@@ -140,14 +166,16 @@ class ControlEndpoint:
         if self._pause == ACCEPT_RETRY_FIRST:  # once per episode, not per attempt
             level = logging.WARNING if exc.errno in _OUT_OF_RESOURCES else logging.ERROR
             _log.log(level, "control endpoint %s cannot accept: %s", self.address, exc)
-        self._loop.remove_reader(self._listener.fileno())
+        for listener in self._listeners:
+            self._loop.remove_reader(listener.fileno())
         self._retry = self._loop.call_later(self._pause, self._resume)
         self._pause = min(2 * self._pause, ACCEPT_RETRY_MAX)
 
     def _resume(self) -> None:
         self._retry = None
         if not self.closed:
-            self._loop.add_reader(self._listener.fileno(), self._accept)
+            for listener in self._listeners:
+                self._loop.add_reader(listener.fileno(), self._accept, listener)
 
     async def _find(self, key: ConnKey, sock: socket.socket) -> SwitchableTransport:
         ports = (key[1], key[3])
@@ -191,9 +219,15 @@ class ControlEndpoint:
         where = "client"
         try:
             async with asyncio.timeout(self._settings.handshake_timeout):
-                transport, agreement = await server_handshake(
-                    sock, find, local_pools(), self._settings.pool_size, self._trust, self.hubs
-                )
+                if sock.family == socket.AF_UNIX:
+                    transport, agreement = await server_handshake(
+                        sock, find, local_pools(), self._settings.pool_size, self._trust, self.hubs
+                    )
+                else:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    transport, agreement = await remote_server_handshake(
+                        sock, find, local_pools(), sidecar.open_shared_pool, cluster_auth()
+                    )
             where = _describe(transport.get_extra_info("peername"))
             agreement.attach(transport)
         except HandshakeFailed as failed:
@@ -230,8 +264,10 @@ class ControlEndpoint:
             self._retry.cancel()
             self._retry = None
         elif not self._loop.is_closed():
-            self._loop.remove_reader(self._listener.fileno())
-        self._listener.close()
+            for listener in self._listeners:
+                self._loop.remove_reader(listener.fileno())
+        for listener in self._listeners:
+            listener.close()
         for task in list(self._tasks):
             task.cancel()
         for waiter in self._waiting.values():

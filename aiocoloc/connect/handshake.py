@@ -54,19 +54,28 @@ shows that the client maps the pool.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import ipaddress
 import logging
-import os
 import secrets
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from aiocoloc.connect.agreement import Agreement
 from aiocoloc.connect.colocation import LocalPools
+from aiocoloc.connect.handshake_steps import (
+    close_all,
+    expect,
+    new_pipe,
+    pipe_ref,
+    read_nonce,
+    receive,
+    refuse,
+    send,
+    write_nonce,
+)
 from aiocoloc.connect.policy import Trust
 from aiocoloc.control import ControlChannel
 from aiocoloc.control.messages import (
@@ -74,29 +83,22 @@ from aiocoloc.control.messages import (
     PROTOCOL_VERSION,
     Hello,
     Join,
-    Message,
-    PipeRef,
     Pipes,
     PoolOffer,
     Proof,
     Ready,
-    Refuse,
 )
 from aiocoloc.errors import (
-    ControlChannelClosed,
-    ControlProtocolError,
     HandshakeAbandoned,
     HandshakeFailed,
     PoolError,
     PoolExhausted,
-    RingError,
     SegmentError,
-    VersionMismatch,
 )
 from aiocoloc.notify import hub as hub_module
 from aiocoloc.notify.doorbell import new_eventfd
 from aiocoloc.notify.hub import HubDoorbell, HubTable, is_eventfd
-from aiocoloc.shm import PipeHandle, Pool
+from aiocoloc.shm import PipeHandle
 from aiocoloc.transport import fallback
 
 __all__ = [
@@ -109,18 +111,9 @@ __all__ = [
 
 _log = logging.getLogger("aiocoloc.connect.handshake")
 
-#: Slices a new pipe starts with, largest first: a busy pipe should not wait
-#: for the elastic policy to be useful, a crowded pool still gets a pipe.
-INITIAL_SLICES = (16, 4, 1)
-#: A new pipe starts with at most this share of the free slices, so that the
-#: connections after it find room too (busy pipes grow by demand later).
-INITIAL_SHARE = 1 / 32
-#: Seconds a refusal may take to send before the server gives up on it.
-REFUSE_TIMEOUT = 1.0
 _CRED = struct.Struct("3i")
 
 ConnKey = tuple[str, int, str, int]
-M = TypeVar("M", bound=Message)
 
 
 @functools.lru_cache(maxsize=256)  # parsing costs 10 us a connection; addresses repeat
@@ -143,108 +136,6 @@ def peer_uid(sock: socket.socket) -> int:
     """The user id of the process at the other end of a Unix socket."""
     _, uid, _ = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
     return int(uid)
-
-
-# --- steps both sides take -------------------------------------------------------------
-
-
-async def _send(
-    channel: ControlChannel, message: Message, fds: list[int] | tuple[int, ...] = ()
-) -> None:
-    try:
-        await channel.send(message, fds)
-    except ControlChannelClosed as exc:
-        raise HandshakeAbandoned(fallback.PROTOCOL_ERROR, str(exc)) from None
-
-
-async def _recv(channel: ControlChannel) -> tuple[Message, list[int]]:
-    """The next message; what goes wrong on the channel as ``HandshakeFailed``."""
-    try:
-        return await channel.recv()
-    except ControlChannelClosed as exc:
-        raise HandshakeAbandoned(fallback.PROTOCOL_ERROR, str(exc)) from None
-    except VersionMismatch as exc:
-        raise HandshakeFailed(fallback.VERSION_MISMATCH, str(exc)) from None
-    except ControlProtocolError as exc:
-        raise HandshakeFailed(fallback.PROTOCOL_ERROR, str(exc)) from None
-
-
-def _expect(message: Message, fds: list[int], kind: type[M], nfds: int) -> M:
-    """``message`` as a ``kind`` that came with ``nfds`` descriptors (else
-    they are closed and the handshake fails: with the peer's reason if it
-    refused)."""
-    if isinstance(message, Refuse):
-        _close_all(fds)
-        reason = message.reason if message.reason in fallback.REASONS else fallback.PROTOCOL_ERROR
-        raise HandshakeFailed(reason, f"peer refused: {message.detail or reason}")
-    if not isinstance(message, kind):
-        _close_all(fds)
-        raise HandshakeFailed(fallback.PROTOCOL_ERROR, f"expected {kind.OP!r}, got {message.OP!r}")
-    if len(fds) != nfds:
-        _close_all(fds)
-        raise HandshakeFailed(
-            fallback.PROTOCOL_ERROR,
-            f"{kind.OP!r} came with {len(fds)} descriptors, expected {nfds}",
-        )
-    return message
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    fds.clear()
-
-
-def _ref(handle: PipeHandle) -> PipeRef:
-    return (handle.slot, handle.generation)
-
-
-def _write_nonce(pool: Pool, handle: PipeHandle, nonce: bytes) -> None:
-    try:
-        producer = pool.pipe_producer(handle)
-    except (PoolError, RingError, ValueError) as exc:
-        raise HandshakeFailed(fallback.PROOF_FAILED, f"cannot write our pipe: {exc}") from None
-    try:
-        if not producer.write_all(nonce):
-            raise HandshakeFailed(fallback.PROOF_FAILED, "no room for the nonce in a new pipe")
-    finally:
-        producer.release()
-
-
-def _read_nonce(pool: Pool, handle: PipeHandle) -> bytes:
-    try:
-        consumer = pool.pipe_consumer(handle)
-    except (PoolError, RingError, ValueError) as exc:
-        raise HandshakeFailed(
-            fallback.PROOF_FAILED, f"cannot read the peer's pipe: {exc}"
-        ) from None
-    try:
-        got = bytearray(NONCE_SIZE)
-        n = consumer.readinto(got)
-        if n != NONCE_SIZE:
-            raise HandshakeFailed(
-                fallback.PROOF_FAILED, f"found {n or 0} nonce bytes in the pipe, not {NONCE_SIZE}"
-            )
-        return bytes(got)
-    finally:
-        consumer.release()
-
-
-def _new_pipe(pool: Pool, producer: int, consumer: int) -> PipeHandle:
-    failure: PoolExhausted | None = None
-    room = pool.free_slice_count() * INITIAL_SHARE
-    for initial in INITIAL_SLICES:
-        if initial > pool.geometry.max_slices_per_pipe or (initial > 1 and initial > room):
-            continue
-        try:
-            return pool.create_pipe(producer, consumer, initial=initial)
-        except PoolExhausted as exc:
-            failure = exc
-    assert failure is not None
-    raise failure
 
 
 # --- the client ------------------------------------------------------------------------
@@ -270,7 +161,7 @@ async def client_handshake(
         if not trust.allows(uid):
             raise HandshakeFailed(fallback.NOT_TRUSTED, f"control socket belongs to uid {uid}")
         pool = agreement.pool = pools.take(offered) if offered is not None else None
-        await _send(
+        await send(
             channel,
             Hello(
                 PROTOCOL_VERSION,
@@ -280,12 +171,12 @@ async def client_handshake(
                 hub=hub.hub.token if hub is not None else None,
             ),
         )
-        message, fds = await _recv(channel)
+        message, fds = await receive(channel)
         if pool is None or not isinstance(message, Pipes):
             if pool is not None:  # the server did not take our offer
                 agreement.pool = None
                 pools.release(pool)
-            offer = _expect(message, fds, PoolOffer, 1)
+            offer = expect(message, fds, PoolOffer, 1)
             try:
                 pool = agreement.pool = pools.attach(fds.pop(), offer.pool)
             except (PoolError, SegmentError, OSError) as exc:
@@ -295,31 +186,31 @@ async def client_handshake(
                     else fallback.POOL_NOT_MAPPABLE
                 )
                 raise HandshakeFailed(reason, str(exc)) from None
-            await _send(channel, Join(pool.slot))
-            message, fds = await _recv(channel)
+            await send(channel, Join(pool.slot))
+            message, fds = await receive(channel)
         if hub is not None and isinstance(message, Pipes) and message.hub is not None:
-            pipes = _expect(message, fds, Pipes, 0)  # the server knows hubs: no eventfd
+            pipes = expect(message, fds, Pipes, 0)  # the server knows hubs: no eventfd
         else:
-            pipes = _expect(message, fds, Pipes, 1)
+            pipes = expect(message, fds, Pipes, 1)
             agreement.ring_fd = fds.pop()
             if hub is not None:  # a server from before hubs: our own eventfds
                 hub.close()
                 agreement.hub = hub = None
         agreement.send, agreement.receive = PipeHandle(*pipes.up), PipeHandle(*pipes.down)
-        if not secrets.compare_digest(_read_nonce(pool, agreement.receive), pipes.nonce):
+        if not secrets.compare_digest(read_nonce(pool, agreement.receive), pipes.nonce):
             raise HandshakeFailed(fallback.PROOF_FAILED, "the server's nonce is not in the pool")
         mine = secrets.token_bytes(NONCE_SIZE)
-        _write_nonce(pool, agreement.send, mine)
+        write_nonce(pool, agreement.send, mine)
         if hub is None:
             agreement.listen_fd = new_eventfd()
-            await _send(channel, Proof(mine), [agreement.listen_fd])
+            await send(channel, Proof(mine), [agreement.listen_fd])
         elif pipes.hub:  # the server has the hub
-            await _send(channel, Proof(mine))
+            await send(channel, Proof(mine))
         else:  # it makes it from ours: it listens on what we ring, and rings what we hear
             shared = hub.hub
-            await _send(channel, Proof(mine), [shared.ring_fd, shared.listen_fd, shared.segment.fd])
-        message, fds = await _recv(channel)
-        _expect(message, fds, Ready, 0)
+            await send(channel, Proof(mine), [shared.ring_fd, shared.listen_fd, shared.segment.fd])
+        message, fds = await receive(channel)
+        expect(message, fds, Ready, 0)
         agreement.settled = True
         return agreement
     except BaseException:
@@ -351,7 +242,7 @@ async def server_handshake(
         except HandshakeAbandoned:
             raise
         except HandshakeFailed as failed:
-            await _refuse(agreement.channel, failed)
+            await refuse(agreement.channel, failed)
             raise
         return transport, agreement
     except BaseException:
@@ -369,8 +260,8 @@ async def _serve(
     hubs: HubTable | None,
 ) -> Any:
     channel = agreement.channel
-    message, fds = await _recv(channel)
-    hello = _expect(message, fds, Hello, 0)
+    message, fds = await receive(channel)
+    hello = expect(message, fds, Hello, 0)
     usable = hubs is not None and hub_module.hubs_usable()
     token = hello.hub if usable and hello.hub else None  # else: our own eventfds
     # Named from the client's side: (client ip, port, server ip, port).
@@ -385,43 +276,43 @@ async def _serve(
         raise HandshakeFailed(fallback.POOL_NOT_MAPPABLE, f"cannot create a pool: {exc}") from None
     client = hello.slot
     if hello.pool != str(pool.id) or client is None:
-        await _send(channel, PoolOffer(PROTOCOL_VERSION, str(pool.id)), [pool.segment.fd])
-        message, fds = await _recv(channel)
-        client = _expect(message, fds, Join, 0).slot
+        await send(channel, PoolOffer(PROTOCOL_VERSION, str(pool.id)), [pool.segment.fd])
+        message, fds = await receive(channel)
+        client = expect(message, fds, Join, 0).slot
     try:
-        agreement.receive = _new_pipe(pool, client, pool.slot)
-        agreement.send = _new_pipe(pool, pool.slot, client)
+        agreement.receive = new_pipe(pool, client, pool.slot)
+        agreement.send = new_pipe(pool, pool.slot, client)
     except PoolExhausted as exc:
         raise HandshakeFailed(fallback.POOL_EXHAUSTED, str(exc)) from None
     except (PoolError, ValueError) as exc:
         raise HandshakeFailed(fallback.PROTOCOL_ERROR, f"cannot create pipes: {exc}") from None
     nonce = secrets.token_bytes(NONCE_SIZE)
-    _write_nonce(pool, agreement.send, nonce)
-    pipes = Pipes(_ref(agreement.receive), _ref(agreement.send), nonce)
+    write_nonce(pool, agreement.send, nonce)
+    pipes = Pipes(pipe_ref(agreement.receive), pipe_ref(agreement.send), nonce)
     if token is not None:
         assert hubs is not None
         agreement.hub = hubs.join(token)  # held from here: the hub stays open for us
-        await _send(channel, Pipes(pipes.up, pipes.down, nonce, hub=agreement.hub is not None))
+        await send(channel, Pipes(pipes.up, pipes.down, nonce, hub=agreement.hub is not None))
     else:
         agreement.listen_fd = new_eventfd()
-        await _send(channel, pipes, [agreement.listen_fd])
-    message, fds = await _recv(channel)
+        await send(channel, pipes, [agreement.listen_fd])
+    message, fds = await receive(channel)
     known = agreement.hub is not None
-    proof = _expect(message, fds, Proof, 1 if token is None else 0 if known else 3)
+    proof = expect(message, fds, Proof, 1 if token is None else 0 if known else 3)
     try:
-        found = _read_nonce(pool, agreement.receive)
+        found = read_nonce(pool, agreement.receive)
     except BaseException:
-        _close_all(fds)
+        close_all(fds)
         raise
     if not secrets.compare_digest(found, proof.nonce):
-        _close_all(fds)
+        close_all(fds)
         raise HandshakeFailed(fallback.PROOF_FAILED, "the client's nonce is not in the pool")
     if token is None:
         agreement.ring_fd = fds.pop()
     elif not known:
         assert hubs is not None
         if not (is_eventfd(fds[0]) and is_eventfd(fds[1])):
-            _close_all(fds)
+            close_all(fds)
             raise HandshakeFailed(
                 fallback.PROTOCOL_ERROR, "'proof': the hub's doorbells are not eventfds"
             )
@@ -433,16 +324,6 @@ async def _serve(
             raise HandshakeFailed(
                 fallback.PROTOCOL_ERROR, f"'proof': cannot use the hub's segment: {exc}"
             ) from None
-    await _send(channel, Ready())
+    await send(channel, Ready())
     agreement.settled = True
     return transport
-
-
-async def _refuse(channel: ControlChannel, failed: HandshakeFailed) -> None:
-    """Tell the client why (bounded: it may not be reading)."""
-    try:
-        await asyncio.wait_for(
-            channel.send(Refuse(failed.reason, failed.detail[:1024])), REFUSE_TIMEOUT
-        )
-    except (TimeoutError, ControlChannelClosed):
-        pass

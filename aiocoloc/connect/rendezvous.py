@@ -19,16 +19,26 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
+from aiocoloc.connect import sidecar
 from aiocoloc.connect.agreement import Agreement
+from aiocoloc.connect.cluster_auth import cluster_auth
 from aiocoloc.connect.colocation import LocalPools
 from aiocoloc.connect.handshake import ConnKey, client_handshake
 from aiocoloc.connect.policy import Trust
 from aiocoloc.connect.registry import Record
+from aiocoloc.connect.remote_handshake import remote_client_handshake
 from aiocoloc.errors import ClientGone, HandshakeFailed, SegmentError
 from aiocoloc.notify import hub
 from aiocoloc.transport import SwitchableTransport, fallback
 
-__all__ = ["CONTROL_BACKLOG", "agree", "connect_control", "describe", "until_accepted"]
+__all__ = [
+    "CONTROL_BACKLOG",
+    "agree",
+    "connect_control",
+    "connect_tcp_control",
+    "describe",
+    "until_accepted",
+]
 
 #: Accept queue of a control socket: a burst of connections that all upgrade
 #: at once must not find it full.  The kernel caps it at net.core.somaxconn.
@@ -95,9 +105,66 @@ async def connect_control(address: str, budget: float) -> socket.socket:
         pause = min(2 * pause, RETRY_MAX)
 
 
+async def connect_tcp_control(host: str, port: int, budget: float) -> socket.socket:
+    """A connected TCP socket to a control endpoint between kernels."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise HandshakeFailed(
+            fallback.PROTOCOL_ERROR, f"cannot open a control socket to {host}:{port}: {exc}"
+        ) from None
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # doorbells are tiny
+        async with asyncio.timeout(budget):
+            await loop.sock_connect(sock, address)
+        return sock
+    except (OSError, TimeoutError) as exc:
+        sock.close()
+        raise HandshakeFailed(
+            fallback.NOT_AIOCOLOC, f"control endpoint {host}:{port} does not answer: {exc!r}"
+        ) from None
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def _attempt_remote(
+    record: Record, conn: ConnKey, pools: LocalPools, budget: float
+) -> Agreement:
+    """The handshake with a server in another kernel (VM) that shares a pool
+    with us: over TCP, authenticated with the cluster key."""
+    address = sidecar.tcp_control_address(record.control, conn[2])
+    assert address is not None
+    auth = cluster_auth()
+    if auth is None:
+        raise HandshakeFailed(
+            fallback.NO_CLUSTER_KEY,
+            f"{record.control} is in another kernel: a cluster key ($AIOCOLOC_KEY_FILE) is needed",
+        )
+    if record.pool is None:
+        raise HandshakeFailed(fallback.POOL_NOT_MAPPABLE, "the sidecar names no shared pool")
+    pool = await sidecar.open_shared_pool(record.pool)
+    if pool is None:
+        raise HandshakeFailed(
+            fallback.POOL_NOT_MAPPABLE, f"cannot map pool {record.pool} in this process"
+        )
+    try:
+        control = await connect_tcp_control(*address, budget)
+    except BaseException:
+        pools.release(pool)
+        raise
+    return await remote_client_handshake(control, conn, pools, pool, auth)
+
+
 async def _attempt(
     record: Record, conn: ConnKey, pools: LocalPools, trust: Trust, budget: float
 ) -> Agreement:
+    if record.control.startswith("tcp:"):
+        return await _attempt_remote(record, conn, pools, budget)
     control = await connect_control(record.control, budget)
     shared = None
     if hub.hubs_usable():

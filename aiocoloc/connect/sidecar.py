@@ -18,7 +18,12 @@ absent, slow or restarting only means the registry alone is asked, and a
 lookup is not tried again for ``RETRY_AFTER`` seconds after one failed.
 
 An advertised endpoint is ``"<host>:<port>=<control>"`` (``[v6]:port`` for
-IPv6; ``host`` may be a wildcard): short, as a Serf tag must be.
+IPv6; ``host`` may be a wildcard): short, as a Serf tag must be.  The
+control is an abstract Unix socket (``@…``, within one kernel) or
+``tcp:HOST:PORT`` (between kernels, ``*`` for the address the connection
+reached; ``aiocoloc.connect.remote_handshake``).  A member on another node
+is asked only through its TCP endpoints, through the pool the sidecar says
+we share (``open_shared_pool`` maps it here too).
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from aiocoloc.connect.colocation import local_pools
 from aiocoloc.connect.registry import Record
+from aiocoloc.shm import Pool
 
 if TYPE_CHECKING:
     from discovery.client import SidecarClient
@@ -42,7 +49,10 @@ __all__ = [
     "SidecarAnswer",
     "endpoint_string",
     "lookup",
+    "open_shared_pool",
     "parse_endpoint",
+    "tcp_control_address",
+    "tcp_control_string",
 ]
 
 _log = logging.getLogger("aiocoloc.connect.sidecar")
@@ -71,9 +81,38 @@ def parse_endpoint(text: str) -> tuple[str, int, str] | None:
     host, colon, port = address.rpartition(":")
     if not (sep and colon and port.isdigit() and control):
         return None
-    if not (control.startswith("@") or control.startswith("/")):
-        return None  # (control endpoints between kernels come with "VMs of one host")
+    if not (control.startswith(("@", "/")) or _tcp_control(control) is not None):
+        return None
     return host.strip("[]"), int(port), control
+
+
+def tcp_control_string(host: str | None, port: int) -> str:
+    """A control endpoint between kernels: ``tcp:HOST:PORT``; ``*`` (host
+    None or a wildcard) for "the address the client's connection reached"."""
+    if host is None or host in _WILDCARDS:
+        return f"tcp:*:{port}"
+    return f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
+
+
+def _tcp_control(control: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a ``tcp:`` control endpoint, else None."""
+    if not control.startswith("tcp:"):
+        return None
+    host, colon, port = control[4:].rpartition(":")
+    if not (colon and host and port.isdigit() and 0 < int(port) < 65536):
+        return None
+    return host.strip("[]"), int(port)
+
+
+def tcp_control_address(control: str, reached: str) -> tuple[str, int] | None:
+    """Where to connect for the ``tcp:`` control endpoint ``control`` of a
+    server our connection reached at ``reached`` (its IP); None if
+    ``control`` is not one."""
+    parsed = _tcp_control(control)
+    if parsed is None:
+        return None
+    host, port = parsed
+    return (reached if host == "*" else host), port
 
 
 @dataclass(frozen=True)
@@ -84,6 +123,8 @@ class SidecarAnswer:
     colocated: bool
     records: list[Record]
     detail: str
+    pool: str | None = None  # the pool we share with the peer
+    local: bool = True  # the peer is our own node (one kernel)
 
 
 def _api_path() -> str:
@@ -122,16 +163,70 @@ async def lookup(host: str, port: int) -> SidecarAnswer | None:
     if not answer.colocated:
         where = answer.member.node if answer.member is not None else "no member"
         return SidecarAnswer(False, [], f"the sidecar says {address} ({where}) shares no pool")
-    records = []
+    remote = not answer.local  # another kernel: only TCP control endpoints reach it
+    records, unreachable = [], 0
     for text in answer.endpoints:
         parsed = parse_endpoint(text)
         if parsed is None:
             continue
-        record = Record(parsed[0], parsed[1], parsed[2], None, 0, 0, os.getuid())
-        if record.matches(host, port):
+        is_tcp = parsed[2].startswith("tcp:")
+        pool = answer.pool if is_tcp else None
+        record = Record(parsed[0], parsed[1], parsed[2], pool, 0, 0, os.getuid())
+        if not record.matches(host, port):
+            continue
+        if is_tcp == remote:
             records.append(record)
+        else:
+            unreachable += 1
     node = answer.member.node if answer.member is not None else "?"
-    return SidecarAnswer(True, records, f"co-located member {node} advertises no server there")
+    if records:
+        detail = f"co-located member {node}"
+    elif unreachable and remote:
+        detail = (
+            f"co-located member {node} advertises no control endpoint another kernel can "
+            "reach (its server holds no cluster key, $AIOCOLOC_KEY_FILE)"
+        )
+    else:
+        detail = f"co-located member {node} advertises no server there"
+    return SidecarAnswer(True, records, detail, answer.pool, answer.local)
+
+
+async def open_shared_pool(pool_id: str) -> Pool | None:
+    """A reference to the pool ``pool_id`` that the sidecar maps (a host pool
+    shared across kernels), opened and joined by this process if it is not
+    open yet; None when the sidecar does not map it or it cannot be opened
+    (logged)."""
+    pools = local_pools()
+    taken = pools.take(pool_id)
+    if taken is not None:
+        return taken
+    path = _api_path()
+    from discovery.client import SidecarUnavailable
+
+    try:
+        async with _client(path, 2.0) as client:
+            infos = await client.pools()
+    except (SidecarUnavailable, OSError) as exc:
+        _log.info("cannot ask the sidecar where pool %s is: %s", pool_id, exc)
+        return None
+    except Exception as exc:
+        _log.info("the sidecar would not list its pools: %s", exc)
+        return None
+    names = [info.name for info in infos if info.id == pool_id]
+    if not names:
+        return None
+    from discovery.daemon.pools import PoolOpenError, PoolSpec, open_pool
+
+    try:  # may wait on the pool's lock: not on the event loop
+        loop = asyncio.get_running_loop()
+        mapped = await loop.run_in_executor(None, open_pool, PoolSpec.parse(names[0]), "library")
+    except (PoolOpenError, ValueError, OSError) as exc:
+        _log.warning("cannot map shared pool %s (%s): %s", pool_id, names[0], exc)
+        return None
+    if str(mapped.pool.id) != pool_id:  # changed under us (re-formatted)
+        mapped.pool.close()
+        return None
+    return pools.adopt(mapped.pool)
 
 
 class Advertiser:

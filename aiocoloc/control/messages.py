@@ -8,11 +8,13 @@ else in aiocoloc reads or writes a raw control map.
 The upgrade handshake (``aiocoloc.connect.handshake`` tells its order):
 
     hello  client -> server  version, conn (the TCP 4-tuple as the client sees
-                             it), [pool, slot: a pool it maps already], [hub]
+                             it), [pool, slot: a pool it maps already], [hub],
+                             [auth: a challenge, between kernels]
     pool   server -> client  version, pool id            + the pool's memfd
     join   client -> server  slot (ours in the pool)
-    pipes  server -> client  up, down (pipe handles), nonce, [hub]  + 0-1 fd
-    proof  client -> server  nonce                                   + 0-3 fds
+    pipes  server -> client  up, down (pipe handles), nonce, [hub],
+                             [auth: the server's MAC]                 + 0-1 fd
+    proof  client -> server  nonce, [auth: the client's MAC]         + 0-3 fds
     ready  server -> client
     refuse either way        reason (a fallback reason), detail
 
@@ -33,7 +35,9 @@ and peers of different versions stay on TCP (``VERSION_MISMATCH``).
 
 History: 1 -- the handshake above; ``hello.pool``/``hello.slot`` (skip
 ``pool``/``join`` when the client maps the pool already) and
-``hello.hub``/``pipes.hub`` (shared doorbells) were added within it.
+``hello.hub``/``pipes.hub`` (shared doorbells) and ``hello.auth``/
+``pipes.auth``/``proof.auth`` (control channels between kernels,
+authenticated with the cluster key) were added within it.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from typing import Any, ClassVar
 from aiocoloc.errors import ControlProtocolError, UnknownOperation, VersionMismatch
 
 __all__ = [
+    "MAC_SIZE",
     "NONCE_SIZE",
     "PROTOCOL_VERSION",
     "Bell",
@@ -64,6 +69,7 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 NONCE_SIZE = 16
+MAC_SIZE = 32  # HMAC-SHA256 (``aiocoloc.connect.cluster_auth``)
 #: Longest hub token, pool id, refusal detail accepted.
 MAX_TOKEN = 64
 MAX_TEXT = 1024
@@ -126,6 +132,12 @@ def _nonce(value: Any) -> bytes:
     return value
 
 
+def _mac(value: Any) -> bytes:
+    if not isinstance(value, bytes) or len(value) != MAC_SIZE:
+        raise ValueError
+    return value
+
+
 def _path(value: Any) -> str:
     if value not in ("shm", "tcp"):
         raise ValueError
@@ -157,12 +169,14 @@ class Hello(Message):
         "pool": _text(MAX_TOKEN),
         "slot": _int(0, _U32),
         "hub": _text(MAX_TOKEN),
+        "auth": _nonce,
     }
     version: int
     conn: ConnKey
     pool: str | None = None
     slot: int | None = None
     hub: str | None = None
+    auth: bytes | None = None  # the client's challenge: we talk across kernels
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,18 +197,20 @@ class Join(Message):
 @dataclass(frozen=True, slots=True)
 class Pipes(Message):
     OP = "pipes"
-    CHECKS = {"up": _pipe, "down": _pipe, "nonce": _nonce, "hub": _bool}
+    CHECKS = {"up": _pipe, "down": _pipe, "nonce": _nonce, "hub": _bool, "auth": _mac}
     up: PipeRef
     down: PipeRef
     nonce: bytes
     hub: bool | None = None  # None: no hub offer taken (a descriptor comes instead)
+    auth: bytes | None = None  # the server's MAC, when hello had a challenge
 
 
 @dataclass(frozen=True, slots=True)
 class Proof(Message):
     OP = "proof"
-    CHECKS = {"nonce": _nonce}
+    CHECKS = {"nonce": _nonce, "auth": _mac}
     nonce: bytes
+    auth: bytes | None = None  # the client's MAC, across kernels
 
 
 @dataclass(frozen=True, slots=True)

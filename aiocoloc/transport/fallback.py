@@ -15,11 +15,13 @@ import threading
 from typing import Any
 
 __all__ = [
+    "ADDRESS_TRANSLATED",
     "CONTROL_BUSY",
     "DISABLED",
     "NOT_AIOCOLOC",
     "NOT_COLOCATED",
     "NOT_TRUSTED",
+    "NO_CLUSTER_KEY",
     "NO_REGISTRY_ENTRY",
     "POOL_EXHAUSTED",
     "POOL_NOT_MAPPABLE",
@@ -49,6 +51,8 @@ NOT_TRUSTED = "peer not trusted"
 TIMED_OUT = "upgrade timed out"
 PROTOCOL_ERROR = "handshake protocol error"  # garbage, or a peer that hung up mid-way
 NOT_COLOCATED = "not co-located"  # the discovery sidecar says the peer shares no pool with us
+ADDRESS_TRANSLATED = "address translated"  # a NAT between the kernels: 4-tuples cannot match
+NO_CLUSTER_KEY = "no cluster key"  # a control channel between kernels needs $AIOCOLOC_KEY_FILE
 REASONS = (
     DISABLED,
     NO_REGISTRY_ENTRY,
@@ -62,7 +66,9 @@ REASONS = (
     NOT_TRUSTED,
     TIMED_OUT,
     PROTOCOL_ERROR,
-    NOT_COLOCATED,  # (append only: peers send reasons in refusals)
+    NOT_COLOCATED,
+    ADDRESS_TRANSLATED,
+    NO_CLUSTER_KEY,  # (append only: peers send reasons in refusals)
 )
 
 _lock = threading.Lock()
