@@ -114,3 +114,31 @@ def test_members_and_pools(pair: tuple[Cluster, str, str]) -> None:
     assert json.loads(colocated.stdout)["member"]["node"] == "cli-b"
     status = json.loads(cli("status", "--json").stdout)  # the default socket: b's
     assert (status["node"], status["profile"], status["engine"]) == ("cli-b", "host", "embedded")
+
+
+def test_pools_create_formats_a_host_pool_once_and_refuses_bad_sizes() -> None:
+    from aiocoloc.shm import Pool, PosixShmSegment
+
+    from .conftest import SHM_PREFIX
+
+    name = f"{SHM_PREFIX}-cli-{os.getpid()}"
+    path = Path("/dev/shm") / name
+    try:
+        first = cli("pools", "create", name, "--size", "4M", "--slice-size", "16K")
+        assert first.returncode == 0, first.stderr
+        assert "created" in first.stdout and path.stat().st_size == 4 << 20
+        pool = Pool.attach(PosixShmSegment.attach(name))
+        try:
+            assert str(pool.id) in first.stdout and pool.geometry.slice_size == 16384
+        finally:
+            pool.close()
+        again = cli("pools", "create", name, "--size", "4M")
+        assert again.returncode == 0 and "already formatted" in again.stdout
+        assert str(pool.id) in again.stdout  # the same pool: nothing re-formatted
+    finally:
+        path.unlink(missing_ok=True)
+    for size in ("3M", "lots", "0"):
+        bad = cli("pools", "create", f"{name}-bad", "--size", size)
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+        assert bad.stderr.startswith(f"aiocoloc: pool {name}-bad: ")
+        assert not (Path("/dev/shm") / f"{name}-bad").exists()

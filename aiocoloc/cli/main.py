@@ -19,7 +19,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 
-from aiocoloc.cli import output
+from aiocoloc.cli import output, provision
 from discovery.client import DEFAULT_TIMEOUT, ApiError, SidecarClient, SidecarUnavailable
 
 __all__ = ["build_parser", "main"]
@@ -62,13 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("members", parents=[common], help="the members and who is co-located")
     pools = commands.add_parser("pools", parents=[common], help="the pools the sidecar maps")
-    change = pools.add_subparsers(dest="change", metavar="attach|detach")
+    change = pools.add_subparsers(dest="change", metavar="attach|detach|create")
     change.add_parser("attach", parents=[common], help="map a pool").add_argument(
         "name", help="a POSIX shm name or an ivshmem device path"
     )
     change.add_parser("detach", parents=[common], help="unmap a pool").add_argument(
         "name", help="the pool's name or id"
     )
+    create = change.add_parser(
+        "create", help="format a host pool in /dev/shm for VMs to share (no sidecar needed)"
+    )
+    create.add_argument("name", help="its POSIX shm name (QEMU maps /dev/shm/NAME)")
+    create.add_argument("--size", default="64M", help="a power of two, e.g. 64M (default)")
+    create.add_argument("--slice-size", default="64K", help="pipes grow by this (default 64K)")
+    create.add_argument("--group", help="make it 0660 and owned by this group")
     commands.add_parser("status", parents=[common], help="the sidecar's status")
     colocated = commands.add_parser(
         "colocated", parents=[common], help="is this address co-located with us?"
@@ -85,6 +92,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if args.command == "pools" and getattr(args, "change", None) == "create":
+        try:
+            output.print_line(
+                provision.create_for_cli(args.name, args.size, args.slice_size, args.group)
+            )
+        except provision.ProvisionError as exc:
+            output.print_error(str(exc))
+            return 2
+        return 0
     client = SidecarClient(
         getattr(args, "api", None), timeout=getattr(args, "timeout", DEFAULT_TIMEOUT)
     )

@@ -44,6 +44,11 @@ def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=False))
 
 
+def print_line(message: str) -> None:
+    """One line on stdout."""
+    print(message)
+
+
 def print_error(message: str) -> None:
     """One line on stderr."""
     print(f"aiocoloc: {message}", file=sys.stderr)

@@ -258,3 +258,43 @@ def test_an_address_translation_is_refused_never_matched(
         await _close(writer)
 
     run("asyncio", scenario)
+
+
+def test_a_pool_scribbled_by_the_other_node_ends_in_a_clear_error_or_tcp(nodes: Nodes) -> None:
+    """The other node writes garbage over the whole shared region under a
+    live upgraded connection: the connection ends with a clear error (or
+    goes on), nothing crashes, and a new connection stays on TCP with the
+    reason while the pool is unusable."""
+    region = PosixShmSegment.attach(nodes.pool.segment.name)
+    mapping = region.map()
+
+    async def scenario() -> None:
+        reader, writer = await _open(nodes)
+        await upgraded(writer)
+        await _echo_both_ways(reader, writer)
+        mapping[:] = os.urandom(len(mapping))  # everything: header, tables, rings
+        try:
+            for _ in range(20):
+                writer.write(os.urandom(100_000))
+                await writer.drain()
+                await asyncio.wait_for(reader.read(1 << 20), 2)
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            cause = reader.exception() or exc  # what the transport reported
+            print(f"\nscribbled pool: the connection ended with {cause!r}")
+            assert any(word in str(cause) for word in ("shared-memory", "pipe", "pool")), cause
+        except TimeoutError:
+            pass  # bytes lost in garbage are not silently delivered: the stream just stops
+        writer.close()
+        # The server process is still there and serves: a new connection works on TCP.
+        r2, w2 = await _open(nodes)
+        assert await fell_back(w2) in fallback.REASONS
+        w2.write(b"after the scribble")
+        assert await r2.readexactly(18) == b"after the scribble"
+        await _close(w2)
+
+    try:
+        run("asyncio", scenario, timeout=60)
+        assert nodes.server.poll() is None, "the server process died"
+    finally:
+        mapping.close()
+        region.close()
