@@ -23,6 +23,7 @@ __all__ = [
     "SegmentError",
     "UnknownOperation",
     "VersionMismatch",
+    "VfioUnavailable",
 ]
 
 
@@ -58,6 +59,10 @@ class LayoutMismatch(AiocolocError, ImportError):
 
 class SegmentError(AiocolocError):
     """A shared-memory segment cannot be created, opened or mapped."""
+
+
+class VfioUnavailable(AiocolocError, OSError):
+    """An ivshmem device cannot be opened through VFIO here (the message says why)."""
 
 
 class PoolError(AiocolocError):
