@@ -1,0 +1,117 @@
+"""VMs of one host, for real: three QEMU guests on one guest link (an L2 hub
+on the host's loopback), two of them mapping the host's pool through an
+ivshmem device.  Each guest runs the discovery sidecar (``--pool auto``)
+and an aiocoloc process.  A client in guest B connects by IP to the server
+in guest A: the connection reaches shared memory on the ivshmem pool and an
+8 MiB echo matches by sha256.  Guest C has no pool: its connection to the
+same server stays on TCP with the reason.  Skipped, with the reason, where
+QEMU guests cannot run."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aiocoloc.cli.provision import create_host_pool
+from aiocoloc.transport import fallback
+from discovery.keys import Keyring
+
+from .conftest import SHM_PREFIX
+from .qemu import harness
+from .qemu.l2hub import L2Hub
+
+pytestmark = [pytest.mark.qemu, pytest.mark.timeout(600)]
+
+REPO = Path(__file__).resolve().parent.parent
+NODE = "tests/qemu/guest_vm_node.py"
+POOL_SIZE, POOL_SIZE_QEMU = 16 << 20, "16M"
+PORT = 18080
+
+
+@pytest.fixture(scope="module")
+def qemu_ready() -> None:
+    try:
+        harness.prepare()
+    except harness.QemuUnavailable as exc:
+        pytest.skip(f"QEMU guests cannot run here: {exc}")
+
+
+@pytest.fixture
+def host_pool() -> Iterator[tuple[str, str]]:
+    """The host's pool, as an operator makes it: ``(name, pool id)``."""
+    name = f"{SHM_PREFIX}-vms-{uuid.uuid4().hex[:10]}"
+    pool_id, _ = create_host_pool(name, POOL_SIZE)
+    try:
+        yield name, pool_id
+    finally:
+        Path("/dev/shm", name).unlink(missing_ok=True)
+
+
+def results(guest: harness.Guest, output: str) -> list[dict[str, Any]]:
+    return [json.loads(line[5:]) for line in output.splitlines() if line.startswith("NODE {")]
+
+
+def test_guests_sharing_an_ivshmem_pool_upgrade_and_a_guest_without_it_stays_on_tcp(
+    qemu_ready: None, host_pool: tuple[str, str], tmp_path: Path
+) -> None:
+    name, pool_id = host_pool
+    key = tmp_path / "cluster.key"
+    Keyring.generate().save(key)
+    net = f"169.254.{random.randrange(1, 250)}"
+    a_ip, b_ip, c_ip = f"{net}.1", f"{net}.2", f"{net}.3"
+    python = [sys.executable, NODE]
+    with L2Hub() as hub:
+        link = f"connect:{hub.port}"
+        common: dict[str, Any] = {"cwd": REPO, "net": link, "memory": "768M"}
+        pool: dict[str, Any] = {"shm": name, "size": POOL_SIZE_QEMU}
+        guests = {
+            "a": harness.start_guest(
+                [*python, "server", a_ip, str(PORT), "2", str(key)],
+                ip=f"{a_ip}/16",
+                **common,
+                **pool,
+            ),
+            "b": harness.start_guest(
+                [*python, "client", b_ip, a_ip, str(PORT), str(key), "shm", "200"],
+                ip=f"{b_ip}/16",
+                **common,
+                **pool,
+            ),
+            "c": harness.start_guest(
+                [*python, "client", c_ip, a_ip, str(PORT), str(key), "tcp", "200"],
+                ip=f"{c_ip}/16",
+                **common,
+            ),
+        }
+        outcome = {}
+        try:
+            for role, guest in guests.items():
+                status, output = guest.wait(420)
+                assert status == 0, f"guest {role} exited with {status}:\n{output[-4000:]}"
+                outcome[role] = results(guest, output)
+        finally:
+            for guest in guests.values():
+                guest.kill()
+    (b,) = outcome["b"]
+    assert b["mode"] == "shm" and b["rx_mode"] == "shm", b
+    assert b["pool"] == pool_id  # the host's pool, through each guest's ivshmem device
+    assert b["sha_match"] and b["bytes"] == 8 << 20
+    (c,) = outcome["c"]
+    assert c["mode"] == "tcp" and c["reason"] == fallback.NOT_COLOCATED, c
+    assert "shares no pool" in c["detail"]
+    assert c["sha_match"]
+    served = [r for r in outcome["a"] if r.get("served")]
+    assert sorted(r["mode"] for r in served) == ["shm", "tcp"], outcome["a"]
+    print(
+        f"\nVMs (TCG): shm echo {b['echo_mb_s']} MB/s, ping p50 {b['ping_p50_us']} us, "
+        f"upgrade {b['upgrade_s']} s; TCP echo {c['echo_mb_s']} MB/s, "
+        f"ping p50 {c['ping_p50_us']} us; boots "
+        + ", ".join(f"{r} {g.boot_seconds or 0:.1f} s" for r, g in guests.items())
+    )
