@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,6 +105,7 @@ def test_guests_sharing_an_ivshmem_pool_upgrade_and_a_guest_without_it_stays_on_
     assert b["mode"] == "shm" and b["rx_mode"] == "shm", b
     assert b["pool"] == pool_id  # the host's pool, through each guest's ivshmem device
     assert b["sha_match"] and b["bytes"] == 8 << 20
+    assert b["doorbell"] == "message"  # (no doorbell device: bells ride the control channel)
     (c,) = outcome["c"]
     assert c["mode"] == "tcp" and c["reason"] == fallback.NOT_COLOCATED, c
     assert "shares no pool" in c["detail"]
@@ -114,4 +117,72 @@ def test_guests_sharing_an_ivshmem_pool_upgrade_and_a_guest_without_it_stays_on_
         f"upgrade {b['upgrade_s']} s; TCP echo {c['echo_mb_s']} MB/s, "
         f"ping p50 {c['ping_p50_us']} us; boots "
         + ", ".join(f"{r} {g.boot_seconds or 0:.1f} s" for r, g in guests.items())
+    )
+
+
+def test_guests_ring_each_other_through_ivshmem_interrupts(
+    qemu_ready: None, host_pool: tuple[str, str], tmp_path: Path
+) -> None:
+    """Both guests get the pool from an ivshmem server as ivshmem-doorbell
+    devices; each sidecar owns its device through VFIO (``--doorbells vfio``)
+    and grants it to the aiocoloc process, whose connection then rings the
+    other guest by interrupt instead of a control message."""
+    name, pool_id = host_pool
+    key = tmp_path / "cluster.key"
+    Keyring.generate().save(key)
+    sock = tmp_path / "ivshmem.sock"
+    ivshmem_server = [sys.executable, "-m", "aiocoloc.cli.ivshmem_server", "--socket", str(sock)]
+    server = subprocess.Popen(
+        [*ivshmem_server, "--shm", name, "--size", str(POOL_SIZE), "--vectors", "4"],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    net = f"169.254.{random.randrange(1, 250)}"
+    a_ip, b_ip = f"{net}.1", f"{net}.2"
+    python = [sys.executable, NODE]
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert server.poll() is None, server.communicate()[1]
+            assert time.monotonic() < deadline, "the ivshmem server did not start"
+            time.sleep(0.05)
+        with L2Hub() as hub:
+            common: dict[str, Any] = {
+                "cwd": REPO,
+                "net": f"connect:{hub.port}",
+                "doorbell": str(sock),
+                "env": {"VM_DOORBELLS": "vfio"},
+            }
+            guests = {
+                "a": harness.start_guest(
+                    [*python, "server", a_ip, str(PORT), "1", str(key)], ip=f"{a_ip}/16", **common
+                ),
+                "b": harness.start_guest(
+                    [*python, "client", b_ip, a_ip, str(PORT), str(key), "shm", "200"],
+                    ip=f"{b_ip}/16",
+                    **common,
+                ),
+            }
+            outcome = {}
+            try:
+                for role, guest in guests.items():
+                    status, output = guest.wait(420)
+                    assert status == 0, f"guest {role} exited with {status}:\n{output[-4000:]}"
+                    outcome[role] = results(guest, output)
+            finally:
+                for guest in guests.values():
+                    guest.kill()
+    finally:
+        server.terminate()
+        server.wait(10)
+    (b,) = outcome["b"]
+    assert b["mode"] == "shm" and b["rx_mode"] == "shm" and b["pool"] == pool_id, b
+    assert b["doorbell"] == "vfio", b
+    assert b["sha_match"]
+    (a,) = [r for r in outcome["a"] if r.get("served")]
+    assert a["doorbell"] == "vfio" and a["mode"] == "shm", a
+    print(
+        f"\nVMs with doorbell interrupts (TCG): shm echo {b['echo_mb_s']} MB/s, "
+        f"ping p50 {b['ping_p50_us']} us, upgrade {b['upgrade_s']} s"
     )

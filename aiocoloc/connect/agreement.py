@@ -19,6 +19,7 @@ from aiocoloc.control import ControlChannel
 from aiocoloc.control.messages import Close
 from aiocoloc.errors import PoolError, RingError
 from aiocoloc.notify.hub import HubDoorbell
+from aiocoloc.notify.vfio_bells import VfioDoorbell
 from aiocoloc.shm import PipeHandle, Pool
 from aiocoloc.transport import SwitchableTransport, attach_shared_memory, close_end, fallback
 
@@ -41,6 +42,7 @@ class Agreement:
         self.ring_fd = -1
         self.hub: HubDoorbell | None = None
         self.socket_bell = False  # peers in different kernels: doorbells are messages
+        self.doorbell: VfioDoorbell | None = None  # ... or ivshmem interrupts
         self.settled = False  # both sides reached ``ready``
         self._done = False  # attached or released
 
@@ -69,6 +71,7 @@ class Agreement:
                 on_detach=lambda: pools.release(pool),
                 hub=self.hub,
                 socket_bell=self.socket_bell,
+                doorbell=self.doorbell,
             )
         except BaseException:
             self.release()
@@ -106,6 +109,8 @@ class Agreement:
         self.listen_fd = self.ring_fd = -1
         if self.hub is not None:
             self.hub.close()
+        if self.doorbell is not None:
+            self.doorbell.close()
         if self.settled:  # the peer may attach already: the loss that follows is no error
             try:
                 self.channel.post(Close())

@@ -13,7 +13,10 @@ so this handshake differs in four ways:
 - both prove the cluster key (``aiocoloc.connect.cluster_auth``) with MACs
   over the transcript, and both prove the pool with the nonces each reads
   from the other's pipe, as within one kernel;
-- doorbells are ``bell`` messages on the control channel (``socket_bell``).
+- doorbells are ``bell`` messages on the control channel (``socket_bell``),
+  or ivshmem interrupts when both processes hold their guest's doorbell
+  device (``aiocoloc.notify.vfio_bells``): ``hello.bell`` offers ours,
+  ``pipes.bell`` answers with the server's.
 
     client                                   server
     hello {version, conn, pool, slot, --->   the control connection's source
@@ -63,6 +66,7 @@ from aiocoloc.control.messages import (
     Ready,
 )
 from aiocoloc.errors import HandshakeAbandoned, HandshakeFailed, PoolError, PoolExhausted
+from aiocoloc.notify.vfio_bells import bells_for
 from aiocoloc.shm import PipeHandle, Pool
 from aiocoloc.transport import fallback
 
@@ -71,10 +75,14 @@ __all__ = ["remote_client_handshake", "remote_server_handshake"]
 #: Opens (or takes a new reference on) the pool with this id; None if we do
 #: not map it.
 OpenPool = Callable[[str], Awaitable[Pool | None]]
+Bell = tuple[int, int] | None  # an ivshmem doorbell: (IVPosition, vector)
 
 
-def _transcript(conn: ConnKey, pool: str, pipes: Pipes, challenge: bytes) -> tuple[Any, ...]:
-    return (challenge, *conn, pool, *pipes.up, *pipes.down, pipes.nonce)
+def _transcript(
+    conn: ConnKey, pool: str, hello_bell: Bell, pipes: Pipes, challenge: bytes
+) -> tuple[Any, ...]:
+    bells = (*(hello_bell or (-1, -1)), *(pipes.bell or (-1, -1)))
+    return (challenge, *conn, pool, *bells, *pipes.up, *pipes.down, pipes.nonce)
 
 
 async def remote_client_handshake(
@@ -90,20 +98,26 @@ async def remote_client_handshake(
     try:
         challenge = secrets.token_bytes(NONCE_SIZE)
         pool_id = str(pool.id)
-        await send(channel, Hello(PROTOCOL_VERSION, conn, pool_id, pool.slot, auth=challenge))
+        bells = bells_for(pool_id)  # we hold the guest's doorbell device
+        bell = bells.position if bells is not None else None
+        hello = Hello(PROTOCOL_VERSION, conn, pool_id, pool.slot, auth=challenge, bell=bell)
+        await send(channel, hello)
         message, fds = await receive(channel)
         pipes = expect(message, fds, Pipes, 0)
-        if not auth.verify(pipes.auth, "server", *_transcript(conn, pool_id, pipes, challenge)):
+        transcript = _transcript(conn, pool_id, bell, pipes, challenge)
+        if not auth.verify(pipes.auth, "server", *transcript):
             raise HandshakeFailed(fallback.NOT_TRUSTED, "the server does not prove our cluster key")
         agreement.send, agreement.receive = PipeHandle(*pipes.up), PipeHandle(*pipes.down)
         if not secrets.compare_digest(read_nonce(pool, agreement.receive), pipes.nonce):
             raise HandshakeFailed(fallback.PROOF_FAILED, "the server's nonce is not in the pool")
         mine = secrets.token_bytes(NONCE_SIZE)
         write_nonce(pool, agreement.send, mine)
-        mac = auth.sign("client", *_transcript(conn, pool_id, pipes, challenge), mine)
+        mac = auth.sign("client", *transcript, mine)
         await send(channel, Proof(mine, auth=mac))
         message, fds = await receive(channel)
         expect(message, fds, Ready, 0)
+        if bells is not None and pipes.bell is not None:  # the server rings through it too
+            agreement.doorbell = bells.doorbell(pipes.bell)
         agreement.settled = True
         return agreement
     except HandshakeFailed as failed:
@@ -191,16 +205,20 @@ async def _serve(
         raise HandshakeFailed(fallback.PROOF_FAILED, f"cannot create pipes: {exc}") from None
     nonce = secrets.token_bytes(NONCE_SIZE)
     write_nonce(pool, agreement.send, nonce)
-    pipes = Pipes(pipe_ref(agreement.receive), pipe_ref(agreement.send), nonce)
-    transcript = _transcript(conn, hello.pool, pipes, hello.auth)
+    bells = bells_for(hello.pool) if hello.bell is not None else None
+    bell = bells.position if bells is not None else None  # both hold a doorbell device
+    pipes = Pipes(pipe_ref(agreement.receive), pipe_ref(agreement.send), nonce, bell=bell)
+    transcript = _transcript(conn, hello.pool, hello.bell, pipes, hello.auth)
     mac = auth.sign("server", *transcript)
-    await send(channel, Pipes(pipes.up, pipes.down, nonce, auth=mac))
+    await send(channel, Pipes(pipes.up, pipes.down, nonce, auth=mac, bell=bell))
     message, fds = await receive(channel)
     proof = expect(message, fds, Proof, 0)
     if not auth.verify(proof.auth, "client", *transcript, proof.nonce):
         raise HandshakeFailed(fallback.NOT_TRUSTED, "the client does not prove our cluster key")
     if not secrets.compare_digest(read_nonce(pool, agreement.receive), proof.nonce):
         raise HandshakeFailed(fallback.PROOF_FAILED, "the client's nonce is not in the pool")
+    if bells is not None and hello.bell is not None:
+        agreement.doorbell = bells.doorbell(hello.bell)
     await send(channel, Ready())
     agreement.settled = True
     return transport

@@ -212,21 +212,60 @@ async def open_shared_pool(pool_id: str) -> Pool | None:
     except Exception as exc:
         _log.info("the sidecar would not list its pools: %s", exc)
         return None
-    names = [info.name for info in infos if info.id == pool_id]
-    if not names:
+    found = [info for info in infos if info.id == pool_id]
+    if not found:
         return None
+    loop = asyncio.get_running_loop()
+    if found[0].kind == "ivshmem":  # the sidecar may own the guest's doorbell device
+        pool = await loop.run_in_executor(None, _pool_through_grant, path, pool_id)
+        if pool is not None:
+            return pools.adopt(pool)
     from discovery.daemon.pools import PoolOpenError, PoolSpec, open_pool
 
     try:  # may wait on the pool's lock: not on the event loop
-        loop = asyncio.get_running_loop()
-        mapped = await loop.run_in_executor(None, open_pool, PoolSpec.parse(names[0]), "library")
+        mapped = await loop.run_in_executor(
+            None, open_pool, PoolSpec.parse(found[0].name), "library"
+        )
     except (PoolOpenError, ValueError, OSError) as exc:
-        _log.warning("cannot map shared pool %s (%s): %s", pool_id, names[0], exc)
+        _log.warning("cannot map shared pool %s (%s): %s", pool_id, found[0].name, exc)
         return None
     if str(mapped.pool.id) != pool_id:  # changed under us (re-formatted)
         mapped.pool.close()
         return None
     return pools.adopt(mapped.pool)
+
+
+def _pool_through_grant(api: str, pool_id: str) -> Pool | None:
+    """The pool mapped through the doorbell device the sidecar grants us
+    (``aiocoloc.notify.vfio_grants``), kept for its doorbells; None without a
+    grant (the sysfs mapping and message doorbells serve then).  Blocking."""
+    from aiocoloc.errors import PoolError, SegmentError
+    from aiocoloc.notify import vfio_bells
+    from aiocoloc.notify.vfio_grants import grants_path, request_grant
+
+    bells = vfio_bells.bells_for(pool_id)
+    if bells is None:
+        grant = request_grant(grants_path(api), pool_id)
+        if grant is None:
+            return None
+        try:
+            bells = vfio_bells.register(pool_id, vfio_bells.VfioBells(grant))
+        except (OSError, ValueError) as exc:
+            grant.close()
+            _log.warning("cannot use the doorbell device granted for pool %s: %s", pool_id, exc)
+            return None
+    try:
+        pool = Pool.attach(bells.segment(), timeout=2.0)
+    except (PoolError, SegmentError, OSError) as exc:
+        _log.warning("cannot map pool %s through its doorbell device: %s", pool_id, exc)
+        return None
+    if str(pool.id) != pool_id:
+        pool.close()
+        return None
+    _log.info(
+        "pool %s mapped through its doorbell device (IVPosition %d)", pool_id, bells.position[0]
+    )
+    return pool
 
 
 class Advertiser:

@@ -9,11 +9,12 @@ The upgrade handshake (``aiocoloc.connect.handshake`` tells its order):
 
     hello  client -> server  version, conn (the TCP 4-tuple as the client sees
                              it), [pool, slot: a pool it maps already], [hub],
-                             [auth: a challenge, between kernels]
+                             [auth: a challenge, between kernels],
+                             [bell: (IVPosition, vector) of an ivshmem doorbell]
     pool   server -> client  version, pool id            + the pool's memfd
     join   client -> server  slot (ours in the pool)
     pipes  server -> client  up, down (pipe handles), nonce, [hub],
-                             [auth: the server's MAC]                 + 0-1 fd
+                             [auth: the server's MAC], [bell]         + 0-1 fd
     proof  client -> server  nonce, [auth: the client's MAC]         + 0-3 fds
     ready  server -> client
     refuse either way        reason (a fallback reason), detail
@@ -37,7 +38,8 @@ History: 1 -- the handshake above; ``hello.pool``/``hello.slot`` (skip
 ``pool``/``join`` when the client maps the pool already) and
 ``hello.hub``/``pipes.hub`` (shared doorbells) and ``hello.auth``/
 ``pipes.auth``/``proof.auth`` (control channels between kernels,
-authenticated with the cluster key) were added within it.
+authenticated with the cluster key) and ``hello.bell``/``pipes.bell``
+(doorbells through ivshmem interrupts) were added within it.
 """
 
 from __future__ import annotations
@@ -138,6 +140,13 @@ def _mac(value: Any) -> bytes:
     return value
 
 
+def _bell(value: Any) -> tuple[int, int]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise ValueError
+    u16 = _int(0, 1 << 16)
+    return (u16(value[0]), u16(value[1]))
+
+
 def _path(value: Any) -> str:
     if value not in ("shm", "tcp"):
         raise ValueError
@@ -170,6 +179,7 @@ class Hello(Message):
         "slot": _int(0, _U32),
         "hub": _text(MAX_TOKEN),
         "auth": _nonce,
+        "bell": _bell,
     }
     version: int
     conn: ConnKey
@@ -177,6 +187,7 @@ class Hello(Message):
     slot: int | None = None
     hub: str | None = None
     auth: bytes | None = None  # the client's challenge: we talk across kernels
+    bell: tuple[int, int] | None = None  # (IVPosition, vector): ring us through ivshmem
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,12 +208,20 @@ class Join(Message):
 @dataclass(frozen=True, slots=True)
 class Pipes(Message):
     OP = "pipes"
-    CHECKS = {"up": _pipe, "down": _pipe, "nonce": _nonce, "hub": _bool, "auth": _mac}
+    CHECKS = {
+        "up": _pipe,
+        "down": _pipe,
+        "nonce": _nonce,
+        "hub": _bool,
+        "auth": _mac,
+        "bell": _bell,
+    }
     up: PipeRef
     down: PipeRef
     nonce: bytes
     hub: bool | None = None  # None: no hub offer taken (a descriptor comes instead)
     auth: bytes | None = None  # the server's MAC, when hello had a challenge
+    bell: tuple[int, int] | None = None  # the server's (IVPosition, vector), taking hello's
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,8 @@ def new_eventfd() -> int:
 class Doorbell:
     """Listen on ``listen_fd``, ring ``ring_fd``.  Owns both descriptors."""
 
+    KIND = "eventfd"
+
     def __init__(self, listen_fd: int, ring_fd: int) -> None:
         self.listen_fd = listen_fd
         self.ring_fd = ring_fd
@@ -96,6 +98,8 @@ class ControlDoorbell:
     (``aiocoloc.control.messages``), encoded once; the transport hands
     incoming bells to ``on_ring``.  Same interface as ``Doorbell``.
     """
+
+    KIND = "message"
 
     def __init__(self, post_frame: Callable[[bytes], None]) -> None:
         self._post_frame = post_frame

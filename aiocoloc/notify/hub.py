@@ -98,6 +98,8 @@ class HubDoorbell:
     Holds a reference on the hub from its creation until ``close()``.
     """
 
+    KIND = "hub"
+
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.rings = 0  # rings asked for (one eventfd write may serve several)

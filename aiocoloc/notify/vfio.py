@@ -34,7 +34,13 @@ from aiocoloc.notify.doorbell import new_eventfd
 from aiocoloc.shm.segments.base import Segment
 from aiocoloc.shm.segments.ivshmem import find_ivshmem_devices
 
-__all__ = ["IvshmemVfio", "VfioBarSegment", "VfioUnavailable"]
+__all__ = [
+    "DOORBELL_REGISTER",
+    "IVPOSITION_REGISTER",
+    "IvshmemVfio",
+    "VfioBarSegment",
+    "VfioUnavailable",
+]
 
 _log = logging.getLogger("aiocoloc.notify.vfio")
 
@@ -72,8 +78,8 @@ _IRQ_SET = struct.Struct("<IIIII")
 _PCI_COMMAND = 4  # u16 command register
 _PCI_COMMAND_MEMORY = 1 << 1  # decode memory BARs
 _PCI_COMMAND_MASTER = 1 << 2  # bus master: the device may write memory (MSI-X)
-_IVPOSITION = 8 // 4  # BAR0 register index (32-bit words): our peer id
-_DOORBELL = 12 // 4  # BAR0 register index: write (peer << 16) | vector
+IVPOSITION_REGISTER = 8 // 4  # BAR0 register index (32-bit words): our peer id
+DOORBELL_REGISTER = 12 // 4  # BAR0 register index: write (peer << 16) | vector
 
 
 class VfioBarSegment(Segment):
@@ -120,6 +126,8 @@ class IvshmemVfio:
         #: BAR2, the shared memory, mapped read-write.
         self.shm = shm
         self._shm_offset = shm_offset
+        #: Where BAR0 sits in the device descriptor (for a process given a dup of it).
+        self.bar0_offset = 0
 
     @classmethod
     def open(
@@ -159,6 +167,7 @@ class IvshmemVfio:
             shm = mmap.mmap(fds[2], bar2, offset=bar2_offset)
             undo.pop_all()
         opened = cls(device.name, fds, regs, shm, bar2_offset)
+        opened.bar0_offset = bar0_offset
         _log.debug(
             "%s: VFIO group %s, IVPosition %d, BAR2 %d bytes, %d vectors",
             device.name,
@@ -172,7 +181,7 @@ class IvshmemVfio:
     @property
     def position(self) -> int:
         """Our peer id on the ivshmem server (the IVPosition register)."""
-        return self._registers()[_IVPOSITION]
+        return self._registers()[IVPOSITION_REGISTER]
 
     @property
     def vectors(self) -> int:
@@ -196,7 +205,19 @@ class IvshmemVfio:
         """Interrupt ``vector`` of ``peer`` (dropped if no such peer is connected)."""
         if not 0 <= peer <= 0xFFFF or not 0 <= vector <= 0xFFFF:
             raise ValueError(f"peer {peer} and vector {vector} must fit in 16 bits")
-        self._registers()[_DOORBELL] = (peer << 16) | vector
+        self._registers()[DOORBELL_REGISTER] = (peer << 16) | vector
+
+    def regions(self) -> tuple[int, int, int, int]:
+        """``(BAR0 offset, BAR0 size, BAR2 offset, BAR2 size)`` in the device
+        descriptor: what another process given ``dup_device()`` maps."""
+        self._registers()
+        return self.bar0_offset, len(self._bar0), self._shm_offset, len(self.shm)
+
+    def dup_device(self) -> int:
+        """A new descriptor of the VFIO device (the caller owns it): mapping
+        its regions reaches the same BARs from any process."""
+        self._registers()
+        return os.dup(self._device)
 
     def segment(self) -> VfioBarSegment:
         """BAR2 as a segment of its own (own descriptor; the caller closes it)."""

@@ -246,6 +246,7 @@ class LifeCycle(TransportState):
                 "fallback_reason": self._fallback_reason,
                 "fallback_detail": self._fallback_detail,
                 "switches": self.switches,
+                "doorbell": self._shm.doorbell.KIND if self._shm is not None else None,
             }
         extra: dict[str, Any] = self._extra
         if name in extra:

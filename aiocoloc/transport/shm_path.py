@@ -42,7 +42,7 @@ class ShmPath:
         self,
         producer: Any,
         consumer: Any,
-        doorbell: Doorbell | ControlDoorbell | HubDoorbell,
+        doorbell: Doorbell | ControlDoorbell | HubDoorbell | Any,
         *,
         pool_id: str | None = None,
         on_close: Callable[[bool, bool], None] | None = None,
@@ -116,6 +116,7 @@ def attach_shared_memory(
     spin: SpinConfig | None = SpinConfig(),  # noqa: B008 - frozen
     on_detach: Callable[[], None] | None = None,
     hub: HubDoorbell | None = None,
+    doorbell: Any = None,
 ) -> None:
     """Give ``transport`` the pool pipes ``send``/``receive`` (pipe handles), the
     eventfds it listens on and rings (owned from now on) and the connected
@@ -127,7 +128,9 @@ def attach_shared_memory(
     its demand (``aiocoloc.shm.elastic``); with ``None`` its size stays fixed.
     ``spin`` bounds how long the reader busy-waits before sleeping
     (``aiocoloc.notify.spin``); ``None`` never spins.  ``on_detach`` runs once
-    the pipes are given back.  Needs a running event loop.
+    the pipes are given back.  ``doorbell``: a ready-made one (owned from now
+    on; an ivshmem interrupt's, ``aiocoloc.notify.vfio_bells``) in place of
+    all the above.  Needs a running event loop.
     The transport stays in TCP mode until ``switch_tx``.
     """
     link = control if isinstance(control, ControlChannel) else ControlChannel(control)
@@ -142,14 +145,14 @@ def attach_shared_memory(
         if on_detach is not None:
             on_detach()
 
-    doorbell: Doorbell | ControlDoorbell | HubDoorbell
-    if socket_bell:
+    if socket_bell or doorbell is not None:
         for fd in (listen_fd, ring_fd):
             if fd is not None and fd >= 0:
                 os.close(fd)
         if hub is not None:
             hub.close()
-        doorbell = ControlDoorbell(link.post_frame)
+        if doorbell is None:
+            doorbell = ControlDoorbell(link.post_frame)
     elif hub is not None:
         doorbell = hub
     else:

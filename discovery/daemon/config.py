@@ -111,12 +111,17 @@ class Config:
     serf_rpc: HostPort | None = None
     serf_rpc_auth_file: Path | None = None
     serf_binary: str = "serf"
+    doorbells: str = "messages"
     config_file: Path | None = None
 
     @property
     def logging_level(self) -> int:
         level: int = getattr(logging, self.log_level.upper())
         return level
+
+
+#: How processes of this node ring peers in other VMs (``--doorbells``).
+DOORBELLS = ("messages", "vfio")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -161,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serf-rpc", metavar="HOST:PORT", help="RPC address of a running Serf agent")
     p.add_argument("--serf-rpc-auth-file", metavar="PATH", help="file holding the Serf RPC token")
     p.add_argument("--serf-binary", metavar="PATH", help="Serf executable to start (serf)")
+    p.add_argument(
+        "--doorbells",
+        help="messages|vfio: with vfio, ivshmem pools are opened through VFIO and their "
+        "doorbell interrupts granted to local processes (default messages)",
+    )
     return p
 
 
@@ -180,6 +190,7 @@ _KEYS = {
     "serf-rpc": False,
     "serf-rpc-auth-file": False,
     "serf-binary": False,
+    "doorbells": False,
 }
 
 
@@ -302,5 +313,6 @@ def _build(s: dict[str, Any], config_file: Path | None) -> Config:
             else None
         ),
         serf_binary=s.get("serf-binary", "serf"),
+        doorbells=_one_of("doorbells", s.get("doorbells", "messages"), DOORBELLS),
         config_file=config_file,
     )

@@ -24,9 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from aiocoloc.errors import PoolError, SegmentError
+from aiocoloc.errors import PoolError, SegmentError, VfioUnavailable
+from aiocoloc.notify.vfio import IvshmemVfio
 from aiocoloc.shm import IvshmemSegment, Pool, PosixShmSegment, find_ivshmem_devices
 from aiocoloc.shm.layout import HEADER_SIZE
+from aiocoloc.shm.segments.base import Segment
 from discovery.api_messages import ApiError, PoolInfo
 from discovery.member import MAX_POOLS
 
@@ -86,6 +88,7 @@ class MappedPool:
     pool: Pool
     backing: Path  # the file whose disappearance unmaps it (re-probe)
     inode: tuple[int, int]
+    device: IvshmemVfio | None = None  # owned through VFIO (``--doorbells vfio``)
 
     @property
     def id(self) -> str:
@@ -118,7 +121,7 @@ def _ivshmem_device(path: Path) -> tuple[Path, str]:
     return Path(*parts[:-4]), device.name
 
 
-def _attach(segment: PosixShmSegment | IvshmemSegment) -> Pool:
+def _attach(segment: Segment) -> Pool:
     try:
         return Pool.attach(segment, timeout=ATTACH_TIMEOUT)
     except BaseException:
@@ -126,9 +129,16 @@ def _attach(segment: PosixShmSegment | IvshmemSegment) -> Pool:
         raise
 
 
-def open_pool(spec: PoolSpec, source: str) -> MappedPool:
+def open_pool(spec: PoolSpec, source: str, *, vfio: bool = False) -> MappedPool:
     """Open and join the pool ``spec`` names (not ``auto``); blocking.
-    ``PoolOpenError`` with a message for the operator when it cannot."""
+    ``PoolOpenError`` with a message for the operator when it cannot.
+    ``vfio``: an ivshmem device is opened through VFIO, so that its doorbell
+    interrupts can be granted to local processes (``aiocoloc.notify.vfio_grants``);
+    one that VFIO cannot open is mapped through sysfs, with a warning."""
+    if vfio and spec.kind == "ivshmem":
+        mapped = _open_through_vfio(spec, source)
+        if mapped is not None:
+            return mapped
     try:
         if spec.kind == "posix":
             posix = PosixShmSegment.attach(spec.text, min_size=HEADER_SIZE)
@@ -149,6 +159,35 @@ def open_pool(spec: PoolSpec, source: str) -> MappedPool:
     return MappedPool(spec.text, spec.kind, source, pool, backing, (inode.st_dev, inode.st_ino))
 
 
+def _open_through_vfio(spec: PoolSpec, source: str) -> MappedPool | None:
+    root, address = _ivshmem_device(Path(spec.text))
+    try:
+        device = IvshmemVfio.open(sysfs_root=root, address=address)
+    except (VfioUnavailable, OSError) as exc:
+        _log.warning(
+            "pool %s: no doorbells through VFIO (%s); mapping it through sysfs", spec.text, exc
+        )
+        return None
+    try:
+        pool = _attach(device.segment())
+    except (PoolError, SegmentError) as exc:
+        device.close()
+        raise PoolOpenError(f"pool {spec.text}: {exc}", "failed") from None
+    except BaseException:
+        device.close()
+        raise
+    backing = root / "bus" / "pci" / "devices" / address / "resource2"
+    st = os.stat(backing)
+    _log.info(
+        "mapped pool %s through VFIO from %s (IVPosition %d, %d doorbell vectors)",
+        pool.id,
+        address,
+        device.position,
+        device.vectors,
+    )
+    return MappedPool(spec.text, spec.kind, source, pool, backing, (st.st_dev, st.st_ino), device)
+
+
 def probe_ivshmem(sysfs_root: Path) -> list[PoolSpec]:
     """Every ivshmem device under ``sysfs_root``, as specs of their BAR2."""
     found = [PoolSpec("ivshmem", str(d / "resource2")) for d in find_ivshmem_devices(sysfs_root)]
@@ -162,8 +201,11 @@ def probe_ivshmem(sysfs_root: Path) -> list[PoolSpec]:
 class PoolSet:
     """The pools mapped, by pool id; ``on_change()`` after any change."""
 
-    def __init__(self, sysfs_root: Path, on_change: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self, sysfs_root: Path, on_change: Callable[[], Awaitable[None]], *, vfio: bool = False
+    ) -> None:
         self._sysfs_root = sysfs_root
+        self._vfio = vfio
         self._on_change = on_change
         self._mapped: dict[str, MappedPool] = {}
         self._configured: list[PoolSpec] = []
@@ -173,6 +215,11 @@ class PoolSet:
 
     def ids(self) -> frozenset[str]:
         return frozenset(self._mapped)
+
+    def device(self, pool_id: str) -> IvshmemVfio | None:
+        """The doorbell device of pool ``pool_id``, if we own it through VFIO."""
+        mapped = self._mapped.get(pool_id)
+        return mapped.device if mapped is not None else None
 
     def mapped(self) -> list[MappedPool]:
         return sorted(self._mapped.values(), key=lambda m: m.name)
@@ -211,7 +258,7 @@ class PoolSet:
             raise PoolOpenError(
                 f"pool {spec.text}: {MAX_POOLS} pools are mapped already (the most)", "limit"
             )
-        mapped = await asyncio.to_thread(open_pool, spec, source)
+        mapped = await asyncio.to_thread(open_pool, spec, source, vfio=self._vfio)
         if mapped.id in self._mapped:
             await asyncio.to_thread(mapped.pool.close)
             other = self._mapped[mapped.id].name
@@ -260,6 +307,8 @@ class PoolSet:
         # Out of the set first (the loop's thread), then closed in a thread.
         del self._mapped[mapped.id]
         await asyncio.to_thread(mapped.pool.close)
+        if mapped.device is not None:  # (its grantees keep what they mapped)
+            mapped.device.close()
         _log.info("unmapped pool %s (%s)", mapped.id, mapped.name)
 
     async def reprobe(self) -> bool:

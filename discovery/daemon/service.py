@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from aiocoloc.notify.vfio_grants import GrantServer, grants_path
 from discovery.api_messages import API_VERSION, ApiError, Request
 from discovery.daemon.advertised import AdvertisedEndpoints
 from discovery.daemon.api import ApiServer, ApiStartError, Peer
@@ -61,7 +62,15 @@ class Sidecar:
         self.config = config
         self._engine_factory = engine_factory
         self._fingerprint = kernel_fingerprint()
-        self.pools = PoolSet(config.sysfs_root, self._record_changed)
+        self.pools = PoolSet(
+            config.sysfs_root, self._record_changed, vfio=config.doorbells == "vfio"
+        )
+        # Local processes get the doorbell devices we own through VFIO here.
+        self.grants = (
+            GrantServer(grants_path(config.api), self.pools.device)
+            if config.doorbells == "vfio"
+            else None
+        )
         self.advertised = AdvertisedEndpoints(MAX_ENDPOINTS, self._record_changed)
         self.api = ApiServer(config.api, self._handle, self._subscribe)
         self.engine: Engine | None = None
@@ -86,6 +95,8 @@ class Sidecar:
                 self.keyring = load_keyring(config.key_file)
             await self.api.bind()
             await self.pools.open_configured(config.pools)
+            if self.grants is not None:
+                self.grants.start()
             record = self._record()
             try:
                 engine = self._engine_factory(config, self.keyring, *record)
@@ -132,6 +143,8 @@ class Sidecar:
 
     async def _abort(self) -> None:
         await self.api.close()
+        if self.grants is not None:
+            await self.grants.close()
         await self.pools.close()
 
     async def stop(self) -> None:
@@ -141,6 +154,8 @@ class Sidecar:
         self._stopping = True
         _log.info("leaving")
         await self.api.close()
+        if self.grants is not None:
+            await self.grants.close()
         if self._join_task is not None:
             self._join_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

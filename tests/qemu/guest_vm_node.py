@@ -1,7 +1,7 @@
 """Runs inside a QEMU guest: one node of tests/test_qemu_vms.py.
 
 Starts the discovery sidecar of this guest (``--pool auto``: the guest's
-ivshmem device, if it has one), then plays a role with the aiocoloc library,
+ivshmem device, if it has one; ``--doorbells $VM_DOORBELLS``), then plays a role with the aiocoloc library,
 and prints one JSON line per result (prefixed ``NODE``):
 
     guest_vm_node.py server IP PORT CLIENTS KEY
@@ -42,6 +42,7 @@ def start_sidecar(node: str, ip: str, key: str, join: str | None) -> subprocess.
     daemon = str(Path(sys.executable).with_name("aiocoloc-discoveryd"))
     argv = [daemon, "--node", node, "--bind", f"{ip}:{GOSSIP_PORT}", "--profile", "host"]
     argv += ["--pool", "auto", "--key-file", key, "--api", API]
+    argv += ["--doorbells", os.environ.get("VM_DOORBELLS", "messages")]
     if join:
         argv += ["--join", f"{join}:{GOSSIP_PORT}"]
     log = open(f"/run/{node}.log", "wb")  # the daemon's, for its life
@@ -98,6 +99,7 @@ async def serve(ip: str, port: int, clients: int) -> None:
                 served=True,
                 mode=info.get("mode"),
                 pool=info.get("pool"),
+                doorbell=info.get("doorbell"),
                 reason=info.get("fallback_reason"),
             )
 
@@ -156,6 +158,7 @@ async def connect(server_ip: str, port: int, expect: str, rounds: int) -> None:
         mode=info["mode"],
         rx_mode=info["rx_mode"],
         pool=info["pool"],
+        doorbell=info["doorbell"],
         reason=info["fallback_reason"],
         detail=info["fallback_detail"],
         sha_match=hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest(),
