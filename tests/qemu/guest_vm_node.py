@@ -11,6 +11,9 @@ and prints one JSON line per result (prefixed ``NODE``):
         joins the server's sidecar, connects to SERVER_IP:PORT and expects
         the connection on shared memory (8 MiB echo checked by sha256, and
         ROUNDS 64-byte ping-pongs timed) or on TCP with a reason
+    guest_vm_node.py client ... shm ROUNDS scribble
+        then writes garbage over the whole pool under the live connection,
+        and reports what became of it and of a new connection
 """
 
 from __future__ import annotations
@@ -118,7 +121,9 @@ async def ping_pong(
     return statistics.median(times) * 1e6
 
 
-async def connect(server_ip: str, port: int, expect: str, rounds: int) -> None:
+async def connect(
+    server_ip: str, port: int, expect: str, rounds: int, scribble: bool = False
+) -> None:
     async def advertised() -> bool:
         async with SidecarClient(API, timeout=2) as client:
             answer = await client.colocated(f"{server_ip}:{port}")
@@ -168,8 +173,54 @@ async def connect(server_ip: str, port: int, expect: str, rounds: int) -> None:
         echo_mb_s=round(2 * size / moved / 1e6, 2),
         ping_p50_us=None if p50 is None else round(p50, 1),
     )
+    if scribble:
+        await scribble_pool(reader, writer, server_ip, port)
     writer.close()
-    await writer.wait_closed()
+    try:
+        await writer.wait_closed()
+    except ConnectionError:
+        if not scribble:  # (after a scribble the pipe's failure was reported above)
+            raise
+
+
+async def scribble_pool(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server_ip: str, port: int
+) -> None:
+    """Garbage over the whole pool (BAR2) under the live connection, as a
+    broken or hostile guest would write it; then what became of the
+    connection, and of a new one to the same server."""
+    from aiocoloc.shm import IvshmemSegment
+
+    segment = IvshmemSegment.open()
+    region = segment.map()
+    region[:] = os.urandom(len(region))
+    region.close()
+    segment.close()
+    outcome = "still working"
+    try:
+        for _ in range(5):
+            writer.write(b"s" * 65536)
+            await asyncio.wait_for(reader.readexactly(65536), 10)
+    except (ConnectionError, asyncio.IncompleteReadError) as exc:
+        outcome = repr(reader.exception() or exc)
+    except TimeoutError:
+        outcome = "stalled"
+    r2, w2 = await aiocoloc.open_connection(server_ip, port, upgrade="always")
+
+    async def settled() -> bool:
+        return bool(state(w2)["fallback_reason"] or state(w2)["rx_mode"] == "shm")
+
+    await until(settled, "the new connection settling", 30)
+    w2.write(b"n" * 65536)
+    echoed = await asyncio.wait_for(r2.readexactly(65536), 30)
+    report(
+        scribbled=True,
+        old_connection=outcome,
+        new_mode=state(w2)["mode"],
+        new_reason=state(w2)["fallback_reason"],
+        new_works=echoed == b"n" * 65536,
+    )
+    w2.close()
 
 
 async def main(argv: list[str]) -> None:
@@ -180,6 +231,7 @@ async def main(argv: list[str]) -> None:
     else:
         ip, server_ip, port, key, expect = argv[1], argv[2], int(argv[3]), argv[4], argv[5]
         rounds = int(argv[6]) if len(argv) > 6 else 0
+        scribble = argv[7:] == ["scribble"]
         join = server_ip
     os.environ.update(
         AIOCOLOC_KEY_FILE=key, AIOCOLOC_DISCOVERY_API=API, AIOCOLOC_RUNTIME_DIR="/run/aiocoloc"
@@ -190,7 +242,7 @@ async def main(argv: list[str]) -> None:
         if role == "server":
             await serve(ip, port, clients)
         else:
-            await connect(server_ip, port, expect, rounds)
+            await connect(server_ip, port, expect, rounds, scribble)
     finally:
         sidecar.terminate()
         try:
