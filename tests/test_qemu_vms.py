@@ -140,7 +140,7 @@ def test_guests_ring_each_other_through_ivshmem_interrupts(
     sock = tmp_path / "ivshmem.sock"
     ivshmem_server = [sys.executable, "-m", "aiocoloc.cli.ivshmem_server", "--socket", str(sock)]
     server = subprocess.Popen(
-        [*ivshmem_server, "--shm", name, "--size", str(POOL_SIZE), "--vectors", "4"],
+        [*ivshmem_server, "--shm", name, "--size", str(POOL_SIZE)],
         cwd=REPO,
         stderr=subprocess.PIPE,
         text=True,
