@@ -124,12 +124,13 @@ def test_pools_create_formats_a_host_pool_once_and_refuses_bad_sizes() -> None:
     name = f"{SHM_PREFIX}-cli-{os.getpid()}"
     path = Path("/dev/shm") / name
     try:
-        first = cli("pools", "create", name, "--size", "4M", "--slice-size", "16K")
+        first = cli("pools", "create", name, "--size", "4M", "--slice-size", "16K", "--lease", "30")
         assert first.returncode == 0, first.stderr
         assert "created" in first.stdout and path.stat().st_size == 4 << 20
         pool = Pool.attach(PosixShmSegment.attach(name))
         try:
             assert str(pool.id) in first.stdout and pool.geometry.slice_size == 16384
+            assert pool.lease == 30.0
         finally:
             pool.close()
         again = cli("pools", "create", name, "--size", "4M")
@@ -137,8 +138,8 @@ def test_pools_create_formats_a_host_pool_once_and_refuses_bad_sizes() -> None:
         assert str(pool.id) in again.stdout  # the same pool: nothing re-formatted
     finally:
         path.unlink(missing_ok=True)
-    for size in ("3M", "lots", "0"):
-        bad = cli("pools", "create", f"{name}-bad", "--size", size)
+    for args in (["--size", "3M"], ["--size", "lots"], ["--size", "0"], ["--lease", "0.1"]):
+        bad = cli("pools", "create", f"{name}-bad", *args)
         assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
         assert bad.stderr.startswith(f"aiocoloc: pool {name}-bad: ")
         assert not (Path("/dev/shm") / f"{name}-bad").exists()

@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--size", default="64M", help="a power of two, e.g. 64M (default)")
     create.add_argument("--slice-size", default="64K", help="pipes grow by this (default 64K)")
     create.add_argument("--group", help="make it 0660 and owned by this group")
+    create.add_argument(
+        "--lease",
+        type=float,
+        default=provision.HOST_POOL_LEASE,
+        help="seconds a member's heartbeat may stall before it is reaped "
+        f"(default {provision.HOST_POOL_LEASE:g})",
+    )
     commands.add_parser("status", parents=[common], help="the sidecar's status")
     colocated = commands.add_parser(
         "colocated", parents=[common], help="is this address co-located with us?"
@@ -95,7 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "pools" and getattr(args, "change", None) == "create":
         try:
             output.print_line(
-                provision.create_for_cli(args.name, args.size, args.slice_size, args.group)
+                provision.create_for_cli(
+                    args.name, args.size, args.slice_size, args.group, args.lease
+                )
             )
         except provision.ProvisionError as exc:
             output.print_error(str(exc))

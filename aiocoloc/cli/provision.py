@@ -16,11 +16,21 @@ import re
 from aiocoloc.errors import PoolError, SegmentError
 from aiocoloc.shm import Pool, PoolConfig
 
-__all__ = ["HOST_POOL_PIPES", "ProvisionError", "create_for_cli", "create_host_pool", "parse_size"]
+__all__ = [
+    "HOST_POOL_LEASE",
+    "HOST_POOL_PIPES",
+    "ProvisionError",
+    "create_for_cli",
+    "create_host_pool",
+    "parse_size",
+]
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 #: Pipes a host pool has room for: two per connection, 512 connections.
 HOST_POOL_PIPES = 1024
+#: Seconds a member's heartbeat may stall before it is reaped: VMs on a busy
+#: host, or paused for a moment, stall longer than processes do.
+HOST_POOL_LEASE = 15.0
 
 
 def parse_size(text: str) -> int:
@@ -32,7 +42,12 @@ def parse_size(text: str) -> int:
 
 
 def create_host_pool(
-    name: str, size: int, *, slice_size: int = 64 * 1024, group: str | None = None
+    name: str,
+    size: int,
+    *,
+    slice_size: int = 64 * 1024,
+    group: str | None = None,
+    lease: float = HOST_POOL_LEASE,
 ) -> tuple[str, bool]:
     """Create and format the host pool ``name`` of ``size`` bytes (a power of
     two, as ivshmem needs), or attach to it if it exists; returns its pool
@@ -43,7 +58,9 @@ def create_host_pool(
     if slice_size <= 0 or slice_size & (slice_size - 1) or slice_size >= size:
         raise ValueError(f"slice size {slice_size} must be a power of two below the pool size")
     existed = os.path.exists(os.path.join("/dev/shm", name.lstrip("/")))
-    config = PoolConfig(slice_size=slice_size, max_pipes=HOST_POOL_PIPES)
+    if not 0.5 <= lease <= 3600:
+        raise ValueError(f"lease {lease} s is outside 0.5 to 3600 s")
+    config = PoolConfig(slice_size=slice_size, max_pipes=HOST_POOL_PIPES, lease=lease)
     pool = Pool.open_posix(name, size, config, group=group)
     try:
         return str(pool.id), not existed
@@ -55,11 +72,15 @@ class ProvisionError(Exception):
     """Wraps what stops a pool from being created, for the CLI."""
 
 
-def create_for_cli(name: str, size_text: str, slice_text: str, group: str | None) -> str:
+def create_for_cli(
+    name: str, size_text: str, slice_text: str, group: str | None, lease: float
+) -> str:
     """``create_host_pool`` with the CLI's arguments; one line for the operator."""
     try:
         size, slice_size = parse_size(size_text), parse_size(slice_text)
-        pool_id, created = create_host_pool(name, size, slice_size=slice_size, group=group)
+        pool_id, created = create_host_pool(
+            name, size, slice_size=slice_size, group=group, lease=lease
+        )
     except (ValueError, PoolError, SegmentError) as exc:
         raise ProvisionError(f"pool {name}: {exc}") from None
     state = "created" if created else "already formatted"
