@@ -42,8 +42,9 @@ from typing import TYPE_CHECKING
 from discovery.engine import Engine, EngineError
 from discovery.events import Event
 from discovery.member import Member, MemberError, Status, join_host, split_host
+from discovery.serf import key_commands
 from discovery.serf.agent import SerfAgent, serf_profile
-from discovery.serf.records import RECORD_QUERY, RESPONSE_LIMIT, RecordFetcher
+from discovery.serf.records import RECORD_QUERY, RecordFetcher, check_answerable
 from discovery.serf.rpc import SerfRPC
 from discovery.serf.tags import TAG, record_tags
 from discovery.serf.view import MemberTable, read_tag, serf_status
@@ -58,7 +59,7 @@ from discovery.serf.wire import (
 if TYPE_CHECKING:
     from discovery.keys import Keyring
     from discovery.serf.rpc import RecordStream
-    from discovery.serf.wire import KeyResponse, StreamRecord
+    from discovery.serf.wire import StreamRecord
 
 __all__ = ["RECORD_QUERY", "SerfEngine"]
 
@@ -153,7 +154,7 @@ class SerfEngine(Engine):
         self._state = "new"  # -> running -> left -> stopped
         self._counters: Counter[str] = Counter()
         self._records = RecordFetcher(self._connected, self._settle, self._counters)
-        _check_answerable(local)
+        check_answerable(local)
 
     # ---------------------------------------------------------- interface
 
@@ -242,7 +243,7 @@ class SerfEngine(Engine):
                 raise EngineError(str(exc)) from None
             others = await self._other_tags()
             tags = record_tags(new, others)
-            _check_answerable(new)
+            check_answerable(new)
             rpc = self._rpc
             if rpc is not None and not rpc.closed:
                 await rpc.update_tags(tags)
@@ -266,18 +267,11 @@ class SerfEngine(Engine):
                 "the serf agent runs without encryption; restart with a key file to encrypt"
             )
         async with self._keys_lock:
-            rpc = self._connected()
             before = self._keyring.keys if self._keyring is not None else ()
-            for key in keyring.keys:
-                if key not in before:
-                    self._key_step(await rpc.install_key(key), "install")
-            if before[:1] != (keyring.primary,):
-                self._key_step(await rpc.use_key(keyring.primary), "make primary")
+            node = self.local().node
+            if await key_commands.rotate(self._connected(), before, keyring, node):
                 if self.agent is not None:
                     self.agent.encrypt_key = keyring.primary  # a restarted agent's -encrypt
-            for key in before:
-                if key not in keyring:
-                    self._key_step(await rpc.remove_key(key), "remove")
             self._keyring = keyring
             self._counters["key_changes"] += 1
         _log.info("%s: keyring changed: %r", self.local().node, keyring)
@@ -290,31 +284,11 @@ class SerfEngine(Engine):
             _log.warning("%s: list-keys: %s %s", self.local().node, answer.error, answer.messages)
         return dict(answer.keys)
 
-    def _key_step(self, answer: KeyResponse, what: str) -> None:
-        """Judge one key command's answer: an error if this member failed it."""
-        node = self.local().node
-        if node in answer.messages or (answer.error and not answer.responses):
-            raise EngineError(
-                f"serf agent could not {what} a key: {answer.messages.get(node) or answer.error}"
-            )
-        if answer.error:
-            _log.warning(
-                "%s: %s key: %s (%d of %d members answered) %s",
-                node,
-                what,
-                answer.error,
-                answer.responses,
-                answer.nodes,
-                "; ".join(f"{n}: {m}" for n, m in sorted(answer.messages.items())),
-            )
-
     async def _install_other_keys(self, rpc: SerfRPC) -> None:
         """A fresh own agent has the primary key only (``-encrypt``): the
         others go in before it joins anyone (so only to itself)."""
-        if self._keyring is None or len(self._keyring) < 2:
-            return
-        for key in self._keyring.keys[1:]:
-            self._key_step(await rpc.install_key(key), "install")
+        if self._keyring is not None and len(self._keyring) >= 2:
+            await key_commands.install_keys(rpc, self._keyring.keys[1:], self.local().node)
 
     def stats(self) -> dict[str, int]:
         out = dict(self._counters)
@@ -544,15 +518,3 @@ class SerfEngine(Engine):
         if tag is not None:
             record = self._table.record(member, tag, status, full)
             self._publish(self._table.apply(record, ordered=ordered))
-
-
-def _check_answerable(local: Member) -> None:
-    """Warn about a record too large for Serf's query responses."""
-    size = len(local.pack())
-    if size > RESPONSE_LIMIT - 128:
-        _log.warning(
-            "%s: record of %d bytes: too large for a Serf query response, "
-            "its endpoints reach only those that read them in its tag",
-            local.node,
-            size,
-        )

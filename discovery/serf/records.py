@@ -24,7 +24,7 @@ from discovery.member import Member, MemberError, Status
 from discovery.serf.rpc import SerfRPC
 from discovery.serf.wire import SerfError, SerfMember
 
-__all__ = ["RECORD_QUERY", "RESPONSE_LIMIT", "RecordFetcher"]
+__all__ = ["RECORD_QUERY", "RESPONSE_LIMIT", "RecordFetcher", "check_answerable"]
 
 _log = logging.getLogger("discovery.serf.records")
 
@@ -128,3 +128,15 @@ class RecordFetcher:
         finally:
             await stream.close()
         return answers
+
+
+def check_answerable(local: Member) -> None:
+    """Warn about a record too large for Serf's query responses."""
+    size = len(local.pack())
+    if size > RESPONSE_LIMIT - 128:
+        _log.warning(
+            "%s: record of %d bytes: too large for a Serf query response, "
+            "its endpoints reach only those that read them in its tag",
+            local.node,
+            size,
+        )
