@@ -39,9 +39,12 @@ from typing import Any, TypeVar
 
 import aiocoloc
 from discovery.client import SidecarClient
+from tests.qemu.guest_vm_node import (  # the same sidecar as the tests
+    API,
+    sidecar_ready,
+    start_sidecar,
+)
 
-API = "/run/discoveryd.sock"
-GOSSIP_PORT = 7946
 HEADER = 17
 STARTED = time.monotonic()
 #: Rounds and bytes each path gets, untimed, before its cells: TCG translates
@@ -70,17 +73,6 @@ def header(kind: bytes, size: int = 0, count: int = 0) -> bytes:
     return kind + size.to_bytes(8, "big") + count.to_bytes(8, "big")
 
 
-def start_sidecar(node: str, ip: str, key: str, join: str | None) -> subprocess.Popen[bytes]:
-    daemon = str(Path(sys.executable).with_name("aiocoloc-discoveryd"))
-    argv = [daemon, "--node", node, "--bind", f"{ip}:{GOSSIP_PORT}", "--profile", "host"]
-    argv += ["--pool", "auto", "--key-file", key, "--api", API]
-    argv += ["--doorbells", os.environ.get("VM_DOORBELLS", "messages")]
-    if join:
-        argv += ["--join", f"{join}:{GOSSIP_PORT}"]
-    log = open(f"/run/{node}.log", "wb")  # the daemon's, for its life
-    return subprocess.Popen(argv, stdout=log, stderr=log)
-
-
 async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float) -> None:
     """Poll ``check`` until it is true; ``Failed`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -94,12 +86,6 @@ async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float)
         if time.monotonic() > deadline:
             raise Failed(f"timed out waiting for {what} (last error: {last!r})")
         await asyncio.sleep(0.2)
-
-
-async def sidecar_ready() -> bool:
-    async with SidecarClient(API, timeout=2) as client:
-        await client.status()
-    return True
 
 
 def state(writer: asyncio.StreamWriter) -> dict[str, Any]:

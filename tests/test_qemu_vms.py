@@ -57,8 +57,22 @@ def host_pool() -> Iterator[tuple[str, str]]:
         Path("/dev/shm", name).unlink(missing_ok=True)
 
 
-def results(guest: harness.Guest, output: str) -> list[dict[str, Any]]:
-    return [json.loads(line[5:]) for line in output.splitlines() if line.startswith("NODE {")]
+def finish(guests: dict[str, harness.Guest]) -> dict[str, list[dict[str, Any]]]:
+    """Each guest's ``NODE`` results once it powered off (all killed at the end
+    whatever happens); a guest whose command failed fails the test with its
+    console."""
+    outcome = {}
+    try:
+        for role, guest in guests.items():
+            status, output = guest.wait(420)
+            assert status == 0, f"guest {role} exited with {status}:\n{output[-4000:]}"
+            outcome[role] = [
+                json.loads(line[5:]) for line in output.splitlines() if line.startswith("NODE {")
+            ]
+    finally:
+        for guest in guests.values():
+            guest.kill()
+    return outcome
 
 
 def test_guests_sharing_an_ivshmem_pool_upgrade_and_a_guest_without_it_stays_on_tcp(
@@ -93,15 +107,7 @@ def test_guests_sharing_an_ivshmem_pool_upgrade_and_a_guest_without_it_stays_on_
                 **common,
             ),
         }
-        outcome = {}
-        try:
-            for role, guest in guests.items():
-                status, output = guest.wait(420)
-                assert status == 0, f"guest {role} exited with {status}:\n{output[-4000:]}"
-                outcome[role] = results(guest, output)
-        finally:
-            for guest in guests.values():
-                guest.kill()
+        outcome = finish(guests)
     b, scribbled = outcome["b"]
     assert b["mode"] == "shm" and b["rx_mode"] == "shm", b
     assert b["pool"] == pool_id  # the host's pool, through each guest's ivshmem device
@@ -171,15 +177,7 @@ def test_guests_ring_each_other_through_ivshmem_interrupts(
                     **common,
                 ),
             }
-            outcome = {}
-            try:
-                for role, guest in guests.items():
-                    status, output = guest.wait(420)
-                    assert status == 0, f"guest {role} exited with {status}:\n{output[-4000:]}"
-                    outcome[role] = results(guest, output)
-            finally:
-                for guest in guests.values():
-                    guest.kill()
+            outcome = finish(guests)
     finally:
         server.terminate()
         server.wait(10)

@@ -72,8 +72,8 @@ from aiocoloc.connect.handshake_steps import (
     pipe_ref,
     read_nonce,
     receive,
-    refuse,
     send,
+    serve_or_refuse,
     write_nonce,
 )
 from aiocoloc.connect.policy import Trust
@@ -89,7 +89,6 @@ from aiocoloc.control.messages import (
     Ready,
 )
 from aiocoloc.errors import (
-    HandshakeAbandoned,
     HandshakeFailed,
     PoolError,
     PoolExhausted,
@@ -236,18 +235,8 @@ async def server_handshake(
     the client is told why (unless it hung up) and everything is given back.
     ``hubs``: the endpoint's hubs, None to take no hub offer."""
     agreement = Agreement(ControlChannel(sock), pools, server=True)
-    try:
-        try:
-            transport = await _serve(agreement, sock, find, pools, pool_size, trust, hubs)
-        except HandshakeAbandoned:
-            raise
-        except HandshakeFailed as failed:
-            await refuse(agreement.channel, failed)
-            raise
-        return transport, agreement
-    except BaseException:
-        agreement.release()
-        raise
+    steps = _serve(agreement, sock, find, pools, pool_size, trust, hubs)
+    return await serve_or_refuse(agreement, steps)
 
 
 async def _serve(

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import TypeVar
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiocoloc.control import ControlChannel
 from aiocoloc.control.messages import NONCE_SIZE, Message, PipeRef, Refuse
@@ -25,6 +26,9 @@ from aiocoloc.errors import (
 from aiocoloc.shm import PipeHandle, Pool
 from aiocoloc.transport import fallback
 
+if TYPE_CHECKING:
+    from aiocoloc.connect.agreement import Agreement
+
 __all__ = [
     "INITIAL_SHARE",
     "INITIAL_SLICES",
@@ -37,6 +41,7 @@ __all__ = [
     "receive",
     "refuse",
     "send",
+    "serve_or_refuse",
     "write_nonce",
 ]
 
@@ -148,6 +153,26 @@ def new_pipe(pool: Pool, producer: int, consumer: int) -> PipeHandle:
             failure = exc
     assert failure is not None
     raise failure
+
+
+async def serve_or_refuse(
+    agreement: Agreement, steps: Coroutine[Any, Any, Any]
+) -> tuple[Any, Agreement]:
+    """Run a server's ``steps`` (they return our transport of the connection)
+    for ``agreement``: a failure is told to the client (unless it hung up)
+    and everything given back."""
+    try:
+        try:
+            transport = await steps
+        except HandshakeAbandoned:
+            raise
+        except HandshakeFailed as failed:
+            await refuse(agreement.channel, failed)
+            raise
+        return transport, agreement
+    except BaseException:
+        agreement.release()
+        raise
 
 
 async def refuse(channel: ControlChannel, failed: HandshakeFailed) -> None:

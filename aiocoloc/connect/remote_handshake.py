@@ -54,6 +54,7 @@ from aiocoloc.connect.handshake_steps import (
     receive,
     refuse,
     send,
+    serve_or_refuse,
     write_nonce,
 )
 from aiocoloc.control import ControlChannel
@@ -143,18 +144,7 @@ async def remote_server_handshake(
     client is refused, with the reason)."""
     agreement = Agreement(ControlChannel(sock), pools, server=True)
     agreement.socket_bell = True
-    try:
-        try:
-            transport = await _serve(agreement, sock, find, open_pool, auth)
-        except HandshakeAbandoned:
-            raise
-        except HandshakeFailed as failed:
-            await refuse(agreement.channel, failed)
-            raise
-        return transport, agreement
-    except BaseException:
-        agreement.release()
-        raise
+    return await serve_or_refuse(agreement, _serve(agreement, sock, find, open_pool, auth))
 
 
 async def _serve(

@@ -18,16 +18,54 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from aiocoloc.control.frames import encode_frame
 from aiocoloc.control.messages import Bell
 
-__all__ = ["ControlDoorbell", "Doorbell", "new_eventfd"]
+__all__ = [
+    "ControlDoorbell",
+    "Doorbell",
+    "SharedListener",
+    "new_eventfd",
+    "wake_listeners",
+]
 
 _log = logging.getLogger("aiocoloc.notify.doorbell")
 _ONE = (1).to_bytes(8, "little")
 _BELL = encode_frame(Bell().fields())
+
+
+class SharedListener(Protocol):
+    """One connection's share of a doorbell that several connections listen
+    on (a hub's, an ivshmem interrupt's)."""
+
+    closed: bool
+    wakeups: int
+    callback: Callable[[], None] | None
+    ready: Callable[[], bool] | None
+
+
+def wake_listeners(
+    listeners: Iterable[SharedListener], loop: asyncio.AbstractEventLoop, owner: object
+) -> None:
+    """After a shared doorbell rang: call every listener whose ``ready()``
+    says the ring may be for it; one listener's failure is reported and
+    costs the others nothing."""
+    for member in list(listeners):
+        if member.closed:
+            continue  # closed by a callback earlier in this round
+        try:
+            if member.ready is None or member.ready():
+                member.wakeups += 1
+                callback = member.callback
+                if callback is not None:
+                    callback()
+        except Exception as exc:
+            loop.call_exception_handler(
+                {"message": "doorbell wake-up callback failed", "exception": exc, "doorbell": owner}
+            )
 
 
 def new_eventfd() -> int:

@@ -49,7 +49,7 @@ import weakref
 from collections.abc import Callable
 
 from aiocoloc.errors import SegmentError
-from aiocoloc.notify.doorbell import new_eventfd
+from aiocoloc.notify.doorbell import new_eventfd, wake_listeners
 from aiocoloc.shm import MemfdSegment
 from aiocoloc.shm.atomic import SharedWords, atomics_are_process_safe
 
@@ -238,19 +238,7 @@ class Hub:
         # Taken: the next write needs a ring again (the looks below fence first).
         words.store32(self._listen_word, 0)
         self.wakeups += 1
-        for member in list(self._listeners):
-            if member.closed:
-                continue  # closed by a callback earlier in this round
-            try:
-                if member.ready is None or member.ready():
-                    member.wakeups += 1
-                    callback = member.callback
-                    if callback is not None:
-                        callback()
-            except Exception as exc:  # one member's failure must not cost the others their wake-up
-                self.loop.call_exception_handler(
-                    {"message": "hub wake-up callback failed", "exception": exc, "hub": self}
-                )
+        wake_listeners(self._listeners, self.loop, self)
 
     # -------------------------------------------------------------- closing
 

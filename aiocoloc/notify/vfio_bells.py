@@ -23,6 +23,7 @@ import os
 import threading
 from collections.abc import Callable
 
+from aiocoloc.notify.doorbell import wake_listeners
 from aiocoloc.notify.vfio import DOORBELL_REGISTER, VfioBarSegment
 from aiocoloc.notify.vfio_grants import Grant
 
@@ -124,19 +125,8 @@ class VfioBells:
         except BlockingIOError:
             return
         self.interrupts += 1
-        for member in list(self._listeners):
-            if member.closed:
-                continue
-            try:
-                if member.ready is None or member.ready():
-                    member.wakeups += 1
-                    if member.callback is not None:
-                        member.callback()
-            except Exception as exc:  # one connection's failure must not cost the others
-                assert self._loop is not None
-                self._loop.call_exception_handler(
-                    {"message": "doorbell wake-up failed", "exception": exc, "bells": self}
-                )
+        assert self._loop is not None
+        wake_listeners(self._listeners, self._loop, self)
 
     def close(self) -> None:
         """Stop listening and give the grant back.  Idempotent."""
