@@ -82,12 +82,20 @@ class ClusterAuth:
 
 _cache: tuple[tuple[str, float, int], ClusterAuth] | None = None
 _lock = threading.Lock()
+_warned: dict[str, str] = {}  # path -> the last warning about it
+
+
+def _warn_once(path: str, message: str) -> None:
+    """Warn about ``path`` once per new problem, not once per connection."""
+    if _warned.get(path) != message:
+        _warned[path] = message
+        _log.warning("%s (connections between VMs stay on TCP)", message)
 
 
 def cluster_auth() -> ClusterAuth | None:
     """The cluster key of this process (``$AIOCOLOC_KEY_FILE``), None
     without one.  Re-read when the file changes (a rotation); a file that
-    cannot be read counts as none (logged)."""
+    cannot be read counts as none (logged once per problem)."""
     global _cache
     path = os.environ.get(KEY_FILE_ENV)
     if not path:
@@ -95,7 +103,7 @@ def cluster_auth() -> ClusterAuth | None:
     try:
         info = os.stat(path)
     except OSError as exc:
-        _log.warning("cluster key file %s: %s", path, exc)
+        _warn_once(path, f"cluster key file {path}: {exc}")
         return None
     stamp = (path, info.st_mtime, info.st_size)
     with _lock:
@@ -106,7 +114,7 @@ def cluster_auth() -> ClusterAuth | None:
         try:
             keyring = Keyring.load(path)
         except (OSError, ValueError) as exc:
-            _log.warning("cluster key file %s cannot be used: %s", path, exc)
+            _warn_once(path, f"cluster key file {path} cannot be used: {exc}")
             return None
         auth = ClusterAuth(keyring.keys, path)
         _cache = (stamp, auth)
