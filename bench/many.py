@@ -16,6 +16,9 @@ shm's time per round to TCP's at the same N (lower is better; goal <= 1).
 Both contenders' connections are open at once and take turns in blocks of
 rounds; the ratio is the median of the blocks' ratios.
 
+Every ratio is marked against its target (bench/targets.py: time per round
+no more than TCP's, every connection upgraded).
+
 Usage: bench/many.py [--seconds 1.0] [--counts 1,10,100,300]
                      [--loops asyncio,uvloop] [--json]
 """
@@ -39,6 +42,7 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiocoloc
+from bench.targets import mark
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
@@ -262,9 +266,21 @@ def main() -> int:
             f"{row['upgraded']}/{row['connections']}",
             fallbacks or "-",
         )
-    Console(width=max(Console().width, 120)).print(table)
+    out = Console(width=max(Console().width, 120))
+    out.print(table)
+    cells = {}
+    for row in rows:
+        n = row["connections"]
+        cells[f"{row['loop']}/per_round_{n}"] = row["ratio"]
+        cells[f"{row['loop']}/upgraded_{n}"] = row["upgraded"] / n
+    marks = mark(cells)
+    broken = sorted(cell for cell, m in marks.items() if not m["met"])
+    out.print(
+        f"{len(marks) - len(broken)} of {len(marks)} cells meet their targets (bench/targets.py)"
+        + (f"; breaking: {', '.join(broken)}" if broken else "")
+    )
     if args.json:
-        print(json.dumps({"benchmark": "many", "rows": rows}))
+        print(json.dumps({"benchmark": "many", "rows": rows, "targets": marks, "broken": broken}))
     return 0
 
 

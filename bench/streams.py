@@ -57,6 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiocoloc
 from aiocoloc.connect.colocation import local_pools
+from bench._streams_report import print_report
+from bench.targets import mark
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
@@ -65,8 +67,10 @@ LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
 KINDS = ["tcp", "uds", "shm", "shm-as-run"]
 #: Kinds measured in the stream cells only.
 STREAM_ONLY = {"shm-as-run"}
-STREAM_SIZES = [64, 1024, 65536, 1 << 20]
-RR_SIZES = [64, 1024, 65536]
+from bench._streams_report import CPU_SIZES, RR_SIZES, STREAM_SIZES  # noqa: E402
+
+#: Idle upgraded connections opened at once to measure memory per connection.
+IDLE_CONNECTIONS = 50
 #: How long a shm connection may take to upgrade before the bench gives up.
 UPGRADE_DEADLINE = 5.0
 #: Connection cells: request size; the reply to b"E..." is the request itself,
@@ -245,12 +249,15 @@ class Connection:
             Path(self.path).unlink(missing_ok=True)
 
 
-async def stream_cell(conn: Connection, size: int, seconds: float) -> float:
-    """Bytes per second of ``write(); await drain()`` (timed from connected)."""
+async def stream_cell(conn: Connection, size: int, seconds: float) -> dict[str, float]:
+    """Bytes per second of ``write(); await drain()`` (timed from connected),
+    and the CPU both processes spent on it, in seconds per GB moved."""
     reader, writer = await conn.open()
     writer.write(b"S" + size.to_bytes(8, "big"))
     chunk = os.urandom(size)
     sent = 0
+    assert conn.child is not None
+    cpu_before = _cpu(os.getpid()) + _cpu(conn.child.pid)
     start = time.perf_counter()
     deadline = start + seconds
     while time.perf_counter() < deadline:
@@ -265,9 +272,10 @@ async def stream_cell(conn: Connection, size: int, seconds: float) -> float:
     writer.write_eof()
     got = int.from_bytes(await reader.readexactly(8), "big")
     elapsed = time.perf_counter() - start
+    cpu = _cpu(os.getpid()) + _cpu(conn.child.pid) - cpu_before
     writer.close()
     assert got == sent, (got, sent)
-    return sent / elapsed
+    return {"bytes_per_s": sent / elapsed, "cpu_s_per_gb": cpu / (sent / 1e9)}
 
 
 async def rr_cell(
@@ -374,6 +382,43 @@ async def setup_cells(plain: int, coloc: int, n: int) -> dict[str, Any]:
     }
 
 
+def _rss() -> int:
+    """This process's resident memory, in bytes."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def idle_memory(coloc: int, n: int) -> dict[str, float]:
+    """What an idle upgraded connection holds: slices of the shared pool
+    (both pipes, after they gave their first slices back) and this process's
+    memory, per connection, over ``n`` connections open at once."""
+    rss_before = _rss()
+    writers = []
+    try:
+        for _ in range(n):
+            _, writer = await aiocoloc.open_connection("127.0.0.1", coloc, upgrade="always")
+            writers.append(writer)
+            await upgraded(writer)
+        await asyncio.sleep(0.5)  # idle pipes shrink within a few resize intervals
+        pool_id = writers[0].transport.get_extra_info("aiocoloc")["pool"]
+        pool = local_pools().get(pool_id)
+        assert pool is not None
+        stats = pool.stats()
+        shm_bytes = stats["slices_used"] * pool.geometry.slice_size / n
+        rss = (_rss() - rss_before) / n
+    finally:
+        for writer in writers:
+            writer.close()
+        for writer in writers:
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+    return {
+        "idle_connections": n,
+        "idle_shm_bytes_per_conn": shm_bytes,
+        "idle_client_rss_bytes_per_conn": rss,
+        "idle_conns_per_64mib_pool": (64 << 20) / max(shm_bytes, 1.0),
+    }
+
+
 async def short_connection(open_connection: Opener, port: int) -> None:
     reader, writer = await open_connection("127.0.0.1", port)
     writer.write(b"K" + bytes(REQUEST - 1))
@@ -396,6 +441,7 @@ async def short_block(open_connection: Opener, port: int, seconds: float) -> tup
 async def connection_cells(plain: int, coloc: int, seconds: float) -> dict[str, Any]:
     """``plain``: port of an asyncio server, ``coloc``: of an aiocoloc server."""
     row = await setup_cells(plain, coloc, max(20, round(100 * seconds)))
+    row.update(await idle_memory(coloc, IDLE_CONNECTIONS))
     contenders: dict[str, tuple[Opener, int]] = {
         "plain": (asyncio.open_connection, plain),
         "aiocoloc": (aiocoloc.open_connection, coloc),  # the default policy: "auto"
@@ -452,9 +498,9 @@ def measure(
             row: dict[str, Any] = {}
             for size in STREAM_SIZES:
                 progress(f"{key} stream {size} B")
-                row[f"stream_{size}"] = run_cell(
-                    kind, loop_name, lambda c, s=size: stream_cell(c, s, seconds)
-                )
+                cell = run_cell(kind, loop_name, lambda c, s=size: stream_cell(c, s, seconds))
+                row[f"stream_{size}"] = cell["bytes_per_s"]
+                row[f"cpu_per_gb_{size}"] = cell["cpu_s_per_gb"]
             if kind in STREAM_ONLY:
                 results[key] = row
                 continue
@@ -491,15 +537,15 @@ def ratios(
             out[f"{lp}/rr_{size}_p50"] = shm[f"rr_{size}"]["p50_us"] / best
         best = min(p["lowrate"]["p50_us"] for p in peers)
         out[f"{lp}/lowrate_p50"] = shm["lowrate"]["p50_us"] / best
+        tcp = results[f"tcp/{lp}"]
+        for size in CPU_SIZES:  # CPU per GB moved against TCP's, on the same loop
+            out[f"{lp}/cpu_per_gb_{size}"] = shm[f"cpu_per_gb_{size}"] / tcp[f"cpu_per_gb_{size}"]
         conn = connections[lp]
         out[f"{lp}/setup_p50"] = conn["shm_setup_p50_us"] / conn["tcp_setup_p50_us"]
         out[f"{lp}/setup_cold_p50"] = conn["shm_cold_setup_p50_us"] / conn["tcp_setup_p50_us"]
         out[f"{lp}/short_conn_per_s"] = conn["short_ratio"]
+        out[f"{lp}/idle_conns_per_64mib_pool"] = conn["idle_conns_per_64mib_pool"]  # a count
     return out
-
-
-def _size(n: int) -> str:
-    return f"{n >> 20}M" if n >= 1 << 20 else f"{n >> 10}K" if n >= 1024 else f"{n}B"
 
 
 def main() -> int:
@@ -518,7 +564,6 @@ def main() -> int:
         return 0
 
     from rich.console import Console
-    from rich.table import Table
 
     loops = args.loops.split(",")
     console = Console(stderr=True)
@@ -531,68 +576,8 @@ def main() -> int:
         console.print(f"[bold red]the shm contender never upgraded to shared memory:[/] {exc}")
         return 1
     rel = ratios(results, connections, loops)
-    out = Console(width=max(Console().width, 150))
-    table = Table(title="asyncio streams, server in another process (MB/s; latency in us)")
-    columns = (
-        ["peer"]
-        + [f"stream {_size(s)}" for s in STREAM_SIZES]
-        + [f"rr {_size(s)} p50" for s in RR_SIZES]
-        + ["1/ms ping p50", "idle CPU"]
-    )
-    for column in columns:
-        table.add_column(column, justify="right")
-    for key, row in results.items():
-        streams = [f"{row[f'stream_{s}'] / 1e6:,.0f}" for s in STREAM_SIZES]
-        if "lowrate" not in row:  # a stream-only kind
-            table.add_row(key, *streams, *["-"] * (len(columns) - 1 - len(streams)))
-            continue
-        table.add_row(
-            key,
-            *streams,
-            *(f"{row[f'rr_{s}']['p50_us']:.0f}" for s in RR_SIZES),
-            f"{row['lowrate']['p50_us']:.0f}",
-            f"{row['idle_cpu']:.1%}",
-        )
-    out.print(table)
-    table = Table(
-        title="connections, server in another process "
-        f"(set-up: connect -> first {REQUEST} B echo, p50 in us, cold: the pool mapped anew; "
-        f"short: {REQUEST} B request, {_size(REPLY)} reply, close)"
-    )
-    for column in (
-        "loop",
-        "set-up tcp",
-        "set-up shm",
-        "set-up shm cold",
-        "short plain conn/s",
-        "short aiocoloc conn/s",
-        "short plain p50",
-        "short aiocoloc p50",
-    ):
-        table.add_column(column, justify="right")
-    for lp, conn in connections.items():
-        table.add_row(
-            lp,
-            f"{conn['tcp_setup_p50_us']:.0f}",
-            f"{conn['shm_setup_p50_us']:.0f}",
-            f"{conn['shm_cold_setup_p50_us']:.0f}",
-            f"{conn['short_plain_conn_per_s']:,.0f}",
-            f"{conn['short_aiocoloc_conn_per_s']:,.0f}",
-            f"{conn['short_plain_p50_us']:.0f}",
-            f"{conn['short_aiocoloc_p50_us']:.0f}",
-        )
-    out.print(table)
-    out.print(
-        "ratios: streams and latencies of shm vs the best socket peer (stream: higher is "
-        "better; latency: lower); connection cells vs plain TCP on the same loop (set-up: "
-        "lower is better; short_conn_per_s: higher, target >= 0.90)"
-    )
-    table = Table(title="ratios")
-    table.add_column("cell")
-    table.add_column("ratio", justify="right")
-    for key, value in rel.items():
-        table.add_row(key, f"{value:.2f}x")
-    out.print(table)
+    marks = mark(rel)
+    print_report(results, connections, rel, marks)
     if args.json:
         print(
             json.dumps(
@@ -601,6 +586,8 @@ def main() -> int:
                     "results": results,
                     "connections": connections,
                     "ratios": rel,
+                    "targets": marks,
+                    "broken": sorted(cell for cell, m in marks.items() if not m["met"]),
                 }
             )
         )
