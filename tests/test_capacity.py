@@ -1,5 +1,6 @@
-"""What a server's default pool holds: 256 upgraded connections (its pipe
-table), even when they all arrive at once; the others stay on TCP with
+"""What a server holds: its first pool takes 256 upgraded connections (its
+pipe table), then the server opens another, even when they all arrive at
+once; with every pool it may open full, the others stay on TCP with
 ``pool exhausted`` and work; closed connections make room for new ones."""
 
 from __future__ import annotations
@@ -7,7 +8,10 @@ from __future__ import annotations
 import asyncio
 import collections
 
+import pytest
+
 import aiocoloc
+from aiocoloc.connect import colocation
 from aiocoloc.transport import fallback
 
 from .test_connect import echo, info, no_pools_in_use, roundtrip, until
@@ -30,7 +34,36 @@ def outcomes(streams: list[Streams]) -> collections.Counter[str]:
     )
 
 
-def test_a_server_pool_holds_256_connections_opened_at_once() -> None:
+def test_a_server_opens_another_pool_when_one_is_full_even_under_a_burst() -> None:
+    async def scenario() -> None:
+        server = await aiocoloc.start_server(echo, "127.0.0.1", 0, backlog=512)
+        port = server.sockets[0].getsockname()[1]
+        streams: list[Streams] = []
+        for _ in range(6):  # 300 in bursts of 50
+            streams += await asyncio.gather(
+                *(aiocoloc.open_connection("127.0.0.1", port, upgrade="always") for _ in range(50))
+            )
+        await until(lambda: settled(streams), "every connection upgraded or fell back", 30)
+        assert outcomes(streams) == {"shm": 300}
+        pools = collections.Counter(info(w)["pool"] for _, w in streams)
+        assert sorted(pools.values()) == [300 - CAPACITY, CAPACITY]  # the first filled up
+        await roundtrip(*streams[-1], 100_000)
+        for _, writer in streams:
+            writer.close()
+            await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+        await until(lambda: not colocation.local_pools().in_use(), "pools released")
+        no_pools_in_use()
+
+    run("asyncio", scenario, timeout=90)
+
+
+def test_with_every_pool_full_connections_stay_on_tcp_and_closing_makes_room(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(colocation, "MAX_SERVING_POOLS", 1)
+
     async def scenario() -> None:
         server = await aiocoloc.start_server(echo, "127.0.0.1", 0, backlog=512)
         port = server.sockets[0].getsockname()[1]
@@ -60,9 +93,7 @@ def test_a_server_pool_holds_256_connections_opened_at_once() -> None:
             await writer.wait_closed()
         server.close()
         await server.wait_closed()
-        await until(
-            lambda: not aiocoloc.connect.colocation.local_pools().in_use(), "pools released"
-        )
+        await until(lambda: not colocation.local_pools().in_use(), "pools released")
         no_pools_in_use()
 
     run("asyncio", scenario, timeout=90)

@@ -566,6 +566,7 @@ def test_exhausted_pool_stays_on_tcp(loop_kind: str, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(
         colocation, "SERVING_POOL", PoolConfig(slice_size=65536, max_members=8, max_pipes=2)
     )
+    monkeypatch.setattr(colocation, "MAX_SERVING_POOLS", 1)  # (else it opens another)
 
     async def scenario() -> None:
         server = await aiocoloc.start_server(echo, "127.0.0.1", 0)

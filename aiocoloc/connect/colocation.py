@@ -1,7 +1,8 @@
 """The pools this process uses for its connections, shared and counted.
 
-A serving process offers one memfd pool to all its clients (created when the
-first server starts); a client process attaches each server pool it is given
+A serving process offers memfd pools to its clients: one, created when the
+first server starts, and another whenever those it has are full (a pool
+holds 256 connections); a client process attaches each server pool it is given
 once, however many connections use it.  Every user (a server, a connection)
 holds a reference.  When the last one goes the pool lingers for ``LINGER``
 seconds -- the next connection to the same server then costs no new mapping
@@ -23,7 +24,7 @@ from aiocoloc import debug
 from aiocoloc.errors import PoolError
 from aiocoloc.shm import MemfdSegment, Pool, PoolConfig
 
-__all__ = ["LINGER", "SERVING_POOL", "LocalPools", "local_pools"]
+__all__ = ["LINGER", "MAX_SERVING_POOLS", "SERVING_POOL", "LocalPools", "local_pools"]
 
 _log = logging.getLogger("aiocoloc.connect.colocation")
 
@@ -31,6 +32,8 @@ _log = logging.getLogger("aiocoloc.connect.colocation")
 SERVING_POOL = PoolConfig(slice_size=64 * 1024, max_members=128, max_pipes=512)
 #: Seconds an unused pool stays open for the next connection.
 LINGER = 10.0
+#: Pools a serving process offers at most (each holds 256 connections).
+MAX_SERVING_POOLS = 16
 
 
 @dataclass
@@ -56,27 +59,55 @@ class LocalPools:
         # per release cost 40-100 us of the event loop's time, every time).
         self._reaper: threading.Thread | None = None
         self._pools: dict[str, _Entry] = {}
-        self._serving: str | None = None
+        self._serving: list[str] = []  # the pools we offer, oldest first
+        self._reserved: dict[str, int] = {}  # serving pool -> handshakes about to make pipes
         self._pid = os.getpid()
 
     def _check_fork(self) -> None:
         if os.getpid() != self._pid:  # a forked child inherits no membership
             self._pools.clear()
-            self._serving = None
+            self._serving = []
             self._reaper = None
             self._pid = os.getpid()
 
-    def serving(self, size: int) -> Pool:
-        """The pool this process offers its clients (a new reference)."""
+    def serving(self, size: int, *, reserve: bool = False) -> Pool:
+        """A pool this process offers its clients (a new reference): the
+        oldest with room for a connection's two pipes, else a new one -- a
+        server adds pools as they fill, up to ``MAX_SERVING_POOLS``.
+        ``reserve``: hold that room until ``unreserve`` (a handshake that
+        creates its pipes a round trip later), so that a burst of handshakes
+        does not overfill one pool."""
         with self._lock:
             self._check_fork()
-            if self._serving is not None and self._serving in self._pools:
-                return self._pools[self._serving].take()
-            pool = Pool.create(MemfdSegment.create(size, "aiocoloc-serving"), SERVING_POOL)
-            self._pools[str(pool.id)] = _Entry(pool, 1)
-            debug.live.pool_refs += 1
-            self._serving = str(pool.id)
-            return pool
+            self._serving = [key for key in self._serving if key in self._pools]
+            chosen = None
+            for key in self._serving:
+                pipes = 2 * (self._reserved.get(key, 0) + 1)
+                if self._pools[key].pool.has_room_for(pipes):
+                    chosen = key
+                    break
+            if chosen is None and len(self._serving) >= MAX_SERVING_POOLS:
+                chosen = self._serving[-1]  # all full: the handshake says so
+            if chosen is None:
+                pool = Pool.create(MemfdSegment.create(size, "aiocoloc-serving"), SERVING_POOL)
+                if self._serving:
+                    _log.info("%d serving pools are full: opening another", len(self._serving))
+                chosen = str(pool.id)
+                self._pools[chosen] = _Entry(pool, 0)
+                self._serving.append(chosen)
+            if reserve:
+                self._reserved[chosen] = self._reserved.get(chosen, 0) + 1
+            return self._pools[chosen].take()
+
+    def unreserve(self, pool: Pool) -> None:
+        """The handshake that reserved room in ``pool`` made its pipes (or gave up)."""
+        with self._lock:
+            key = str(pool.id)
+            left = self._reserved.get(key, 0) - 1
+            if left > 0:
+                self._reserved[key] = left
+            else:
+                self._reserved.pop(key, None)
 
     def attach(self, fd: int, pool_id: str) -> Pool:
         """The pool on memfd ``fd`` (owned from now on), announced as ``pool_id``
@@ -166,8 +197,8 @@ class LocalPools:
 
     def _forget(self, key: str) -> None:
         del self._pools[key]
-        if self._serving == key:
-            self._serving = None
+        if key in self._serving:
+            self._serving.remove(key)
 
     @staticmethod
     def _close(pool: Pool) -> None:

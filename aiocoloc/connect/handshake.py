@@ -97,7 +97,7 @@ from aiocoloc.errors import (
 from aiocoloc.notify import hub as hub_module
 from aiocoloc.notify.doorbell import new_eventfd
 from aiocoloc.notify.hub import HubDoorbell, HubTable, is_eventfd
-from aiocoloc.shm import PipeHandle
+from aiocoloc.shm import PipeHandle, Pool
 from aiocoloc.transport import fallback
 
 __all__ = [
@@ -239,6 +239,23 @@ async def server_handshake(
     return await serve_or_refuse(agreement, steps)
 
 
+async def _make_pipes(agreement: Agreement, hello: Hello, pool: Pool) -> None:
+    """Offer ``pool`` unless the client maps it already, then create the two pipes."""
+    channel = agreement.channel
+    client = hello.slot
+    if hello.pool != str(pool.id) or client is None:
+        await send(channel, PoolOffer(PROTOCOL_VERSION, str(pool.id)), [pool.segment.fd])
+        message, fds = await receive(channel)
+        client = expect(message, fds, Join, 0).slot
+    try:
+        agreement.receive = new_pipe(pool, client, pool.slot)
+        agreement.send = new_pipe(pool, pool.slot, client)
+    except PoolExhausted as exc:
+        raise HandshakeFailed(fallback.POOL_EXHAUSTED, str(exc)) from None
+    except (PoolError, ValueError) as exc:
+        raise HandshakeFailed(fallback.PROTOCOL_ERROR, f"cannot create pipes: {exc}") from None
+
+
 async def _serve(
     agreement: Agreement,
     sock: socket.socket,
@@ -260,21 +277,14 @@ async def _serve(
     if not trust.allows(uid):
         raise HandshakeFailed(fallback.NOT_TRUSTED, f"client runs as uid {uid}")
     try:
-        pool = agreement.pool = pools.serving(pool_size)
+        pool = agreement.pool = pools.serving(pool_size, reserve=True)
     except (PoolError, SegmentError, OSError) as exc:
         raise HandshakeFailed(fallback.POOL_NOT_MAPPABLE, f"cannot create a pool: {exc}") from None
-    client = hello.slot
-    if hello.pool != str(pool.id) or client is None:
-        await send(channel, PoolOffer(PROTOCOL_VERSION, str(pool.id)), [pool.segment.fd])
-        message, fds = await receive(channel)
-        client = expect(message, fds, Join, 0).slot
-    try:
-        agreement.receive = new_pipe(pool, client, pool.slot)
-        agreement.send = new_pipe(pool, pool.slot, client)
-    except PoolExhausted as exc:
-        raise HandshakeFailed(fallback.POOL_EXHAUSTED, str(exc)) from None
-    except (PoolError, ValueError) as exc:
-        raise HandshakeFailed(fallback.PROTOCOL_ERROR, f"cannot create pipes: {exc}") from None
+    try:  # the room reserved in the pool is taken by our pipes, or given up
+        await _make_pipes(agreement, hello, pool)
+    finally:
+        pools.unreserve(pool)
+    assert agreement.receive is not None and agreement.send is not None
     nonce = secrets.token_bytes(NONCE_SIZE)
     write_nonce(pool, agreement.send, nonce)
     pipes = Pipes(pipe_ref(agreement.receive), pipe_ref(agreement.send), nonce)

@@ -290,6 +290,17 @@ class PipeTable:
         """Slices no pipe owns right now (a snapshot: others may be allocating)."""
         return self._slice_table().count(0)
 
+    def has_free_entries(self, count: int) -> bool:
+        """Whether ``count`` pipe entries are free now (a snapshot; the scan
+        stops at the ``count``-th free one)."""
+        load32, found = self._words.load32, 0
+        for p in range(self.geometry.max_pipes):
+            if load32(self._offset(p) + P_STATE) == FREE:
+                found += 1
+                if found >= count:
+                    return True
+        return False
+
     # -- reading and publishing -----------------------------------------------------
 
     def infos(self) -> list[PipeInfo]:

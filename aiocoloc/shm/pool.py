@@ -264,6 +264,11 @@ class Pool:
         """Slices no pipe owns right now (a snapshot: others may be allocating)."""
         return self._pipes.free_slice_count()
 
+    def has_room_for(self, pipes: int) -> bool:
+        """Whether ``pipes`` new pipes of one slice each fit now (a snapshot:
+        others may be allocating)."""
+        return self._pipes.free_slice_count() >= pipes and self._pipes.has_free_entries(pipes)
+
     def pipes(self) -> list[PipeInfo]:
         """Snapshots of every active pipe: one pass over each table."""
         return self._pipes.infos()
