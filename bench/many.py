@@ -8,7 +8,7 @@ rounds in --seconds of each) is measured over:
   tcp     asyncio streams over TCP loopback (asyncio.start_server/open_connection)
   shm     aiocoloc.start_server/open_connection(upgrade="always"), measured once
           every connection that can has upgraded to shared memory both ways.
-          A server's pool holds 256 upgraded connections, and it opens
+          A server's pool holds 1024 upgraded connections, and it opens
           another when its pools are full; the table says how many upgraded.
 on asyncio's loop and on uvloop (client and server alike), with the ratio of
 shm's time per round to TCP's at the same N (lower is better; goal <= 1).

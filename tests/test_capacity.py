@@ -1,5 +1,6 @@
-"""What a server holds: its first pool takes 256 upgraded connections (its
-pipe table), then the server opens another, even when they all arrive at
+"""What a server holds: a pool takes as many upgraded connections as its pipe
+table has room for (1024 by default; 64 in a small pool here), then the
+server opens another, even when they all arrive at
 once; with every pool it may open full, the others stay on TCP with
 ``pool exhausted`` and work; closed connections make room for new ones."""
 
@@ -12,13 +13,15 @@ import pytest
 
 import aiocoloc
 from aiocoloc.connect import colocation
+from aiocoloc.shm import PoolConfig
 from aiocoloc.transport import fallback
 
 from .test_connect import echo, info, no_pools_in_use, roundtrip, until
 from .test_transport import run
 
-#: The serving pool's pipe table (``colocation.SERVING_POOL``): two pipes a connection.
-CAPACITY = 256
+#: A serving pool made small for these tests: its pipe table holds 64 connections.
+SMALL_POOL = PoolConfig(slice_size=16384, max_members=128, max_pipes=128)
+CAPACITY = SMALL_POOL.max_pipes // 2
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
@@ -34,7 +37,17 @@ def outcomes(streams: list[Streams]) -> collections.Counter[str]:
     )
 
 
-def test_a_server_opens_another_pool_when_one_is_full_even_under_a_burst() -> None:
+def test_the_default_pool_holds_1024_connections_and_2048_idle_ones_fit_64_mib() -> None:
+    config = colocation.SERVING_POOL
+    assert config.max_pipes // 2 == 1024
+    assert (64 << 20) // (2 * config.slice_size) >= 2048  # an idle pipe keeps one slice
+
+
+def test_a_server_opens_another_pool_when_one_is_full_even_under_a_burst(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(colocation, "SERVING_POOL", SMALL_POOL)
+
     async def scenario() -> None:
         server = await aiocoloc.start_server(echo, "127.0.0.1", 0, backlog=512)
         port = server.sockets[0].getsockname()[1]
@@ -46,7 +59,7 @@ def test_a_server_opens_another_pool_when_one_is_full_even_under_a_burst() -> No
         await until(lambda: settled(streams), "every connection upgraded or fell back", 30)
         assert outcomes(streams) == {"shm": 300}
         pools = collections.Counter(info(w)["pool"] for _, w in streams)
-        assert sorted(pools.values()) == [300 - CAPACITY, CAPACITY]  # the first filled up
+        assert sorted(pools.values()) == [300 % CAPACITY] + [CAPACITY] * (300 // CAPACITY)
         await roundtrip(*streams[-1], 100_000)
         for _, writer in streams:
             writer.close()
@@ -62,6 +75,7 @@ def test_a_server_opens_another_pool_when_one_is_full_even_under_a_burst() -> No
 def test_with_every_pool_full_connections_stay_on_tcp_and_closing_makes_room(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(colocation, "SERVING_POOL", SMALL_POOL)
     monkeypatch.setattr(colocation, "MAX_SERVING_POOLS", 1)
 
     async def scenario() -> None:

@@ -2,7 +2,7 @@
 
 A serving process offers memfd pools to its clients: one, created when the
 first server starts, and another whenever those it has are full (a pool
-holds 256 connections); a client process attaches each server pool it is given
+holds 1024 connections); a client process attaches each server pool it is given
 once, however many connections use it.  Every user (a server, a connection)
 holds a reference.  When the last one goes the pool lingers for ``LINGER``
 seconds -- the next connection to the same server then costs no new mapping
@@ -28,11 +28,14 @@ __all__ = ["LINGER", "MAX_SERVING_POOLS", "SERVING_POOL", "LocalPools", "local_p
 
 _log = logging.getLogger("aiocoloc.connect.colocation")
 
-#: The pool a serving process offers: 64 KiB slices, room for 256 connections.
-SERVING_POOL = PoolConfig(slice_size=64 * 1024, max_members=128, max_pipes=512)
+#: The pool a serving process offers: room for 1024 connections (two pipes
+#: each); 16 KiB slices, so that an idle connection holds 32 KiB of it (a
+#: pipe keeps one slice) and a 64 MiB pool takes 2048 idle ones; a pipe
+#: grows to 4 MiB (256 slices).
+SERVING_POOL = PoolConfig(slice_size=16 * 1024, max_members=128, max_pipes=2048)
 #: Seconds an unused pool stays open for the next connection.
 LINGER = 10.0
-#: Pools a serving process offers at most (each holds 256 connections).
+#: Pools a serving process offers at most (each holds 1024 connections).
 MAX_SERVING_POOLS = 16
 
 
