@@ -60,9 +60,9 @@ UPGRADE_WATCH = 0.0005
 SERVER_WATCH = 0.004
 #: Bytes a connection moves on TCP before ``auto`` upgrades it.
 AUTO_UPGRADE_AFTER = 64 * 1024
-#: The smallest pool a serving process may offer: its tables (room for 512
-#: pipes) take 1.2 MB; this leaves 45 slices of 64 KiB.
-MIN_POOL_SIZE = 4 << 20
+#: The smallest pool a serving process may offer: its tables (room for 2048
+#: pipes) take 4.7 MB; this leaves about 200 slices of 16 KiB.
+MIN_POOL_SIZE = 8 << 20
 
 
 @dataclass(frozen=True)
