@@ -59,7 +59,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -77,6 +76,7 @@ from rich.markup import escape
 from aiocoloc.cli.provision import create_host_pool
 from discovery.keys import Keyring
 from tests.qemu import harness
+from tests.qemu.l2hub import L2Hub
 
 REPO = Path(__file__).resolve().parent.parent
 #: Run as a module from the repository: run as a script, bench/discovery.py
@@ -89,8 +89,6 @@ RR_SIZES = [64, 64 << 10]
 WRITE = 256 << 10
 #: Stream cells per path (the median is kept).
 STREAM_REPEATS = 3
-#: Seconds for a QEMU to listen on its netdev's port.
-LISTEN_TIMEOUT = 30.0
 #: Seconds an aiocoloc connection may take to reach shm both ways in a guest.
 UPGRADE_TIMEOUT = 30.0
 #: aiocoloc's handshake timeout in the guests.
@@ -169,23 +167,6 @@ class Watched:
 
     def report(self, phase: str) -> dict[str, Any] | None:
         return next((r for r in self.reports if r.get("phase") == phase), None)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _listening(port: int) -> bool:
-    """Whether something listens on 127.0.0.1:port, found without connecting
-    (QEMU's socket netdev takes its first connection as its wire)."""
-    wanted = f"0100007F:{port:04X}"
-    with open("/proc/net/tcp") as table:
-        return any(
-            fields[1] == wanted and fields[3] == "0A"
-            for fields in (line.split() for line in table.readlines()[1:])
-        )
 
 
 def _qemu_version() -> str:
@@ -292,41 +273,15 @@ def run(settings: Settings, progress: Progress) -> dict[str, Any]:
                 "upgrade_timeout": UPGRADE_TIMEOUT,
             }
             python = [sys.executable, *GUEST_SCRIPT]
-            wire = _free_port()
-            progress("booting guest A (server)")
-            guests.append(
-                Watched(
-                    "a",
-                    harness.start_guest(
-                        [*python, "server", json.dumps(server)],
-                        net=f"listen:{wire}",
-                        ip=f"{a_ip}/16",
-                        **common,
-                    ),
-                )
-            )
-            # B's QEMU connects its end of the wire at once: A's must listen first.
-            listen_by = time.monotonic() + LISTEN_TIMEOUT
-            while not _listening(wire):
-                if guests[0].guest.process.poll() is not None or time.monotonic() > listen_by:
-                    guests[0].guest.kill()
-                    raise GuestFailed(
-                        "guest A's QEMU never listened on its link", {"a": guests[0].tail()}
+            with L2Hub() as hub:  # the guests' link, on the host's loopback
+                for role, ip, cfg in (("a", a_ip, server), ("b", b_ip, client)):
+                    progress(f"booting guest {role.upper()}")
+                    command = [*python, "server" if role == "a" else "client", json.dumps(cfg)]
+                    guest = harness.start_guest(
+                        command, net=f"connect:{hub.port}", ip=f"{ip}/16", **common
                     )
-                time.sleep(0.05)
-            progress("booting guest B (client)")
-            guests.append(
-                Watched(
-                    "b",
-                    harness.start_guest(
-                        [*python, "client", json.dumps(client)],
-                        net=f"connect:{wire}",
-                        ip=f"{b_ip}/16",
-                        **common,
-                    ),
-                )
-            )
-            follow(guests, settings.deadline + 2 * EXIT_TIMEOUT, progress)
+                    guests.append(Watched(role, guest))
+                follow(guests, settings.deadline + 2 * EXIT_TIMEOUT, progress)
     finally:
         for watched in guests:
             watched.guest.kill()

@@ -37,6 +37,17 @@ def outcomes(streams: list[Streams]) -> collections.Counter[str]:
     )
 
 
+async def bursts(port: int) -> list[Streams]:
+    """300 connections opened in bursts of 50, once each is on shm or fell back."""
+    streams: list[Streams] = []
+    for _ in range(6):
+        streams += await asyncio.gather(
+            *(aiocoloc.open_connection("127.0.0.1", port, upgrade="always") for _ in range(50))
+        )
+    await until(lambda: settled(streams), "every connection upgraded or fell back", 30)
+    return streams
+
+
 def test_the_default_pool_holds_1024_connections_and_2048_idle_ones_fit_64_mib() -> None:
     config = colocation.SERVING_POOL
     assert config.max_pipes // 2 == 1024
@@ -51,12 +62,7 @@ def test_a_server_opens_another_pool_when_one_is_full_even_under_a_burst(
     async def scenario() -> None:
         server = await aiocoloc.start_server(echo, "127.0.0.1", 0, backlog=512)
         port = server.sockets[0].getsockname()[1]
-        streams: list[Streams] = []
-        for _ in range(6):  # 300 in bursts of 50
-            streams += await asyncio.gather(
-                *(aiocoloc.open_connection("127.0.0.1", port, upgrade="always") for _ in range(50))
-            )
-        await until(lambda: settled(streams), "every connection upgraded or fell back", 30)
+        streams = await bursts(port)
         assert outcomes(streams) == {"shm": 300}
         pools = collections.Counter(info(w)["pool"] for _, w in streams)
         assert sorted(pools.values()) == [300 % CAPACITY] + [CAPACITY] * (300 // CAPACITY)
@@ -81,12 +87,7 @@ def test_with_every_pool_full_connections_stay_on_tcp_and_closing_makes_room(
     async def scenario() -> None:
         server = await aiocoloc.start_server(echo, "127.0.0.1", 0, backlog=512)
         port = server.sockets[0].getsockname()[1]
-        streams: list[Streams] = []
-        for _ in range(6):  # 300 in bursts of 50
-            streams += await asyncio.gather(
-                *(aiocoloc.open_connection("127.0.0.1", port, upgrade="always") for _ in range(50))
-            )
-        await until(lambda: settled(streams), "every connection upgraded or fell back", 30)
+        streams = await bursts(port)
         assert outcomes(streams) == {"shm": CAPACITY, fallback.POOL_EXHAUSTED: 300 - CAPACITY}
         left_out = [s for s in streams if info(s[1])["mode"] == "tcp"]
         await roundtrip(*left_out[0], 100_000)  # plain TCP, working

@@ -6,10 +6,10 @@ run.  ``IvshmemVfio``'s refusals are checked on a fake sysfs without QEMU."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -24,6 +24,7 @@ from aiocoloc.notify.vfio import IvshmemVfio, VfioUnavailable
 
 from .conftest import SHM_DIR
 from .qemu import harness
+from .qemu.l2hub import L2Hub
 
 REPO = Path(__file__).resolve().parent.parent
 GUEST = [sys.executable, "tests/qemu/guest_doorbell.py"]
@@ -31,23 +32,6 @@ SHM_SIZE = 1 << 20
 ROUNDS = 1000
 MAGIC = 0x1F5E_D00B  # what guest_doorbell.py writes beside its IVPosition
 TCP_PORT = 7100
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _listening(port: int) -> bool:
-    """Whether something listens on 127.0.0.1:port (without connecting to it:
-    QEMU's socket netdev takes the first connection as its wire)."""
-    wanted = f"0100007F:{port:04X}"
-    with open("/proc/net/tcp") as table:
-        return any(
-            fields[1] == wanted and fields[3] == "0A"
-            for fields in (line.split() for line in table.readlines()[1:])
-        )
 
 
 def _wait(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
@@ -76,29 +60,30 @@ def test_doorbell_round_trip_between_guests_vs_tcp(tmp_path: Path) -> None:
         text=True,
     )
     guests: list[harness.Guest] = []
+    stack = contextlib.ExitStack()
     try:
         _wait(sock.exists, "the ivshmem server did not start")
-        net, port = random.randrange(1, 255), _free_port()
+        net = random.randrange(1, 255)
         addr = f"169.254.{net}.1"
-        for role, link, host in (("a", f"listen:{port}", 1), ("b", f"connect:{port}", 2)):
+        hub = stack.enter_context(L2Hub())  # the guests' link, on the host's loopback
+        for role, host in (("a", 1), ("b", 2)):
             guests.append(
                 harness.start_guest(
                     [*GUEST, role, addr, str(TCP_PORT), str(ROUNDS)],
                     cwd=REPO,
                     memory="512M",
                     doorbell=str(sock),
-                    net=link,
+                    net=f"connect:{hub.port}",
                     ip=f"169.254.{net}.{host}/16",
                 )
             )
-            if role == "a":  # b's QEMU connects its wire at once: a's must listen first
-                _wait(lambda: _listening(port), "guest a's QEMU did not listen")
         results = [guest.wait(300) for guest in guests]
         elapsed = time.monotonic() - started
         memory = (Path(SHM_DIR) / shm).read_bytes()[:128]
     finally:
         for guest in guests:
             guest.kill()
+        stack.close()
         server.send_signal(signal.SIGTERM)
         try:
             server_log = server.communicate(timeout=10)[1]
