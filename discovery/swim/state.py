@@ -23,7 +23,9 @@ or left member may come back under a new address only with a higher
 incarnation (so a ``join`` always orders after the ``failed`` it follows),
 a member that announces itself with a stale incarnation is told at
 once that it is dead there, so it refutes without waiting for a push/pull,
-and a refutation goes straight to the members as well as by gossip.
+a member that accuses one already failed or left is told the verdict, so
+it does not wait out a suspicion nobody is left to confirm, and a
+refutation goes straight to the members as well as by gossip.
 """
 
 from __future__ import annotations
@@ -260,6 +262,8 @@ class Membership:
                 self.queue.queue(node, encode(message))  # let others count it too
             return
         if state.status is not Status.ALIVE:
+            if state.status in _GONE and message.source != self._me:
+                self._tell_verdict(state, message)
             return
         if node == self._me:
             if not self.left:
@@ -365,6 +369,20 @@ class Membership:
         self._stats["hints"] += 1
         old = state.member
         self._send(claim.addresses[0], encode(Dead(old.node, old.incarnation, self._me)))
+
+    def _tell_verdict(self, state: NodeState, accusation: Suspect) -> None:
+        """Answer an accusation of a member we hold failed or left with our
+        verdict, straight to the accuser.  A member that missed the
+        verdict's gossip and then accuses alone would otherwise wait out
+        its longest suspicion: the members that could confirm it have
+        already moved on."""
+        accuser = self._nodes.get(accusation.source)
+        old = state.member
+        if accuser is None or accusation.incarnation > old.incarnation:
+            return  # a stranger, or news of a later incarnation than our verdict's
+        self._stats["verdicts_told"] += 1
+        judge = old.node if old.status is Status.LEFT else self._me
+        self._send(accuser.address, encode(Dead(old.node, old.incarnation, judge)))
 
     def _cancel_suspicion(self, node: str) -> None:
         suspicion = self._suspicions.pop(node, None)

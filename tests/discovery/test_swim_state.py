@@ -206,3 +206,22 @@ async def test_leaving_is_final_for_us(table: Table) -> None:
     for _ in range(_PROFILE.retransmit_limit(5)):
         table.membership.queue.get(0, 1400)
     assert goodbye.done()
+
+
+@pytest.mark.asyncio
+async def test_accusing_a_member_already_gone_is_answered_with_the_verdict(table: Table) -> None:
+    table.membership.on_dead(Dead("a", 0, "b"))
+    table.membership.on_dead(Dead("d", 0, "d"))  # d left
+    table.sent.clear()
+    # c missed both verdicts and accuses alone: nobody is left to confirm
+    # its suspicion, so tell it what we know.
+    table.membership.on_suspect(Suspect("a", 0, "c"))
+    table.membership.on_suspect(Suspect("d", 0, "c"))
+    c = _member("c").addresses[0]
+    assert table.sent == [(c, Dead("a", 0, "me")), (c, Dead("d", 0, "d"))]
+    table.sent.clear()
+    table.membership.on_suspect(Suspect("a", 1, "c"))  # a later incarnation than our verdict's
+    table.membership.on_suspect(Suspect("a", 0, "ghost"))  # an accuser we do not know
+    table.membership.on_suspect(Suspect("b", 0, "c"))  # alive to us: a suspicion, no verdict
+    assert table.sent == []
+    assert table.status("a") == (Status.FAILED, 0) and table.stats["verdicts_told"] == 2
