@@ -9,6 +9,7 @@ ring's (``_ring.pxd``).
 
 from __future__ import annotations
 
+import struct
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -36,6 +37,9 @@ from aiocoloc.shm.layout import (
 
 __all__ = ["PipeHandle", "PipeInfo", "PipeTable"]
 
+#: One slice-table entry, as ``SharedWords.store32`` writes it.
+_ENTRY = struct.Struct("=I")
+
 
 # Value types read many times a second for every pipe (the resizer keys its
 # tables by handle): named tuples, whose construction and hash are C code.
@@ -60,17 +64,19 @@ class PipeInfo(NamedTuple):
     blocked_ns: int
 
 
-def _positions(table: list[int], value: int, limit: int | None = None) -> list[int]:
-    """Indices of ``value`` in ``table`` (at most ``limit``), searched in C:
-    a pool's slice table has a thousand entries and more."""
+def _entries_equal(raw: bytes, value: int, limit: int | None = None) -> list[int]:
+    """Indices of the 4-byte entries of ``raw`` equal to ``value`` (at most
+    ``limit``), searched in C (``bytes.find``) without making a Python int
+    per entry: a pool's slice table has thousands, and every new or freed
+    pipe searches it.  A match that straddles two entries is skipped."""
+    pattern = _ENTRY.pack(value)
     found: list[int] = []
-    index = -1
-    while limit is None or len(found) < limit:
-        try:
-            index = table.index(value, index + 1)
-        except ValueError:
-            break
-        found.append(index)
+    index = raw.find(pattern)
+    while index >= 0 and (limit is None or len(found) < limit):
+        misaligned = index % 4
+        if not misaligned:
+            found.append(index // 4)
+        index = raw.find(pattern, index - misaligned + 4)
     return found
 
 
@@ -123,6 +129,13 @@ class PipeTable:
             with raw.cast("I") as table:
                 return table.tolist()
 
+    def _slice_bytes(self) -> bytes:
+        """The slice table as bytes (``_entries_equal`` searches it)."""
+        g = self.geometry
+        start = g.slice_table_offset
+        with memoryview(self._region) as region, region[start : start + 4 * g.slice_count] as raw:
+            return raw.tobytes()
+
     # -- creating and destroying (under the lock) ---------------------------------
 
     def bounds(
@@ -158,7 +171,7 @@ class PipeTable:
         )
         if slot is None:
             raise PoolExhausted(f"pool {self._name} has no free pipe entry ({g.max_pipes} in use)")
-        slices = _positions(self._slice_table(), 0, first)
+        slices = _entries_equal(self._slice_bytes(), 0, first)
         if len(slices) < first:
             raise PoolExhausted(
                 f"pool {self._name} has {len(slices)} free slices, a new pipe needs {first}"
@@ -191,7 +204,7 @@ class PipeTable:
 
     def _destroy_slot_locked(self, slot: int) -> int:
         self._close_slot_locked(slot)
-        owned = _positions(self._slice_table(), slot + 1)
+        owned = _entries_equal(self._slice_bytes(), slot + 1)
         for index in owned:
             self._words.store32(self._slice_entry(index), 0)
         self._words.store32(self._offset(slot) + P_STATE, FREE)
@@ -265,9 +278,9 @@ class PipeTable:
         """Give the pipe up to ``count`` more free slices (fewer if the pool or
         the pipe's maximum runs out); returns their indices."""
         off = self._check(handle)
-        table = self._slice_table()
-        room = self._words.load32(off + P_MAX) - table.count(handle.slot + 1)
-        slices = _positions(table, 0, min(count, max(room, 0)))
+        table = self._slice_bytes()
+        room = self._words.load32(off + P_MAX) - len(_entries_equal(table, handle.slot + 1))
+        slices = _entries_equal(table, 0, min(count, max(room, 0)))
         for index in slices:
             self._words.store32(self._slice_entry(index), handle.slot + 1)
         return slices
