@@ -440,14 +440,17 @@ def test_pipe_grows_with_demand_and_shrinks_when_idle(loop_kind: str) -> None:
         producer = pair.client._shm.producer  # type: ignore[union-attr]
         start = producer.capacity
         chunk = bytes(256 * 1024)
-        for _ in range(400):
-            pair.client.write(chunk)
+        # Keep the pipe busy (always a write waiting) for some resize intervals.
+        loop, sent = asyncio.get_running_loop(), 0
+        deadline = loop.time() + 5
+        while producer.capacity < 8 * start and loop.time() < deadline:
+            if pair.client.get_write_buffer_size() < 4 * len(chunk):
+                pair.client.write(chunk)
+                sent += len(chunk)
             await asyncio.sleep(0)
-            if producer.capacity >= 8 * start:
-                break
         grown = producer.capacity
         assert grown >= 8 * start, f"the busy pipe stayed at {grown} bytes"
-        await pair.server_protocol.wait_for_bytes(len(pair.server_protocol.data))
+        await pair.server_protocol.wait_for_bytes(sent)
         deadline = asyncio.get_running_loop().time() + 3
         while producer.capacity > start and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
