@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 from aiocoloc.connect.colocation import local_pools
 from aiocoloc.connect.registry import Record
 from aiocoloc.shm import Pool
+from aiocoloc.shm.named_pools import PoolOpenError, PoolSpec, open_pool
 
 if TYPE_CHECKING:
     from discovery.client import SidecarClient
@@ -220,8 +221,6 @@ async def open_shared_pool(pool_id: str) -> Pool | None:
         pool = await loop.run_in_executor(None, _pool_through_grant, path, pool_id)
         if pool is not None:
             return pools.adopt(pool)
-    from discovery.daemon.pools import PoolOpenError, PoolSpec, open_pool
-
     try:  # may wait on the pool's lock: not on the event loop
         mapped = await loop.run_in_executor(
             None, open_pool, PoolSpec.parse(found[0].name), "library"

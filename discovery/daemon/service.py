@@ -25,7 +25,7 @@ from discovery.daemon.api import ApiServer, ApiStartError, Peer
 from discovery.daemon.colocation import locate, member_views
 from discovery.daemon.config import Config
 from discovery.daemon.engines import KeyFileError, load_keyring, make_engine
-from discovery.daemon.pools import PoolOpenError, PoolSet
+from discovery.daemon.pools import PoolOpenError, PoolSet, pool_info
 from discovery.daemon.slots import SlotTag, kernel_fingerprint
 from discovery.daemon.view import MembershipView
 from discovery.daemon.watch import PoolWatch
@@ -268,7 +268,7 @@ class Sidecar:
         if request.op == "colocated":
             return locate(args["address"], self.view.local(), self.view.members()).to_json()
         if request.op == "pools":
-            return {"pools": [m.info().to_json() for m in self.pools.mapped()]}
+            return {"pools": [pool_info(m).to_json() for m in self.pools.mapped()]}
         if request.op == "pools.attach":
             return {"pool": (await self.pools.attach(args["name"])).to_json()}
         if request.op == "pools.detach":

@@ -11,7 +11,14 @@ import pytest
 
 from discovery.api_messages import ApiError
 from discovery.daemon.colocation import locate, member_views, parse_address
-from discovery.daemon.pools import PoolOpenError, PoolSet, PoolSpec, PoolSpecError, open_pool
+from discovery.daemon.pools import (
+    PoolOpenError,
+    PoolSet,
+    PoolSpec,
+    PoolSpecError,
+    open_pool,
+    pool_info,
+)
 from discovery.daemon.slots import SlotTag, kernel_fingerprint, slot_tags
 from discovery.member import MAX_SLOT, Member, Status
 from tests.discovery.daemon_pools import fake_ivshmem, posix_pool
@@ -31,7 +38,7 @@ def test_open_a_posix_pool() -> None:
         mapped = open_pool(PoolSpec.parse(name), "config")
         try:
             assert mapped.id == pool_id
-            info = mapped.info()
+            info = pool_info(mapped)
             assert (info.name, info.kind, info.source, info.members) == (name, "posix", "config", 1)
             assert mapped.still_there()
         finally:
@@ -62,6 +69,7 @@ async def test_probe_reprobe_attach_detach(
         changes.append(pools.ids())
 
     caplog.set_level(logging.INFO, "discovery")
+    caplog.set_level(logging.INFO, "aiocoloc.shm.named_pools")
     pools = PoolSet(tmp_path, changed)
     with posix_pool() as (name, posix_id):
         try:
