@@ -14,6 +14,7 @@ import pytest
 from aiocoloc import _ring_py, debug
 from aiocoloc.connect import policy
 from aiocoloc.connect.colocation import local_pools
+from aiocoloc.notify import hub
 
 try:
     from aiocoloc import _ring as _ring_c
@@ -84,11 +85,15 @@ def private_registry(
     monkeypatch.delenv("AIOCOLOC_TRUST", raising=False)
     monkeypatch.delenv("AIOCOLOC_HANDSHAKE_TIMEOUT", raising=False)
     monkeypatch.delenv("AIOCOLOC_POOL_SIZE", raising=False)
+    # Hubs close with their last connection, as every test but the lingering
+    # ones expects (server processes the tests start inherit it).
+    monkeypatch.setenv("AIOCOLOC_HUB_LINGER", "0")
     policy.reset()
     local_pools().close_idle()
     yield directory
     policy.reset()
     local_pools().close_idle()  # pools lingering for a next connection
+    hub.close_resting_hubs()  # and hubs
 
 
 _uvloop_warm = False

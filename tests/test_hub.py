@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 import aiocoloc
+from aiocoloc.connect import policy
 from aiocoloc.connect.agreement import abandon_pipes
 from aiocoloc.connect.colocation import local_pools
 from aiocoloc.connect.handshake import connection_key
@@ -308,6 +309,86 @@ def test_a_hub_outlives_connections_that_come_and_go_and_closes_with_the_last(
             finish(child)
 
     run(loop_kind, scenario, timeout=60)
+
+
+def test_a_resting_hub_serves_the_next_connection_then_closes(
+    loop_kind: str, no_fd_leak: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connections one after the other: the hub of the first stays for the
+    next one on both sides (no new eventfds anywhere), and both close once
+    ``hub_linger`` passes with no connection."""
+    monkeypatch.setenv("AIOCOLOC_HUB_LINGER", "0.5")  # the server process inherits it
+    policy.reset()
+
+    async def connection(port: int, rng: random.Random) -> str:
+        reader, writer = await aiocoloc.open_connection("127.0.0.1", port, upgrade="always")
+        await upgraded(writer)
+        token: str = doorbell_of(writer).hub.token
+        await exchange(reader, writer, rng, 100_000)  # wake-ups both ways
+        writer.close()
+        await writer.wait_closed()
+        return token
+
+    async def scenario() -> None:
+        child, port = await start_server(loop_kind)
+        base, child_base = eventfds(), eventfds(child.pid)
+        rng = random.Random(5)
+        try:
+            first = await connection(port, rng)
+            (resting,) = client_hubs()
+            assert resting.members == 0 and resting.resting and not resting.closed
+            assert eventfds() - base == 2
+            await until(lambda: eventfds(child.pid) - child_base == 2, "the server's hub rests")
+            for _ in range(3):  # each within the linger of the one before
+                assert await connection(port, rng) == first
+                assert eventfds() - base == 2 and eventfds(child.pid) - child_base == 2
+            await until(lambda: eventfds() == base, "our hub to close after its linger")
+            assert client_hubs() == [] and resting.closed
+            await until(lambda: eventfds(child.pid) == child_base, "the server's hub to close")
+            assert await connection(port, rng) != first  # a new hub, working as well
+            assert hub.close_resting_hubs() == 1 and eventfds() == base
+        finally:
+            finish(child)
+
+    run(loop_kind, scenario, timeout=30)
+
+
+def test_resting_hubs_close_with_their_server_and_their_event_loop(
+    loop_kind: str, no_fd_leak: None
+) -> None:
+    """In one process: closing the server closes its resting hubs at once;
+    a client hub left resting by a loop that closed is closed by the next hub
+    that rests, or by ``close_resting_hubs``."""
+    aiocoloc.configure(hub_linger=60.0)
+    base = eventfds()
+
+    async def scenario(stale: int) -> None:
+        # (The loop's own eventfds, uvloop's, count in; a stale hub's leave.)
+        inner = eventfds() - 2 * stale
+        server = await aiocoloc.start_server(echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await aiocoloc.open_connection("127.0.0.1", port, upgrade="always")
+        await upgraded(writer)
+        await roundtrip(reader, writer, 10_000)
+        writer.close()
+        await writer.wait_closed()
+        table = server._endpoint.hubs  # type: ignore[attr-defined]
+        await until(
+            lambda: [h.resting for h in client_hubs() + table.hubs()] == [True, True],
+            "both hubs to rest",
+        )
+        assert eventfds() - inner == 4  # ours and the server's (a stale one closed)
+        server.close()
+        await server.wait_closed()
+        assert eventfds() - inner == 2  # the server's closed at once; ours rests on
+        assert [h.resting for h in client_hubs()] == [True]
+
+    run(loop_kind, lambda: scenario(0))
+    assert eventfds() - base == 2  # its loop is closed: it will never run the timer
+    run(loop_kind, lambda: scenario(1))  # the next hub to rest closes the stale one
+    assert eventfds() - base == 2
+    assert hub.close_resting_hubs() == 1
+    assert eventfds() == base
 
 
 @pytest.mark.parametrize("without", ["server", "client"])

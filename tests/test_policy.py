@@ -35,20 +35,31 @@ from .test_transport import run
         ("upgrade", True, ValueError),
         ("trust", "uids:\uff11\uff10\uff10\uff10", ValueError),  # full-width digits
         ("trust", "uids:-1", ValueError),
+        ("hub_linger", "5", TypeError),
+        ("hub_linger", True, TypeError),
+        ("hub_linger", -1, ValueError),
+        ("hub_linger", float("inf"), ValueError),
+        ("hub_linger", float("nan"), ValueError),
     ],
 )
 def test_configure_refuses_with_an_error_naming_the_setting(
     setting: str, value: Any, error: type[Exception]
 ) -> None:
+    before = policy.current()
     with pytest.raises(error, match=setting if setting != "trust" else "trust uids"):
         aiocoloc.configure(**{setting: value})
-    assert policy.current() == policy.Settings()  # nothing changed
+    assert policy.current() == before  # nothing changed
 
 
 def test_configure_takes_good_values() -> None:
     settings = aiocoloc.configure(
-        handshake_timeout=1, pool_size=policy.MIN_POOL_SIZE, upgrade="64", trust="uids:0, 7"
+        handshake_timeout=1,
+        pool_size=policy.MIN_POOL_SIZE,
+        upgrade="64",
+        trust="uids:0, 7",
+        hub_linger=0,
     )
+    assert settings.hub_linger == 0.0 and isinstance(settings.hub_linger, float)
     assert settings.handshake_timeout == 1.0 and isinstance(settings.handshake_timeout, float)
     assert settings.pool_size == policy.MIN_POOL_SIZE
     assert settings.upgrade.after == 64
@@ -72,6 +83,9 @@ def test_configure_takes_good_values() -> None:
             "AIOCOLOC_POOL_SIZE",
             "\uff16\uff17\uff11\uff10\uff18\uff18\uff16\uff14",
         ),  # full-width digits
+        ("AIOCOLOC_HUB_LINGER", "later"),
+        ("AIOCOLOC_HUB_LINGER", "-1"),
+        ("AIOCOLOC_HUB_LINGER", "inf"),
     ],
 )
 def test_a_bad_environment_variable_is_named_by_every_connection(
@@ -93,12 +107,14 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AIOCOLOC_TRUST", "uids:0,1")
     monkeypatch.setenv("AIOCOLOC_HANDSHAKE_TIMEOUT", "0.25")
     monkeypatch.setenv("AIOCOLOC_POOL_SIZE", str(policy.MIN_POOL_SIZE))
+    monkeypatch.setenv("AIOCOLOC_HUB_LINGER", "2.5")
     policy.reset()
     assert policy.current() == policy.Settings(
         upgrade=policy.Upgrade(4096),
         trust=policy.Trust(uids=frozenset({0, 1})),
         handshake_timeout=0.25,
         pool_size=policy.MIN_POOL_SIZE,
+        hub_linger=2.5,
     )
 
 

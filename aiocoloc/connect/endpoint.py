@@ -70,7 +70,7 @@ class ControlEndpoint:
         self._tasks: set[asyncio.Task[None]] = set()
         self._retry: asyncio.TimerHandle | None = None  # accepting again after a back-off
         self._pause = ACCEPT_RETRY_FIRST
-        self.hubs = HubTable(loop)  # shared doorbells, by the clients' tokens
+        self.hubs = HubTable(loop, settings.hub_linger)  # shared doorbells, by the clients' tokens
         self.address = f"@aiocoloc-ctl-{os.getpid()}-{secrets.token_hex(8)}"
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -273,3 +273,4 @@ class ControlEndpoint:
         for waiter in self._waiting.values():
             waiter.cancel()
         self._waiting.clear()
+        self.hubs.close()

@@ -19,8 +19,13 @@ the environment); ``upgrade`` and ``trust`` also per call (``upgrade=`` /
 ``AIOCOLOC_POOL_SIZE`` / ``pool_size``
     Bytes (ASCII digits, at least ``MIN_POOL_SIZE``) of the pool a serving
     process offers; 64 MiB by default.
+``AIOCOLOC_HUB_LINGER`` / ``hub_linger``
+    Seconds (finite, >= 0) the doorbells shared by the connections between
+    two event loops (a hub, ``aiocoloc.notify.hub``) stay open after the
+    last of those connections closed, for the next one; 5.0 by default, 0
+    closes them with the last connection.
 
-A ``handshake_timeout`` or ``pool_size`` that is not a number is a
+A ``handshake_timeout``, ``pool_size`` or ``hub_linger`` that is not a number is a
 ``TypeError`` (``True`` is not a number here), any other bad value a
 ``ValueError``, each naming the setting.  A bad
 environment variable is a ``ValueError`` naming it and its value, raised by
@@ -44,6 +49,7 @@ __all__ = [
     "Trust",
     "Upgrade",
     "check_handshake_timeout",
+    "check_hub_linger",
     "check_pool_size",
     "configure",
     "current",
@@ -153,6 +159,8 @@ class Settings:
     #: Size of the pool a serving process offers its clients (memfd: pages
     #: are only used as pipes fill them).
     pool_size: int = 64 << 20
+    #: Seconds a hub outlives its last connection (a next one joins it).
+    hub_linger: float = 5.0
 
 
 def check_handshake_timeout(value: float) -> float:
@@ -173,14 +181,30 @@ def check_pool_size(value: int) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
+def check_hub_linger(value: float) -> float:
+    """``value`` if it is a finite number of seconds >= 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"hub_linger must be a number of seconds, not {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"hub_linger must be finite and >= 0, got {value!r}")
+    return float(value)
+
+
+def _number(text: str, name: str) -> float:
     try:
         if not text.isascii():  # float() takes other scripts' digits
             raise ValueError
-        seconds = float(text)
+        return float(text)
     except ValueError:
-        raise ValueError(f"handshake_timeout must be a number of seconds, not {text!r}") from None
-    return check_handshake_timeout(seconds)
+        raise ValueError(f"{name} must be a number of seconds, not {text!r}") from None
+
+
+def _linger(text: str) -> float:
+    return check_hub_linger(_number(text, "hub_linger"))
+
+
+def _seconds(text: str) -> float:
+    return check_handshake_timeout(_number(text, "handshake_timeout"))
 
 
 def _bytes(text: str) -> int:
@@ -195,6 +219,7 @@ _ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "AIOCOLOC_TRUST": ("trust", parse_trust),
     "AIOCOLOC_HANDSHAKE_TIMEOUT": ("handshake_timeout", _seconds),
     "AIOCOLOC_POOL_SIZE": ("pool_size", _bytes),
+    "AIOCOLOC_HUB_LINGER": ("hub_linger", _linger),
 }
 
 #: Setting -> its check (and normalisation) for ``configure``.
@@ -203,6 +228,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "trust": parse_trust,
     "handshake_timeout": check_handshake_timeout,
     "pool_size": check_pool_size,
+    "hub_linger": check_hub_linger,
 }
 
 
@@ -232,7 +258,7 @@ def current() -> Settings:
 
 def configure(**changes: Any) -> Settings:
     """Change process-wide settings: ``upgrade``, ``trust``,
-    ``handshake_timeout``, ``pool_size``.  Returns the new settings."""
+    ``handshake_timeout``, ``pool_size``, ``hub_linger``.  Returns the new settings."""
     global _settings
     unknown = set(changes) - _CHECKS.keys()
     if unknown:

@@ -19,7 +19,7 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-from aiocoloc.connect import sidecar
+from aiocoloc.connect import policy, sidecar
 from aiocoloc.connect.agreement import Agreement
 from aiocoloc.connect.cluster_auth import cluster_auth
 from aiocoloc.connect.colocation import LocalPools
@@ -169,7 +169,7 @@ async def _attempt(
     shared = None
     if hub.hubs_usable():
         try:
-            shared = hub.join_client_hub(record.control)
+            shared = hub.join_client_hub(record.control, policy.current().hub_linger)
         except (OSError, SegmentError):  # out of descriptors, say: this one offers none
             pass
     return await client_handshake(control, conn, pools, trust, record.pool, shared)

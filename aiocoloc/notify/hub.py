@@ -28,8 +28,15 @@ we listen on, registered once with ``loop.add_reader``, one we ring.
   so either it sees those bytes, or the word it cleared was set again
   later by a ringer that then writes the eventfd.
 * Life: each member (a ``HubDoorbell``, taken during the handshake and
-  then owned by the connection) holds a reference; the last one to close
-  closes the hub, its descriptors and its mapping.
+  then owned by the connection) holds a reference.  When the last one
+  closes, the hub rests for ``linger`` seconds (``hub_linger`` in
+  ``aiocoloc.connect.policy``): a connection that comes meanwhile joins it
+  as it is, with no new eventfds, segment or descriptors to pass (the
+  handshake's costliest step when connections come one after the other);
+  otherwise it closes, its descriptors and mapping with it.  A resting hub
+  whose event loop closed is closed by the next hub that rests, or by
+  ``close_resting_hubs``; a server's hubs close at rest once its endpoint
+  closed (``HubTable.close``).
 
 The client creates both eventfds and the segment of a hub and names it with
 a random token (``join_client_hub``); the server learns them from the first
@@ -59,6 +66,7 @@ __all__ = [
     "Hub",
     "HubDoorbell",
     "HubTable",
+    "close_resting_hubs",
     "hubs_usable",
     "is_eventfd",
     "join_client_hub",
@@ -74,6 +82,20 @@ OFFER = True
 SEGMENT_SIZE = 4096
 _CLIENT_RINGS = 0  # set by the client, cleared by the server
 _SERVER_RINGS = 64  # set by the server, cleared by the client
+
+
+#: Hubs with no member, waiting for a next connection (strong references:
+#: a resting hub owns descriptors that only ``close`` gives back).
+_resting: set[Hub] = set()
+
+
+def close_resting_hubs() -> int:
+    """Close every hub that rests (no member); returns how many.  Call it on
+    the thread of their event loops, or once those loops stopped."""
+    hubs = list(_resting)
+    for resting in hubs:
+        resting.close()
+    return len(hubs)
 
 
 def hubs_usable() -> bool:
@@ -156,8 +178,11 @@ class Hub:
         *,
         client: bool,
         on_closed: Callable[[Hub], None] | None = None,
+        linger: float = 0.0,
     ) -> None:
         self.loop = loop
+        #: Seconds the hub rests after its last member left (0: it closes).
+        self.linger = linger
         self.token = token
         self.listen_fd = listen_fd
         self.ring_fd = ring_fd
@@ -167,6 +192,7 @@ class Hub:
         self.closed = False
         self._on_closed = on_closed
         self._members = 0  # HubDoorbells not closed yet
+        self._rest_timer: asyncio.TimerHandle | None = None
         # Members that listen, in the order they joined (a dict: ordered, O(1) removal).
         self._listeners: dict[HubDoorbell, None] = {}
         self._ring_word = _CLIENT_RINGS if client else _SERVER_RINGS
@@ -192,10 +218,17 @@ class Hub:
         """Connections (and handshakes) holding the hub."""
         return self._members
 
+    @property
+    def resting(self) -> bool:
+        """Whether the hub waits, with no member, for a next connection."""
+        return self._rest_timer is not None
+
     def join(self) -> HubDoorbell:
         """A new member: one more reference until its ``close()``."""
         if self.closed:
             raise RuntimeError("the hub is closed")
+        if self._rest_timer is not None:
+            self._wake_up()
         self._members += 1
         return HubDoorbell(self)
 
@@ -205,6 +238,31 @@ class Hub:
     def leave(self, member: HubDoorbell) -> None:
         self._listeners.pop(member, None)
         self._members -= 1
+        if self._members == 0:
+            self.rest()
+
+    def rest(self) -> None:
+        """No member is left: wait ``linger`` seconds for the next one, or
+        close now (no linger, or our event loop is closed)."""
+        if self.closed or self._members or self._rest_timer is not None:
+            return
+        if self.linger <= 0 or self.loop.is_closed():
+            self.close()
+            return
+        for stale in [h for h in _resting if h.loop.is_closed()]:
+            stale.close()  # its loop will never run its timer
+        self._rest_timer = self.loop.call_later(self.linger, self._rested)
+        _resting.add(self)
+
+    def _wake_up(self) -> None:
+        assert self._rest_timer is not None
+        self._rest_timer.cancel()
+        self._rest_timer = None
+        _resting.discard(self)
+
+    def _rested(self) -> None:
+        self._rest_timer = None
+        _resting.discard(self)
         if self._members == 0:
             self.close()
 
@@ -248,6 +306,8 @@ class Hub:
         if self.closed:
             return
         self.closed = True
+        if self._rest_timer is not None:
+            self._wake_up()
         self._listeners.clear()
         if not self.loop.is_closed():
             self.loop.remove_reader(self.listen_fd)
@@ -274,12 +334,17 @@ class Hub:
 class HubTable:
     """Hubs by token: the server's, one table per control endpoint."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, linger: float = 0.0) -> None:
         self._loop = loop
+        self._linger = linger  # each hub's, once its last member left
         self._hubs: dict[str, Hub] = {}
 
     def __len__(self) -> int:
         return len(self._hubs)
+
+    def hubs(self) -> list[Hub]:
+        """The hubs open now (resting ones included)."""
+        return list(self._hubs.values())
 
     def join(self, token: str) -> HubDoorbell | None:
         """A membership of the hub named ``token``, if we have it."""
@@ -304,10 +369,26 @@ class HubTable:
                 os.close(fd)
             raise
         hub = Hub(
-            self._loop, token, listen_fd, ring_fd, segment, client=False, on_closed=self._forget
+            self._loop,
+            token,
+            listen_fd,
+            ring_fd,
+            segment,
+            client=False,
+            on_closed=self._forget,
+            linger=self._linger,
         )
         self._hubs[token] = hub
         return hub.join()
+
+    def close(self) -> None:
+        """The endpoint is closing: resting hubs close now, the others with
+        their last member."""
+        self._linger = 0.0
+        for hub in list(self._hubs.values()):
+            hub.linger = 0.0
+            if hub.members == 0:
+                hub.close()
 
     def _forget(self, hub: Hub) -> None:
         if self._hubs.get(hub.token) is hub:
@@ -320,10 +401,10 @@ _client_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Hub
 )
 
 
-def join_client_hub(address: str) -> HubDoorbell:
+def join_client_hub(address: str, linger: float = 0.0) -> HubDoorbell:
     """A membership of the running loop's hub towards the control endpoint
-    at ``address``; the hub is made (two new eventfds, a new token) if the
-    loop has none open."""
+    at ``address``; the hub is made (two new eventfds, a new token, resting
+    ``linger`` seconds after its last member) if the loop has none open."""
     loop = asyncio.get_running_loop()
     hubs = _client_hubs.get(loop)
     if hubs is None:
@@ -347,7 +428,14 @@ def join_client_hub(address: str) -> HubDoorbell:
 
     listen_fd, ring_fd = fds
     hub = Hub(
-        loop, secrets.token_hex(16), listen_fd, ring_fd, segment, client=True, on_closed=forget
+        loop,
+        secrets.token_hex(16),
+        listen_fd,
+        ring_fd,
+        segment,
+        client=True,
+        on_closed=forget,
+        linger=linger,
     )
     hubs[address] = hub
     return hub.join()
