@@ -9,7 +9,7 @@ import struct
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aiocoloc.shm.pipes import _entries_equal
+from aiocoloc.shm.pipes import _entries_equal, _zero_entries
 
 # Owners (pipe slot + 1) whose bytes make straddling matches likely: zeros,
 # small numbers (three zero bytes) and numbers that are one zero byte away.
@@ -27,6 +27,12 @@ def test_finds_what_a_list_would(table: list[int], value: int, limit: int | None
     if limit is not None:
         expected = expected[:limit]
     assert _entries_equal(raw, value, limit) == expected
+
+
+@given(st.lists(_OWNERS, max_size=300))
+def test_counts_free_entries_as_a_list_would(table: list[int]) -> None:
+    raw = struct.pack(f"={len(table)}I", *table)
+    assert _zero_entries(raw) == table.count(0)
 
 
 def test_a_match_across_two_entries_is_not_an_entry() -> None:

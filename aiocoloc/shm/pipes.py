@@ -80,6 +80,17 @@ def _entries_equal(raw: bytes, value: int, limit: int | None = None) -> list[int
     return found
 
 
+def _zero_entries(raw: bytes) -> int:
+    """How many of the 4-byte entries of ``raw`` are 0, in C: the entries'
+    first, second, third and fourth bytes are ORed together as big
+    integers, so that byte k of the result is 0 exactly when entry k is."""
+    count = len(raw) // 4
+    merged = 0
+    for first in range(4):
+        merged |= int.from_bytes(raw[first : 4 * count : 4], "little")
+    return merged.to_bytes(count, "little").count(0)
+
+
 class PipeTable:
     """The pipe and slice tables of one pool, as this process sees them."""
 
@@ -301,7 +312,7 @@ class PipeTable:
 
     def free_slice_count(self) -> int:
         """Slices no pipe owns right now (a snapshot: others may be allocating)."""
-        return self._slice_table().count(0)
+        return _zero_entries(self._slice_bytes())
 
     def has_free_entries(self, count: int) -> bool:
         """Whether ``count`` pipe entries are free now (a snapshot; the scan
