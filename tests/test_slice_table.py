@@ -1,14 +1,18 @@
-"""Searching a pool's slice table (``aiocoloc.shm.pipes``): the bytes search
-finds exactly the entries a list of the table's numbers would, whatever
-the neighbouring entries' bytes are."""
+"""Searching a pool's tables (``aiocoloc.shm.pipes``): the bytes searches
+find exactly the entries a list of the table's numbers would, whatever the
+neighbouring entries' bytes are, and new pipes take the free entries."""
 
 from __future__ import annotations
 
 import struct
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from aiocoloc.errors import PoolExhausted
+from aiocoloc.shm import MemfdSegment, Pool
+from aiocoloc.shm.layout import PoolConfig
 from aiocoloc.shm.pipes import _entries_equal, _zero_entries
 
 # Owners (pipe slot + 1) whose bytes make straddling matches likely: zeros,
@@ -41,3 +45,21 @@ def test_a_match_across_two_entries_is_not_an_entry() -> None:
     raw = struct.pack("=2I", 0x100, 1)
     assert _entries_equal(raw, 0x10000) == []
     assert _entries_equal(struct.pack("=3I", 1, 0, 0), 0) == [1, 2]
+
+
+def test_new_pipes_take_the_lowest_free_entries_until_none_is_left() -> None:
+    config = PoolConfig(slice_size=4096, max_members=4, max_pipes=8, max_slices_per_pipe=4)
+    pool = Pool.create(MemfdSegment.create(1 << 20), config)
+    try:
+        me = pool.slot
+        handles = [pool.create_pipe(me, me) for _ in range(8)]
+        assert [h.slot for h in handles] == list(range(8))
+        assert not pool.has_room_for(1)
+        with pytest.raises(PoolExhausted, match="no free pipe entry"):
+            pool.create_pipe(me, me)
+        for h in (handles[5], handles[2]):
+            pool.destroy_pipe(h)
+        assert pool.has_room_for(2) and not pool.has_room_for(3)
+        assert [pool.create_pipe(me, me).slot for _ in range(2)] == [2, 5]
+    finally:
+        pool.close()
