@@ -19,7 +19,6 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable, Iterable
-from typing import Protocol
 
 from aiocoloc.control.frames import encode_frame
 from aiocoloc.control.messages import Bell
@@ -27,7 +26,7 @@ from aiocoloc.control.messages import Bell
 __all__ = [
     "ControlDoorbell",
     "Doorbell",
-    "SharedListener",
+    "SharedDoorbell",
     "new_eventfd",
     "wake_listeners",
 ]
@@ -37,18 +36,62 @@ _ONE = (1).to_bytes(8, "little")
 _BELL = encode_frame(Bell().fields())
 
 
-class SharedListener(Protocol):
+class SharedDoorbell:
     """One connection's share of a doorbell that several connections listen
-    on (a hub's, an ivshmem interrupt's)."""
+    on (a hub's eventfds, an ivshmem interrupt vector), with the interface
+    of ``Doorbell``.  Subclasses say how to ring the peer and how to join
+    and leave the listeners of what they share."""
 
-    closed: bool
-    wakeups: int
-    callback: Callable[[], None] | None
-    ready: Callable[[], bool] | None
+    KIND = "shared"
+
+    def __init__(self) -> None:
+        self.rings = 0  # rings asked for (one system call may serve several)
+        self.wakeups = 0
+        self.closed = False
+        self.callback: Callable[[], None] | None = None
+        self.ready: Callable[[], bool] | None = None
+
+    def ring(self) -> None:
+        """Wake the peer."""
+        if not self.closed:
+            self.rings += 1
+            self._ring_peer()
+
+    def listen(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        callback: Callable[[], None],
+        ready: Callable[[], bool] | None = None,
+    ) -> None:
+        """Call ``callback`` when what we share is rung and ``ready()`` says
+        the ring may be for us (None: on every ring)."""
+        self._check_loop(loop)
+        self.callback, self.ready = callback, ready
+        self._listening(loop)
+
+    def close(self) -> None:
+        """Stop listening and give our share back.  Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self.callback = self.ready = None
+        self._leave()
+
+    def _ring_peer(self) -> None:
+        raise NotImplementedError
+
+    def _check_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Raise if we cannot listen on ``loop`` (before anything changes)."""
+
+    def _listening(self, loop: asyncio.AbstractEventLoop) -> None:
+        raise NotImplementedError
+
+    def _leave(self) -> None:
+        raise NotImplementedError
 
 
 def wake_listeners(
-    listeners: Iterable[SharedListener], loop: asyncio.AbstractEventLoop, owner: object
+    listeners: Iterable[SharedDoorbell], loop: asyncio.AbstractEventLoop, owner: object
 ) -> None:
     """After a shared doorbell rang: call every listener whose ``ready()``
     says the ring may be for it; one listener's failure is reported and

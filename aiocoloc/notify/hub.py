@@ -56,7 +56,7 @@ import weakref
 from collections.abc import Callable
 
 from aiocoloc.errors import SegmentError
-from aiocoloc.notify.doorbell import new_eventfd, wake_listeners
+from aiocoloc.notify.doorbell import SharedDoorbell, new_eventfd, wake_listeners
 from aiocoloc.shm import MemfdSegment
 from aiocoloc.shm.atomic import SharedWords, atomics_are_process_safe
 
@@ -114,48 +114,27 @@ def is_eventfd(fd: int) -> bool:
         return not os.path.isdir("/proc/self/fd")
 
 
-class HubDoorbell:
-    """One connection's share of a hub, with the interface of ``Doorbell``.
-
-    Holds a reference on the hub from its creation until ``close()``.
-    """
+class HubDoorbell(SharedDoorbell):
+    """One connection's share of a hub.  Holds a reference on the hub from
+    its creation until ``close()`` (the last one to close lets it rest)."""
 
     KIND = "hub"
 
     def __init__(self, hub: Hub) -> None:
+        super().__init__()
         self.hub = hub
-        self.rings = 0  # rings asked for (one eventfd write may serve several)
-        self.wakeups = 0
-        self.closed = False
-        self.callback: Callable[[], None] | None = None
-        self.ready: Callable[[], bool] | None = None
 
-    def ring(self) -> None:
-        """Wake the peer (one system call per wake-up of the peer's hub, see
-        the module docstring)."""
-        if not self.closed:
-            self.rings += 1
-            self.hub.ring()
+    def _ring_peer(self) -> None:
+        self.hub.ring()  # one system call per wake-up of the peer's hub
 
-    def listen(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        callback: Callable[[], None],
-        ready: Callable[[], bool] | None = None,
-    ) -> None:
-        """Call ``callback`` when the hub is rung and ``ready()`` says the ring
-        may be for us (None: on every ring)."""
+    def _check_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         if loop is not self.hub.loop:
             raise RuntimeError("a hub serves the event loop it was made on")
-        self.callback, self.ready = callback, ready
+
+    def _listening(self, loop: asyncio.AbstractEventLoop) -> None:
         self.hub.listening(self)
 
-    def close(self) -> None:
-        """Leave the hub (the last member closes it).  Idempotent."""
-        if self.closed:
-            return
-        self.closed = True
-        self.callback = self.ready = None
+    def _leave(self) -> None:
         self.hub.leave(self)
 
 

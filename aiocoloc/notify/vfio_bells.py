@@ -21,9 +21,8 @@ import logging
 import mmap
 import os
 import threading
-from collections.abc import Callable
 
-from aiocoloc.notify.doorbell import wake_listeners
+from aiocoloc.notify.doorbell import SharedDoorbell, wake_listeners
 from aiocoloc.notify.vfio import DOORBELL_REGISTER, VfioBarSegment
 from aiocoloc.notify.vfio_grants import Grant
 
@@ -32,41 +31,24 @@ __all__ = ["VfioBells", "VfioDoorbell", "bells_for", "register"]
 _log = logging.getLogger("aiocoloc.notify.vfio_bells")
 
 
-class VfioDoorbell:
-    """One connection's doorbell through the device: rings ``peer``'s vector."""
+class VfioDoorbell(SharedDoorbell):
+    """One connection's doorbell through the device: rings ``peer``'s vector,
+    listens on ours (shared by the process's connections of that pool)."""
 
     KIND = "vfio"
 
     def __init__(self, bells: VfioBells, peer: tuple[int, int]) -> None:
+        super().__init__()
         self._bells = bells
         self.peer = peer
-        self.rings = 0
-        self.wakeups = 0
-        self.closed = False
-        self.callback: Callable[[], None] | None = None
-        self.ready: Callable[[], bool] | None = None
 
-    def ring(self) -> None:
-        if not self.closed:
-            self.rings += 1
-            self._bells.ring(*self.peer)
+    def _ring_peer(self) -> None:
+        self._bells.ring(*self.peer)
 
-    def listen(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        callback: Callable[[], None],
-        ready: Callable[[], bool] | None = None,
-    ) -> None:
-        """Call ``callback`` when our vector fires and ``ready()`` says the
-        interrupt may be for us (None: on every one)."""
-        self.callback, self.ready = callback, ready
+    def _listening(self, loop: asyncio.AbstractEventLoop) -> None:
         self._bells.listening(loop, self)
 
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.callback = self.ready = None
+    def _leave(self) -> None:
         self._bells.leave(self)
 
 
