@@ -3,9 +3,11 @@ engine, a gossip cluster over UDP and TCP authenticated with a shared key.
 
 Modules, one concept each: ``messages`` (the wire: kinds, codec, checks),
 ``packet`` (framing, AES-GCM or checksum), ``transport`` (sockets, drops,
-fault injection), ``state`` (member table and its state machine),
-``suspicion`` and ``awareness`` (Lifeguard), ``broadcast`` (piggy-backed
-dissemination), ``probe`` (failure detection), ``engine`` (``SwimEngine``).
+fault injection), ``table`` (the member table), ``state`` (its state
+machine), ``suspicion`` and ``awareness`` (Lifeguard), ``broadcast`` (the
+queue of piggy-backed dissemination), ``gossip`` (sending it: piggy-backed
+and in rounds), ``probe`` (failure detection), ``sync`` (push/pull state
+exchange), ``engine`` (``SwimEngine``, wiring them together).
 """
 
 from discovery.swim.engine import SwimEngine

@@ -1,29 +1,30 @@
 """The embedded SWIM engine: a member of a gossip cluster over UDP (probes,
 gossip) and TCP (push/pull state exchange, fallback probes).
 
-The engine wires the parts together and runs the periodic work:
+The engine wires the parts together, routes what arrives to them, and
+runs their periodic work:
 
 - ``Prober`` (``probe.py``): one probe a probe interval, in time slots
   that share the probes out evenly, Lifeguard-scaled;
-- gossip rounds: every gossip interval, queued broadcasts go to a few
-  random members (also to members failed within ``gossip_to_the_dead_time``,
-  so a member failed by mistake hears it and refutes);
-- push/pull: every push/pull interval a full state exchange over TCP with
-  a random live member (anti-entropy: what gossip missed converges here);
-- reconnect: every reconnect interval a push/pull with a random *failed*
-  member, so two sides of a healed partition find each other again, and
-  reaping of members failed or left long ago.
+- ``Gossip`` (``gossip.py``): queued broadcasts ride on every packet to a
+  member, and every gossip interval go to a few random members (also to
+  members failed lately, so a member failed by mistake hears it and refutes);
+- ``StateSync`` (``sync.py``): every push/pull interval a full state
+  exchange over TCP with a random live member (anti-entropy: what gossip
+  missed converges here), and every reconnect interval one with a random
+  *failed* member, so two sides of a healed partition find each other
+  again, and reaping of members failed or left long ago.
 
-``Membership`` (``state.py``) holds the table and decides what each message
-means; ``Transport`` (``transport.py``) owns the sockets and drops whatever
-does not authenticate or decode.
+``Membership`` (``state.py``, over the ``MemberTable`` of ``table.py``)
+holds the table and decides what each message means; ``Transport``
+(``transport.py``) owns the sockets and drops whatever does not
+authenticate or decode.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections import Counter
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -32,9 +33,10 @@ from typing import Any
 from discovery.engine import Engine, EngineError
 from discovery.events import Event
 from discovery.keys import Keyring
-from discovery.member import Member, MemberError, Status, join_host, split_host
+from discovery.member import Member, MemberError, join_host, split_host
 from discovery.profiles import Profile, get_profile
 from discovery.swim.awareness import Awareness
+from discovery.swim.gossip import Gossip
 from discovery.swim.messages import (
     Ack,
     Alive,
@@ -45,21 +47,18 @@ from discovery.swim.messages import (
     Ping,
     PushPull,
     Suspect,
-    body_overhead,
     encode,
     pack_body,
 )
-from discovery.swim.packet import MAX_PACKET, Sealer
+from discovery.swim.packet import Sealer
 from discovery.swim.probe import Prober
 from discovery.swim.state import Membership
+from discovery.swim.sync import StateSync
 from discovery.swim.transport import Transport
 
 __all__ = ["SwimEngine"]
 
 _log = logging.getLogger("discovery.swim.engine")
-
-#: Room for a body's array header (a packet holds fewer than 65536 messages).
-_BODY_HEADER = body_overhead(255)
 
 
 class SwimEngine(Engine):
@@ -112,8 +111,10 @@ class SwimEngine(Engine):
             self._sealer, self._counters, self._on_packet, self._on_stream, self.profile.tcp_timeout
         )
         self._awareness = Awareness(self.profile.awareness_max_multiplier)
+        self._gossip = Gossip(self.profile, self._sealer, self._transport)
         self._membership: Membership | None = None
         self._prober: Prober | None = None
+        self._sync: StateSync | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._state = "new"  # -> started -> stopped
 
@@ -130,30 +131,34 @@ class SwimEngine(Engine):
             raise EngineError(f"cannot bind {self._bind_host}:{self._bind_port}: {exc}") from exc
         address = self._advertise or join_host(self._bind_host, port)
         local = replace(self._local, addresses=(address,))
-        self._check_fits(local)
+        self._gossip.check_fits(local)
         self._membership = Membership(
             local,
             self.profile,
             self.events,
             self._awareness,
             self._counters,
-            self._send_one,
+            self._gossip.send_one,
             self._suspected,
         )
+        self._gossip.membership = self._membership
         self._prober = Prober(
             local.node,
             self.profile,
             self._membership,
             self._awareness,
             self._counters,
-            self._send,
+            self._gossip.send,
             self._transport.request,
+        )
+        self._sync = StateSync(
+            self.profile, self._membership, self._counters, self._transport.request
         )
         for work in (
             self._prober.run(),
-            self._gossip_rounds(),
-            self._push_pull_rounds(),
-            self._reconnect_rounds(),
+            self._gossip.run(),
+            self._sync.run(),
+            self._sync.reconnect(),
         ):
             self._spawn(work)
         _log.info("%s started at %s (profile %s)", local.node, address, self.profile.name)
@@ -163,7 +168,7 @@ class SwimEngine(Engine):
         membership = self._started()
         own = membership.local.addresses[0]
         targets = [a for a in dict.fromkeys(addresses) if a != own]
-        results = await asyncio.gather(*(self._push_pull(a, join=True) for a in targets))
+        results = await asyncio.gather(*(self._join_via(a) for a in targets))
         answered = sum(results)
         if not answered:
             raise EngineError(f"no member answered at {', '.join(targets) or '(none)'}")
@@ -175,7 +180,7 @@ class SwimEngine(Engine):
             return
         goodbye = membership.leave()
         if membership.peers():
-            self._gossip_once()  # do not wait for the next round
+            self._gossip.once()  # do not wait for the next round
             try:
                 await asyncio.wait_for(asyncio.shield(goodbye), self.profile.leave_timeout)
             except TimeoutError:
@@ -221,7 +226,7 @@ class SwimEngine(Engine):
             )
         except MemberError as exc:
             raise EngineError(str(exc)) from None
-        self._check_fits(candidate)
+        self._gossip.check_fits(candidate)
         return membership.update_local(candidate)
 
     def stats(self) -> dict[str, int]:
@@ -260,46 +265,6 @@ class SwimEngine(Engine):
         would (empty: heal).  For tests and drills."""
         self._transport.block(ips)
 
-    # -- sending ----------------------------------------------------------------
-
-    def _send(self, address: str, messages: list[bytes]) -> None:
-        """Send ``messages`` to ``address`` in one packet, filled up with
-        queued broadcasts if it is a member's (an unauthenticated sender
-        must not turn our small answers into large ones to a stranger)."""
-        free = MAX_PACKET - self._sealer.overhead - _BODY_HEADER - sum(map(len, messages))
-        if self._membership is not None and self._membership.knows_address(address):
-            messages = messages + self._membership.queue.get(0, free, max_items=255 - len(messages))
-        self._transport.send(address, pack_body(messages))
-
-    def _send_one(self, address: str, message: bytes) -> None:
-        self._send(address, [message])
-
-    def _suspected(self, node: str) -> None:
-        if self._prober is not None:
-            self._prober.suspected(node)
-
-    def _gossip_once(self) -> None:
-        membership = self._membership
-        if membership is None or not len(membership.queue):
-            return
-        candidates = membership.peers() + membership.recently_failed(
-            self.profile.gossip_to_the_dead_time
-        )
-        targets = random.sample(candidates, min(self.profile.gossip_nodes, len(candidates)))
-        free = MAX_PACKET - self._sealer.overhead - _BODY_HEADER
-        for target in targets:
-            messages = membership.queue.get(0, free)
-            if not messages:
-                break
-            self._transport.send(target.address, pack_body(messages))
-
-    def _check_fits(self, member: Member) -> None:
-        size = len(encode(Alive(member))) + self._sealer.overhead + _BODY_HEADER
-        if size > MAX_PACKET:
-            raise EngineError(
-                f"the record of {member.node} takes {size} bytes; a packet holds {MAX_PACKET}"
-            )
-
     # -- receiving --------------------------------------------------------------
 
     def _on_packet(self, messages: list[Message], source: str) -> None:
@@ -332,69 +297,19 @@ class SwimEngine(Engine):
             if ping.target != me:
                 self._counters["drop_misdirected"] += 1
                 continue
-            self._send(source, [encode(Ack(ping.seq))])
+            self._gossip.send(source, [encode(Ack(ping.seq))])
 
     async def _on_stream(self, messages: list[Message], peer: str) -> bytes | None:
-        membership = self._membership
-        if membership is None:
+        membership, sync = self._membership, self._sync
+        if membership is None or sync is None:
             return None
         for message in messages:
             match message:
                 case Ping(seq, target, _) if target == membership.local.node:
                     return pack_body([encode(Ack(seq))])
-                case PushPull(join, members):
-                    self._counters["push_pull_served"] += 1
-                    _log.debug("push/pull from %s (join=%s, %d members)", peer, join, len(members))
-                    # Merge first: a refutation it provokes goes back at once.
-                    membership.merge(members)
-                    return pack_body([encode(PushPull(False, membership.snapshot()))])
+                case PushPull():
+                    return sync.serve(message, peer)
         return None
-
-    # -- periodic work ------------------------------------------------------------
-
-    async def _push_pull(self, address: str, *, join: bool = False) -> bool:
-        membership = self._started()
-        body = pack_body([encode(PushPull(join, membership.snapshot()))])
-        try:
-            reply = await self._transport.request(address, body, self.profile.tcp_timeout)
-        except (OSError, TimeoutError) as exc:
-            self._counters["push_pull_failed"] += 1
-            _log.debug("push/pull with %s: %s", address, exc or type(exc).__name__)
-            return False
-        for message in reply:
-            if isinstance(message, PushPull):
-                self._counters["push_pull"] += 1
-                membership.merge(message.members)
-                return True
-        return False
-
-    async def _gossip_rounds(self) -> None:
-        while True:
-            await asyncio.sleep(self.profile.gossip_interval)
-            self._gossip_once()
-
-    async def _push_pull_rounds(self) -> None:
-        membership = self._started()
-        period = self.profile.push_pull_period(membership.count())
-        await asyncio.sleep(random.uniform(0, period))
-        while True:
-            alive = [s for s in membership.peers() if s.status is Status.ALIVE]
-            if alive and not membership.left:
-                await self._push_pull(random.choice(alive).address)
-            await asyncio.sleep(self.profile.push_pull_period(membership.count()))
-
-    async def _reconnect_rounds(self) -> None:
-        membership = self._started()
-        interval = self.profile.reconnect_interval
-        while True:
-            await asyncio.sleep(random.uniform(0.5 * interval, 1.5 * interval))
-            for member in membership.reap():
-                _log.info("forgot %s (%s)", member.node, member.status.value)
-            failed = membership.failed()
-            if failed and not membership.left:
-                target = random.choice(failed)
-                if await self._push_pull(target.address):
-                    self._counters["reconnected"] += 1
 
     # -- helpers --------------------------------------------------------------------
 
@@ -406,6 +321,17 @@ class SwimEngine(Engine):
     def _task_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             _log.error("engine task failed", exc_info=task.exception())
+
+    async def _join_via(self, address: str) -> bool:
+        # gather() starts this a loop pass after join() checked: a stop()
+        # in between must still fail the join.
+        self._started()
+        assert self._sync is not None
+        return await self._sync.exchange(address, join=True)
+
+    def _suspected(self, node: str) -> None:
+        if self._prober is not None:
+            self._prober.suspected(node)
 
     def _started(self) -> Membership:
         if self._membership is None or self._state != "started":

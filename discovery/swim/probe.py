@@ -66,7 +66,8 @@ from discovery.swim.messages import (
     encode,
     pack_body,
 )
-from discovery.swim.state import Membership, NodeState
+from discovery.swim.state import Membership
+from discovery.swim.table import NodeState
 
 __all__ = ["Prober"]
 

@@ -1,5 +1,5 @@
-"""The member table and its state machine: what alive, suspect and dead
-messages do to it.
+"""The member table's state machine: what alive, suspect and dead messages
+do to it (the table itself, and what it answers, is ``table.py``).
 
 Every member's record carries an incarnation that only the member itself
 raises.  A message about a member is news only if its incarnation is
@@ -36,7 +36,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from discovery.events import Event, EventStream
 from discovery.member import Member, Status
@@ -45,8 +45,9 @@ from discovery.swim.awareness import Awareness
 from discovery.swim.broadcast import BroadcastQueue
 from discovery.swim.messages import Alive, Dead, Suspect, encode
 from discovery.swim.suspicion import Suspicion
+from discovery.swim.table import MemberTable, NodeState
 
-__all__ = ["Membership", "NodeState"]
+__all__ = ["Membership"]
 
 _log = logging.getLogger("discovery.swim.state")
 
@@ -55,26 +56,9 @@ _GONE = (Status.FAILED, Status.LEFT)
 REFUTE_DIRECT = 128
 
 
-@dataclass
-class NodeState:
-    """One member as we know it, and since when in this status (loop time)."""
-
-    member: Member
-    changed: float
-    hinted: float = float("-inf")
-    returned: float = float("-inf")  # when it last came back from failed or left
-
-    @property
-    def status(self) -> Status:
-        return self.member.status
-
-    @property
-    def address(self) -> str:
-        return self.member.addresses[0]
-
-
-class Membership:
-    """The member table of the local member ``local``."""
+class Membership(MemberTable):
+    """The member table of the local member ``local``, and what the
+    messages about its members do to it."""
 
     def __init__(
         self,
@@ -86,61 +70,16 @@ class Membership:
         send: Callable[[str, bytes], None],
         suspected: Callable[[str], None] = lambda node: None,
     ) -> None:
-        self._me = local.node
+        super().__init__(local, profile)
         self._suspected = suspected  # a suspicion we did not raise has begun
-        self._profile = profile
         self._events = events
         self._awareness = awareness
         self._stats = stats
         self._send = send  # one encoded message, straight to "ip:port"
-        self._loop = asyncio.get_running_loop()
-        self._nodes: dict[str, NodeState] = {self._me: NodeState(local, self._loop.time())}
-        self._by_address: dict[str, str] = {local.addresses[0]: self._me}
         self._suspicions: dict[str, Suspicion] = {}
         self.queue = BroadcastQueue(lambda: profile.retransmit_limit(self.count()))
         self.left = False
         self._goodbye: asyncio.Future[None] | None = None
-
-    # -- reading ----------------------------------------------------------
-
-    @property
-    def local(self) -> Member:
-        return self._nodes[self._me].member
-
-    def get(self, node: str) -> NodeState | None:
-        return self._nodes.get(node)
-
-    def knows_address(self, address: str) -> bool:
-        """Whether ``address`` is the gossip address of a member we know
-        (we gossip to, and probe for others, members only)."""
-        return address in self._by_address
-
-    def members(self) -> list[Member]:
-        return [state.member for state in self._nodes.values()]
-
-    def count(self) -> int:
-        """Members alive or suspect, ourselves included (the ``n`` of the
-        timing formulas)."""
-        return sum(1 for state in self._nodes.values() if state.member.alive)
-
-    def peers(self) -> list[NodeState]:
-        """The others still members (alive or suspect)."""
-        return [s for n, s in self._nodes.items() if n != self._me and s.member.alive]
-
-    def recently_failed(self, within: float) -> list[NodeState]:
-        now = self._loop.time()
-        return [
-            s
-            for n, s in self._nodes.items()
-            if n != self._me and s.status is Status.FAILED and now - s.changed <= within
-        ]
-
-    def failed(self) -> list[NodeState]:
-        return [s for s in self._nodes.values() if s.status is Status.FAILED]
-
-    def snapshot(self) -> tuple[Member, ...]:
-        """Every record with its status, for a push/pull."""
-        return tuple(state.member for state in self._nodes.values())
 
     # -- the local member ---------------------------------------------------
 
@@ -388,25 +327,6 @@ class Membership:
         suspicion = self._suspicions.pop(node, None)
         if suspicion is not None:
             suspicion.cancel()
-
-    def reap(self) -> list[Member]:
-        """Forget members failed or left long enough ago; returns them."""
-        now = self._loop.time()
-        limits = {
-            Status.FAILED: self._profile.reconnect_timeout,
-            Status.LEFT: self._profile.tombstone_timeout,
-        }
-        gone = [
-            name
-            for name, state in self._nodes.items()
-            if name != self._me
-            and state.status in limits
-            and now - state.changed > limits[state.status]
-        ]
-        reaped = [self._nodes.pop(name).member for name in gone]
-        for member in reaped:
-            self._by_address.pop(member.addresses[0], None)
-        return reaped
 
     def close(self) -> None:
         for suspicion in self._suspicions.values():
