@@ -3,16 +3,22 @@
 with our member record in the agent's tags.
 
 Modules: ``wire`` (messages and errors of the RPC protocol), ``streams``
-(what waits for the agent's answers), ``rpc`` (the asyncio client),
-``agent`` (a ``serf agent`` process), ``tags`` (our record in Serf's 512
-bytes of tags), ``view`` (Serf's members as our records, changes as
+(what waits for the agent's answers), ``connection`` (one RPC connection:
+answers matched to requests and streams), ``rpc`` (the asyncio client:
+Serf's commands), ``agent`` (a ``serf agent`` process), ``tags`` (our
+record in Serf's 512 bytes of tags), ``local_record`` (our record kept in
+the agent's tags), ``view`` (Serf's members as our records, changes as
 events), ``records`` (whole records by query when the tags cannot carry
-them), ``engine`` (``SerfEngine``).
+them), ``sync`` (the event stream followed, resyncs after gaps),
+``key_commands`` (key rotation through Serf's key commands), ``engine``
+(``SerfEngine``).
 """
 
 from discovery.serf.agent import PROFILES, SerfAgent, SerfAgentStartError
-from discovery.serf.engine import RECORD_QUERY, SerfEngine
-from discovery.serf.rpc import RecordStream, SerfRPC
+from discovery.serf.engine import SerfEngine
+from discovery.serf.records import RECORD_QUERY
+from discovery.serf.rpc import SerfRPC
+from discovery.serf.streams import RecordStream
 from discovery.serf.tags import TAG, TagsTooLarge
 from discovery.serf.wire import (
     MemberEvent,

@@ -138,6 +138,16 @@ class SerfAgent:
 
     # ---------------------------------------------------------- start/stop
 
+    def pin_gossip_port(self, port: int) -> None:
+        """Start again on ``port``, the gossip port the agent was given, if
+        it was bound to port 0 and advertises no port of its own: on
+        another, the others would see two nodes claim its name, and Serf's
+        conflict resolution would shut the newcomer down."""
+        host, bound = split_host(self.bind)
+        advertised = split_host(self.advertise)[1] if self.advertise else 0
+        if host and bound == 0 and not advertised:
+            self.bind = join_host(host, port)
+
     def command(self, rpc_addr: str, config_file: str | None) -> list[str]:
         """The agent's command line."""
         args = [

@@ -1,20 +1,32 @@
 """Serf's key commands as the engine uses them: each step judged by whether
 this member took it (``install-key``, ``use-key``, ``remove-key`` act on every
-member of the cluster; a member that failed or did not answer is logged)."""
+member of the cluster; a member that failed or did not answer is logged).
+
+An own agent starts with ``-encrypt`` and the keyring's primary key, and
+installs the other keys before it joins anyone.  ``ClusterKeys.rotate_to``
+goes through the key commands, which act on every member of the cluster:
+the first sidecar to apply a step applies it everywhere, and the others
+then find it done.  So it applies only what changed since the keyring it
+was given last (a sidecar whose key file did not change never undoes
+another's step).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from discovery.engine import EngineError
 
 if TYPE_CHECKING:
     from discovery.keys import Keyring
+    from discovery.serf.agent import SerfAgent
     from discovery.serf.rpc import SerfRPC
     from discovery.serf.wire import KeyResponse
 
-__all__ = ["check_step", "install_keys", "rotate"]
+__all__ = ["ClusterKeys", "check_step", "install_keys", "rotate"]
 
 _log = logging.getLogger("discovery.serf.engine")
 
@@ -55,3 +67,54 @@ async def rotate(rpc: SerfRPC, before: tuple[bytes, ...], keyring: Keyring, node
         if key not in keyring:
             check_step(await rpc.remove_key(key), "remove", node)
     return changed
+
+
+class ClusterKeys:
+    """The keyring an engine last set on the cluster (an attached agent's:
+    as the engine was told), changed through the agent reached with
+    ``connection()``; ``agent``: our own agent, if it is ours."""
+
+    def __init__(
+        self,
+        keyring: Keyring | None,
+        agent: SerfAgent | None,
+        node: str,
+        connection: Callable[[], SerfRPC],
+    ) -> None:
+        self._keyring = keyring
+        self._agent = agent
+        self._node = node
+        self._connection = connection
+        self._lock = asyncio.Lock()  # one rotation at a time
+
+    async def rotate_to(self, keyring: Keyring) -> None:
+        """Install the keys ``keyring`` adds, make its primary the primary,
+        remove the keys it drops, on every member.  Members that failed a
+        step or did not answer are logged (a member that missed a key is
+        cut off once the others stop using the keys it has).
+        ``EngineError`` if our own agent runs without encryption or this
+        member refused a step: the keys last set then stay, and rotating to
+        ``keyring`` again retries (every step is idempotent)."""
+        if self._agent is not None and self._keyring is None:
+            raise EngineError(
+                "the serf agent runs without encryption; restart with a key file to encrypt"
+            )
+        async with self._lock:
+            before = self._keyring.keys if self._keyring is not None else ()
+            if await rotate(self._connection(), before, keyring, self._node):
+                if self._agent is not None:
+                    self._agent.encrypt_key = keyring.primary  # a restarted agent's -encrypt
+            self._keyring = keyring
+
+    async def install_others(self, rpc: SerfRPC) -> None:
+        """A fresh own agent has the primary key only (``-encrypt``): the
+        others go in before it joins anyone (so only to itself)."""
+        if self._keyring is not None and len(self._keyring) >= 2:
+            await install_keys(rpc, self._keyring.keys[1:], self._node)
+
+    async def installed(self) -> dict[bytes, int]:
+        """Every key installed on some member, and on how many."""
+        answer = await self._connection().list_keys()
+        if answer.error:
+            _log.warning("%s: list-keys: %s %s", self._node, answer.error, answer.messages)
+        return dict(answer.keys)

@@ -4,9 +4,10 @@
 Such a member answers the ``aiocoloc-record`` query with its
 ``Member.pack()``.  ``RecordFetcher`` asks the members seen with a tag that
 leaves something out, in batches (a query filtered on their names), and
-hands each back to the engine (``settle``) with its answer — or without one
-if none came before the query's deadline: what its tag left out then stays
-unknown for that version of its record, which is not asked for again.
+hands each back to the member view (``settle``) with its answer — or
+without one if none came before the query's deadline: what its tag left
+out then stays unknown for that version of its record, which is not asked
+for again.
 
 Serf limits a query response to 1024 bytes (``query_response_size_limit``)
 with the node name and some framing: a packed record of more than about 900

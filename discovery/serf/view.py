@@ -15,19 +15,32 @@ and a snapshot taken after a gap publishes exactly what was missed.
   shared agent): ``leave``.
 
 The local member is in the table (for ``members()``) but makes no events.
+
+``MemberView`` is the way in: it reads each member's ``ac`` tag and status,
+forgets those that are not (or no longer) ours, and holds back one whose tag
+leaves something out until its whole record came (``discovery.serf.records``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
+from discovery.engine import EngineError
 from discovery.events import Event
 from discovery.member import Member, MemberError, Status
+from discovery.serf.records import RECORD_QUERY, RecordFetcher
 from discovery.serf.tags import TAG, TagRecord, decode_tag
 from discovery.serf.wire import SerfMember
 
-__all__ = ["MemberTable", "serf_status"]
+if TYPE_CHECKING:
+    from discovery.events import EventStream
+    from discovery.serf.rpc import SerfRPC
+    from discovery.serf.wire import MemberEvent
+
+__all__ = ["MemberTable", "MemberView", "read_tag", "serf_status"]
 
 _log = logging.getLogger("discovery.serf.view")
 
@@ -139,3 +152,83 @@ class MemberTable:
     def vanished(self, present: Iterable[str]) -> list[str]:
         """Known nodes that are not in ``present`` (a snapshot's names)."""
         return sorted(self.names() - set(present))
+
+
+class MemberView:
+    """What the agent tells about the members, folded into ``table`` and
+    published on ``events``; ``records`` fetches the records that tags
+    leave incomplete."""
+
+    def __init__(
+        self,
+        table: MemberTable,
+        events: EventStream,
+        connection: Callable[[], SerfRPC],
+        counters: Counter[str],
+    ) -> None:
+        self.table = table
+        self.records = RecordFetcher(connection, self._settle, counters)
+        self._events = events
+
+    def apply_event(self, event: MemberEvent) -> None:
+        """Fold in a member event of the agent's event stream."""
+        for member in event.members:
+            if event.event == "member-reap":
+                self._forget(member.name, Status.FAILED)
+            else:
+                self._observe(member, event.event)
+
+    def apply_snapshot(self, snapshot: Iterable[SerfMember]) -> int:
+        """Fold in the agent's whole member list (``members``): a member not
+        in it is gone.  How many events that made."""
+        before = self._events.published
+        present = set()
+        for member in snapshot:
+            present.add(member.name)
+            self._observe(member, None)
+        for node in self.table.vanished(present):
+            self._forget(node, Status.FAILED)
+        return self._events.published - before
+
+    async def fetch(self, node: str) -> Member:
+        """``node``'s whole record, asked with the record query, with the
+        status known for it."""
+        answers = await self.records.ask([node])
+        if node not in answers:
+            raise EngineError(f"{node!r} did not answer the {RECORD_QUERY!r} query")
+        known = self.table.get(node)
+        return answers[node].with_status(known.status if known is not None else Status.ALIVE)
+
+    def _publish(self, event: Event | None) -> None:
+        if event is not None:
+            self._events.publish(event)
+
+    def _forget(self, node: str, status: Status) -> None:
+        """``node`` is no member any more (reaped, vanished, untagged)."""
+        self.records.forget(node)
+        self._publish(self.table.remove(node, status))
+
+    def _observe(self, member: SerfMember, event: str | None) -> None:
+        """Fold one member as the agent sees it into the table; one whose
+        tag leaves something out is published once its record is fetched."""
+        if member.name == self.table.local.node:
+            return
+        status = serf_status(member, event)
+        tag = read_tag(member)
+        if tag is None or status is None:  # not (or no longer) one of ours
+            self._forget(member.name, Status.LEFT)
+            return
+        full = self.records.known(member.name, tag.incarnation)
+        if not tag.complete and status is Status.ALIVE and full is None:
+            if self.records.want(member, status, tag.incarnation):
+                return
+        self.records.settled(member.name)
+        self._settle(member, status, full, ordered=event is not None)
+
+    def _settle(
+        self, member: SerfMember, status: Status, full: Member | None, *, ordered: bool = True
+    ) -> None:
+        tag = read_tag(member)
+        if tag is not None:
+            record = self.table.record(member, tag, status, full)
+            self._publish(self.table.apply(record, ordered=ordered))

@@ -53,6 +53,7 @@ __all__ = [
     "decode_addr",
     "has_body",
     "parse_key_response",
+    "parse_log_record",
     "parse_record",
 ]
 
@@ -312,6 +313,14 @@ def parse_query_record(body: Any) -> QueryRecord | None:
     if kind == "response":
         return QueryRecord("response", _str(body, "From"), _bytes(body, "Payload"))
     raise SerfProtocolError(f"unknown query record type {kind!r:.40}")
+
+
+def parse_log_record(body: Any) -> str:
+    """One line of a ``monitor`` stream."""
+    if not isinstance(body, dict) or not isinstance(body.get("Log"), str):
+        raise SerfProtocolError(f"log record {body!r:.60}")
+    line: str = body["Log"]
+    return line
 
 
 # ------------------------------------------------------------------- keys
