@@ -119,6 +119,15 @@ class Profile:
         scale = math.ceil(math.log2(n) - math.log2(_PUSH_PULL_SCALE_THRESHOLD)) + 1
         return scale * self.push_pull_interval
 
+    def view_settle_time(self, n: int) -> float:
+        """How long two members' views may differ before a push/pull mends
+        them (``swim/sync.py``): what gossip takes to spread a change to
+        ``n`` members (log_gossip_nodes(n) rounds, plus its retransmits),
+        and at least a probe interval, since views are compared as probes
+        arrive."""
+        rounds = math.ceil(math.log(max(n, 2)) / math.log(max(self.gossip_nodes, 2)))
+        return max(self.probe_interval, (rounds + self.retransmit_limit(n)) * self.gossip_interval)
+
     # -- what a test may assert ----------------------------------------------
 
     def failure_detection_bound(self, n: int) -> float:

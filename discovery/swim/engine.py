@@ -47,6 +47,7 @@ from discovery.swim.messages import (
     Ping,
     PushPull,
     Suspect,
+    View,
     encode,
     pack_body,
 )
@@ -150,9 +151,10 @@ class SwimEngine(Engine):
             self._counters,
             self._gossip.send,
             self._transport.request,
+            self._membership.view_digest,
         )
         self._sync = StateSync(
-            self.profile, self._membership, self._counters, self._transport.request
+            self.profile, self._membership, self._counters, self._transport.request, self._spawn
         )
         for work in (
             self._prober.run(),
@@ -273,10 +275,13 @@ class SwimEngine(Engine):
             return
         me = membership.local.node
         pings: list[Ping] = []
+        view: bytes | None = None
         for message in messages:
             match message:
                 case Ping():
                     pings.append(message)
+                case View(digest):
+                    view = digest
                 case IndirectPing():
                     prober.relay(message, source)
                 case Ack(seq):
@@ -298,6 +303,8 @@ class SwimEngine(Engine):
                 self._counters["drop_misdirected"] += 1
                 continue
             self._gossip.send(source, [encode(Ack(ping.seq))])
+        if view is not None and pings and self._sync is not None:
+            self._sync.compare(view, source)
 
     async def _on_stream(self, messages: list[Message], peer: str) -> bytes | None:
         membership, sync = self._membership, self._sync
@@ -319,6 +326,8 @@ class SwimEngine(Engine):
         self._tasks.append(task)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task in self._tasks:  # (stop() clears the list itself)
+            self._tasks.remove(task)
         if not task.cancelled() and task.exception() is not None:
             _log.error("engine task failed", exc_info=task.exception())
 

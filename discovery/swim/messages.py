@@ -12,7 +12,9 @@ know (a newer peer's) is skipped and counted, never an error.
 Protocol versions (the byte after the magic in ``packet.py``):
 
 1. First version: PING .. PUSH_PULL below; members' records are
-   ``Member.pack()`` (append-only itself).
+   ``Member.pack()`` (append-only itself).  VIEW was added to it later
+   without a new version: a member that does not know it skips it, as it
+   skips every kind it does not know.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = [
     "MAX_PUSH_MEMBERS",
     "PROTOCOL_MIN",
     "PROTOCOL_VERSION",
+    "VIEW_DIGEST_SIZE",
     "Ack",
     "Alive",
     "Dead",
@@ -41,6 +44,7 @@ __all__ = [
     "Ping",
     "PushPull",
     "Suspect",
+    "View",
     "body_overhead",
     "decode_body",
     "encode",
@@ -59,6 +63,8 @@ MAX_PUSH_MEMBERS = 65536
 MAX_ADDRESS = 64
 _MAX_SEQ = (1 << 32) - 1
 _MAX_INCARNATION = (1 << 63) - 1
+#: Bytes of a view digest.
+VIEW_DIGEST_SIZE = 8
 
 
 class MessageError(ValueError):
@@ -76,6 +82,7 @@ class MessageKind(enum.IntEnum):
     ALIVE = 6  # node's record  [Member.pack()]
     DEAD = 7  # node is dead (left if accuser == node)  [node, incarnation, accuser]
     PUSH_PULL = 8  # full state, over TCP only  [join, [[record, status], ...]]
+    VIEW = 9  # digest of the live members the sender knows  [8 bytes]
 
 
 #: Status codes in push/pull.  Append only, like the kinds.
@@ -144,7 +151,12 @@ class PushPull:
     members: tuple[Member, ...]  # with the sender's view of their status
 
 
-Message = Ping | IndirectPing | Ack | Nack | Suspect | Alive | Dead | PushPull
+@dataclass(frozen=True)
+class View:
+    digest: bytes  # MemberTable.view_digest(): equal views, equal digests
+
+
+Message = Ping | IndirectPing | Ack | Nack | Suspect | Alive | Dead | PushPull | View
 
 
 # -- encoding ----------------------------------------------------------------
@@ -172,6 +184,8 @@ def _fields(message: Message) -> list[Any]:
                 join,
                 [[m.pack(), _STATUS_CODES[m.status]] for m in members],
             ]
+        case View(digest):
+            return [MessageKind.VIEW, digest]
     raise TypeError(f"not a message: {message!r:.80}")
 
 
@@ -241,6 +255,8 @@ def _decode(kind: MessageKind, f: list[Any]) -> Message:
                 message = Dead(f[0], f[1], f[2])
             case MessageKind.PUSH_PULL:
                 message = PushPull(f[0], _push_members(f[1]))
+            case MessageKind.VIEW:
+                message = View(f[0])
     except IndexError:
         raise MessageError(f"{kind.name}: too few fields") from None
     _validate(message)
@@ -302,6 +318,9 @@ def _validate(message: Message) -> None:
                 raise MessageError("PUSH_PULL: join is a boolean")
             if len(members) > MAX_PUSH_MEMBERS:
                 raise MessageError("PUSH_PULL: too many members")
+        case View(digest):
+            if type(digest) is not bytes or len(digest) != VIEW_DIGEST_SIZE:
+                raise MessageError(f"VIEW: a digest is {VIEW_DIGEST_SIZE} bytes")
 
 
 def _seq(value: Any) -> None:

@@ -63,6 +63,7 @@ from discovery.swim.messages import (
     Nack,
     Ping,
     Suspect,
+    View,
     encode,
     pack_body,
 )
@@ -98,6 +99,7 @@ class Prober:
         stats: Counter[str],
         send: Send,
         request: Request,
+        view: Callable[[], bytes],
     ) -> None:
         self._me = me
         self._profile = profile
@@ -106,6 +108,7 @@ class Prober:
         self._stats = stats
         self._send = send
         self._request = request
+        self._view = view
         self._loop = asyncio.get_running_loop()
         self._waiters: dict[int, _Waiter] = {}
         self._seq = random.randrange(1 << 31)
@@ -225,6 +228,7 @@ class Prober:
         messages = [encode(Ping(seq, member.node, self._me))]
         if target.status is not Status.ALIVE:
             messages.append(encode(Suspect(member.node, member.incarnation, self._me)))
+        messages.append(encode(View(self._view())))  # the probed member compares (sync.py)
         tcp: asyncio.Task[bool] | None = None
         try:
             self._send(target.address, messages)

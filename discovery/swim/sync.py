@@ -6,6 +6,17 @@ push/pull interval (scaled with the cluster size) a member exchanges with
 a random live member; every reconnect interval, with a random *failed*
 one, so the two sides of a healed partition find each other again, and it
 forgets the members failed or left long ago.  A join is a push/pull too.
+
+Views are also compared on every probe, between the periodic exchanges.
+Gossip reaches every member only with high probability: with memberlist's
+``local`` values a change is sent about four times by each member that
+holds it, and at 64 members about one join or leave in two misses someone,
+who would learn it only at the next push/pull (15-30 s later).  So every
+probe carries the prober's view digest (``MemberTable.view_digest``); a
+member whose view has differed from its probers' for longer than gossip
+takes to settle (``Profile.view_settle_time``) push/pulls with the latest
+of them at once, at most once per settle time.  Converged views cost the
+digest's few bytes and nothing else.
 """
 
 from __future__ import annotations
@@ -14,6 +25,8 @@ import asyncio
 import logging
 import random
 from collections import Counter
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from discovery.member import Status
 from discovery.profiles import Profile
@@ -30,12 +43,21 @@ class StateSync:
     """Push/pull for ``membership``: asking, answering, and its rounds."""
 
     def __init__(
-        self, profile: Profile, membership: Membership, stats: Counter[str], request: Request
+        self,
+        profile: Profile,
+        membership: Membership,
+        stats: Counter[str],
+        request: Request,
+        spawn: Callable[[Coroutine[Any, Any, Any]], None],
     ) -> None:
         self._profile = profile
         self._membership = membership
         self._stats = stats
         self._request = request
+        self._spawn = spawn
+        self._loop = asyncio.get_running_loop()
+        self._differs_since: float | None = None
+        self._last_mend = float("-inf")
 
     async def exchange(self, address: str, *, join: bool = False) -> bool:
         """Push/pull with the member at ``address``; True if it answered."""
@@ -53,6 +75,29 @@ class StateSync:
                 membership.merge(message.members)
                 return True
         return False
+
+    def compare(self, view: bytes, address: str) -> None:
+        """The prober at ``address`` holds ``view``: mend our views with a
+        push/pull when they have differed for too long (module docstring)."""
+        membership = self._membership
+        if view == membership.view_digest():
+            self._differs_since = None
+            return
+        self._stats["view_differs"] += 1
+        now = self._loop.time()
+        if self._differs_since is None:
+            self._differs_since = now
+            return
+        settle = self._profile.view_settle_time(membership.count())
+        if now - self._differs_since < settle or now - self._last_mend < settle:
+            return
+        if membership.left:
+            return
+        self._differs_since = None
+        self._last_mend = now
+        self._stats["view_mends"] += 1
+        _log.debug("views differ for %.1f s: push/pull with %s", settle, address)
+        self._spawn(self.exchange(address))
 
     def serve(self, request: PushPull, peer: str) -> bytes:
         """The reply body to ``peer``'s push/pull: our state, its merged in."""

@@ -9,10 +9,13 @@ it is the state machine's (``Membership``, ``state.py``).
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 from dataclasses import dataclass
 
 from discovery.member import Member, Status
 from discovery.profiles import Profile
+from discovery.swim.messages import VIEW_DIGEST_SIZE
 
 __all__ = ["MemberTable", "NodeState"]
 
@@ -88,6 +91,15 @@ class MemberTable:
     def failed(self) -> list[NodeState]:
         return [s for s in self._nodes.values() if s.status is Status.FAILED]
 
+    def view_digest(self) -> bytes:
+        """A digest of who we hold live (alive or suspect): members whose
+        digests are equal most likely agree on who is a member."""
+        digest = 0
+        for name, state in self._nodes.items():
+            if state.member.alive:
+                digest ^= _name_hash(name)
+        return digest.to_bytes(VIEW_DIGEST_SIZE, "big")
+
     def snapshot(self) -> tuple[Member, ...]:
         """Every record with its status, for a push/pull."""
         return tuple(state.member for state in self._nodes.values())
@@ -112,3 +124,10 @@ class MemberTable:
         for member in reaped:
             self._by_address.pop(member.addresses[0], None)
         return reaped
+
+
+@functools.lru_cache(maxsize=4096)
+def _name_hash(name: str) -> int:
+    # XOR of per-name hashes: order-free, and cheap to recompute per probe.
+    digest = hashlib.blake2b(name.encode(), digest_size=VIEW_DIGEST_SIZE).digest()
+    return int.from_bytes(digest, "big")

@@ -344,7 +344,9 @@ async def _probe_silent_target(
     membership.on_alive(Member("target", ("127.0.0.2:1",)))
     for i in range(relays):
         membership.on_alive(Member(f"relay{i}", (f"127.0.0.{10 + i}:1",)))
-    prober = Prober("me", _FAST, membership, awareness, stats, net.send, net.request)
+    prober = Prober(
+        "me", _FAST, membership, awareness, stats, net.send, net.request, membership.view_digest
+    )
     net.prober = prober
     target = membership.get("target")
     assert target is not None
@@ -395,7 +397,9 @@ async def test_suspected_target_hears_the_accusation_with_the_ping() -> None:
     )
     membership.on_alive(Member("target", ("127.0.0.2:1",), incarnation=4))
     membership.on_suspect(Suspect("target", 4, "someone"))
-    prober = Prober("me", _FAST, membership, awareness, stats, net.send, net.request)
+    prober = Prober(
+        "me", _FAST, membership, awareness, stats, net.send, net.request, membership.view_digest
+    )
     net.prober = prober
     target = membership.get("target")
     assert target is not None
@@ -424,7 +428,19 @@ async def test_slots_make_every_member_probed_once_by_a_different_member() -> No
             if other != me:
                 membership.on_alive(Member(other, (f"127.0.0.{i + 2}:1",)))
         probers.append(
-            (me, Prober(me, _FAST, membership, Awareness(8), Counter(), lambda a, m: None, _no_tcp))
+            (
+                me,
+                Prober(
+                    me,
+                    _FAST,
+                    membership,
+                    Awareness(8),
+                    Counter(),
+                    lambda a, m: None,
+                    _no_tcp,
+                    membership.view_digest,
+                ),
+            )
         )
     previous: dict[str, str] = {}
     for slot in range(1000, 1000 + 3 * len(names)):

@@ -89,6 +89,7 @@ def test_kind_values_are_the_protocol() -> None:
         "ALIVE": 6,
         "DEAD": 7,
         "PUSH_PULL": 8,
+        "VIEW": 9,
     }
     assert PROTOCOL_VERSION == 1
 
