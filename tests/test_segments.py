@@ -6,9 +6,12 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 
+import posix_ipc
 import pytest
 
 from aiocoloc.errors import SegmentError
@@ -185,6 +188,27 @@ def test_posix_errors() -> None:
     with pytest.raises(SegmentError, match="positive"):
         PosixShmSegment.create(shm_name(), 0)
     seg.close()
+
+
+def test_posix_attach_waits_for_its_creator_to_size_it() -> None:
+    """Between a creator's shm_open and its ftruncate the segment holds 0
+    bytes: a process that opens it then waits (CI once saw one of eight
+    processes opening a new pool fail there), and gives up after ``wait``."""
+    name = shm_name()
+    raw = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=0)
+    try:
+        with pytest.raises(SegmentError, match="holds 0 bytes, need at least 4096"):
+            PosixShmSegment.attach(name, min_size=4096, wait=0.05)
+        sizer = threading.Timer(0.05, os.ftruncate, (raw.fd, 8192))
+        sizer.start()
+        started = time.monotonic()
+        seg = PosixShmSegment.attach(name, min_size=4096, wait=5.0)
+        assert seg.size == 8192 and time.monotonic() - started < 2.0
+        sizer.join()
+        seg.close()
+    finally:
+        raw.close_fd()
+        raw.unlink()
 
 
 def test_posix_permission_denied_names_the_mode() -> None:

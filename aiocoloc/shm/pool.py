@@ -145,7 +145,8 @@ class Pool:
                 name, size, group=group, unlink=UnlinkPolicy.NEVER
             )
         except SegmentError:
-            segment = PosixShmSegment.attach(name, min_size=HEADER_SIZE)
+            # Its creator may not have sized it yet (shm_open, then ftruncate).
+            segment = PosixShmSegment.attach(name, min_size=HEADER_SIZE, wait=timeout)
             try:
                 return cls.attach(segment, timeout=timeout)
             except PoolError:

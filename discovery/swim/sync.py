@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from discovery.member import Status
+from discovery.member import Status, split_host
 from discovery.profiles import Profile
 from discovery.swim.messages import PushPull, encode, pack_body
 from discovery.swim.probe import Request
@@ -102,6 +102,11 @@ class StateSync:
     def serve(self, request: PushPull, peer: str) -> bytes:
         """The reply body to ``peer``'s push/pull: our state, its merged in."""
         self._stats["push_pull_served"] += 1
+        host = split_host(peer)[0]
+        if any(split_host(s.address)[0] == host for s in self._membership.failed()):
+            # A member we hold failed reaching out: its reconnect, counted
+            # here too, since its answer (and count) may be lost.
+            self._stats["reconnect_served"] += 1
         _log.debug(
             "push/pull from %s (join=%s, %d members)", peer, request.join, len(request.members)
         )

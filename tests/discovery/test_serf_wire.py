@@ -19,6 +19,7 @@ from discovery.engine import EngineError
 from discovery.member import MAX_SLOT, Member, MemberError, Status
 from discovery.serf import SerfEngine
 from discovery.serf.agent import SerfAgent, serf_profile
+from discovery.serf.key_commands import ask
 from discovery.serf.rpc import SerfRPC
 from discovery.serf.streams import STREAM_LIMIT
 from discovery.serf.tags import (
@@ -32,6 +33,7 @@ from discovery.serf.tags import (
 )
 from discovery.serf.view import MemberTable, read_tag, serf_status
 from discovery.serf.wire import (
+    KeyResponse,
     MemberEvent,
     QueryEvent,
     SerfAgentError,
@@ -667,3 +669,26 @@ async def test_engine_resyncs_when_the_agent_logs_dropped_events(fake_agent: Any
         assert engine.stats()["resyncs"] == 2
     finally:
         await engine.stop()
+
+
+def test_a_key_command_some_member_did_not_answer_is_asked_again_once() -> None:
+    def asking(*answers: KeyResponse) -> tuple[Callable[[], Awaitable[KeyResponse]], list[int]]:
+        calls: list[int] = []
+
+        async def command() -> KeyResponse:
+            calls.append(1)
+            return answers[len(calls) - 1]
+
+        return command, calls
+
+    lost = KeyResponse("2/3 nodes reported success", 3, 2, 0)
+    full = KeyResponse("", 3, 3, 0)
+    command, calls = asking(lost, full)
+    assert asyncio.run(ask(command)) == full and len(calls) == 2
+    command, calls = asking(lost, lost, full)
+    assert asyncio.run(ask(command)) == lost and len(calls) == 2  # once, not until it works
+    command, calls = asking(full)
+    assert asyncio.run(ask(command)) == full and len(calls) == 1
+    refused = KeyResponse("1/3 failed", 3, 3, 1, {"b": "no such key"})
+    command, calls = asking(refused)
+    assert asyncio.run(ask(command)) == refused and len(calls) == 1  # a refusal is an answer

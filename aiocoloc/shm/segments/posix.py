@@ -7,6 +7,7 @@ import grp
 import logging
 import os
 import stat
+import time
 
 import posix_ipc
 
@@ -88,9 +89,16 @@ class PosixShmSegment(Segment):
 
     @classmethod
     def attach(
-        cls, name: str, *, min_size: int = 1, unlink: UnlinkPolicy = UnlinkPolicy.NEVER
+        cls,
+        name: str,
+        *,
+        min_size: int = 1,
+        unlink: UnlinkPolicy = UnlinkPolicy.NEVER,
+        wait: float = 0.0,
     ) -> PosixShmSegment:
-        """Open an existing ``name`` read-write."""
+        """Open an existing ``name`` read-write.  ``wait``: how long a segment
+        smaller than ``min_size`` may take to grow, as one does between its
+        creator's ``shm_open`` and ``ftruncate``."""
         name = _normalise(name)
         try:
             shm = posix_ipc.SharedMemory(name, 0)
@@ -102,7 +110,9 @@ class PosixShmSegment(Segment):
             fd = os.dup(shm.fd)
         finally:
             shm.close_fd()
-        size = os.fstat(fd).st_size
+        deadline = time.monotonic() + wait
+        while (size := os.fstat(fd).st_size) < min_size and time.monotonic() < deadline:
+            time.sleep(0.001)
         if size < min_size:
             os.close(fd)
             raise SegmentError(f"shared memory {name} holds {size} bytes, need at least {min_size}")
