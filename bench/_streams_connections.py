@@ -174,7 +174,7 @@ def run_connection_cells(loop_name: str, seconds: float) -> dict[str, Any]:
             children.append(child)
             ports.append(int(line))
         with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
-            return runner.run(asyncio.wait_for(connection_cells(*ports, seconds), 300))
+            return runner.run(asyncio.wait_for(connection_cells(ports[0], ports[1], seconds), 300))
     finally:
         for child in children:
             stop(child)

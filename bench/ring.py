@@ -167,7 +167,7 @@ def _child_rate(child: subprocess.Popen[str]) -> float:
     if child.returncode != 0:
         raise RuntimeError(f"benchmark child failed with {child.returncode}")
     result = json.loads(out)
-    return float(result["bytes"]) / max(result["seconds"], 1e-9)
+    return float(result["bytes"]) / max(float(result["seconds"]), 1e-9)
 
 
 def bench_ring_two_processes(size: int, seconds: float) -> float:

@@ -42,6 +42,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,7 @@ def measure(
             row: dict[str, Any] = {}
             for size in STREAM_SIZES:
                 progress(f"{key} stream {size} B")
-                cell = run_cell(kind, loop_name, lambda c, s=size: stream_cell(c, s, seconds))
+                cell = run_cell(kind, loop_name, partial(stream_cell, size=size, seconds=seconds))
                 row[f"stream_{size}"] = cell["bytes_per_s"]
                 row[f"cpu_per_gb_{size}"] = cell["cpu_s_per_gb"]
             if kind in STREAM_ONLY:
@@ -84,7 +85,7 @@ def measure(
             for size in RR_SIZES:
                 progress(f"{key} ping-pong {size} B")
                 row[f"rr_{size}"] = run_cell(
-                    kind, loop_name, lambda c, s=size: rr_cell(c, s, seconds)
+                    kind, loop_name, partial(rr_cell, size=size, seconds=seconds)
                 )
             progress(f"{key} low-rate ping")
             row["lowrate"] = run_cell(kind, loop_name, lambda c: rr_cell(c, 64, seconds, 0.001))
