@@ -6,7 +6,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
-EXT_SOURCES := aiocoloc/_ring.pyx aiocoloc/_ring.pxd $(wildcard aiocoloc/_ring_*.pxi) aiocoloc/shm/_atomic.pyx aiocoloc/includes/atomics.h
+EXT_SOURCES := aiocoloc/_ring.pyx aiocoloc/_ring.pxd $(wildcard aiocoloc/_ring_*.pxi) aiocoloc/shm/_atomic.pyx aiocoloc/includes/atomics.h \
+	aiocoloc/transport/data_path.py aiocoloc/transport/data_path.pxd
 PYTEST_ARGS ?=
 
 .PHONY: all venv build demo test lint typecheck pytest soak fuzz bench clean
@@ -63,4 +64,4 @@ bench: build
 	$(PY) bench/discovery.py
 
 clean:
-	rm -rf build $(VENV) aiocoloc/*.so aiocoloc/*.c aiocoloc/shm/*.so aiocoloc/shm/*.c *.egg-info .pytest_cache .mypy_cache .hypothesis
+	rm -rf build $(VENV) aiocoloc/*.so aiocoloc/*.c aiocoloc/shm/*.so aiocoloc/shm/*.c aiocoloc/transport/*.so aiocoloc/transport/*.c *.egg-info .pytest_cache .mypy_cache .hypothesis

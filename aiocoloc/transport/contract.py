@@ -75,27 +75,20 @@ class ProtocolCalls(TransportState):
     # ------------------------------------------------------------ received bytes
 
     def _deliver(self, data: bytes | memoryview) -> None:
-        """Give received bytes to the protocol (either path)."""
-        self._rx_pos += len(data)
-        if self._buffered:
-            view = memoryview(data)
-            while view and not self._lost_called:
-                target = self._get_buffer(len(view))
-                if target is None:
-                    return
-                n = min(len(target), len(view))
-                target[:n] = view[:n]
-                view = view[n:]
-                self._call(self._protocol.buffer_updated, n, what="buffer_updated")  # type: ignore[attr-defined]
-        else:
-            if type(data) is not bytes:
-                data = bytes(data)
-            try:  # (free in 3.11 unless raised) a protocol without one fails as on the loop's
-                data_received = self._protocol.data_received  # type: ignore[attr-defined]
-            except AttributeError as exc:
-                self._fatal_error(exc, self._callback_failed("data_received"))
+        """Give received bytes to the protocol (either path; ``DataPath.deliver``)."""
+        self._core.deliver(data)
+
+    def _deliver_into_buffers(self, data: bytes | memoryview) -> None:
+        """Copy received bytes into a ``BufferedProtocol``'s buffers (from ``deliver``)."""
+        view = memoryview(data)
+        while view and not self._lost_called:
+            target = self._get_buffer(len(view))
+            if target is None:
                 return
-            self._call(data_received, data, what="data_received")
+            n = min(len(target), len(view))
+            target[:n] = view[:n]
+            view = view[n:]
+            self._call(self._protocol.buffer_updated, n, what="buffer_updated")  # type: ignore[attr-defined]
 
     def _get_buffer(self, sizehint: int) -> memoryview | None:
         """The protocol's buffer as bytes; None after a fatal error (asyncio's
@@ -256,15 +249,10 @@ class LifeCycle(TransportState):
         return default
 
     def is_closing(self) -> bool:
-        # The loop's TCP transport may have failed (a send met EPIPE or a
-        # reset) with its connection_lost still queued: StreamWriter.drain()
-        # yields only when this says so, so a write()/drain() loop would
-        # never let that callback run.  (Adopted transports on TCP alone use
-        # the loop transport's is_closing in place of this.)
-        if self._closing:
-            return True
-        tcp = self._tcp
-        return tcp is not None and tcp.is_closing()
+        # The data path's (``DataPath.is_closing``); adopted transports on TCP
+        # alone use the loop transport's in place of this, and attach_shm
+        # sets the data path's on the instance.
+        return self._core.is_closing()
 
     def close(self) -> None:
         if self._closing:
@@ -355,6 +343,7 @@ class LifeCycle(TransportState):
                 self._in_context(self._protocol.connection_lost, exc)
         finally:
             self._protocol = None  # type: ignore[assignment]
+            self._core.owner = None  # (no cycle: see DataPath)
             callbacks, self._close_callbacks = self._close_callbacks, []
             for callback in callbacks:
                 try:
@@ -365,5 +354,4 @@ class LifeCycle(TransportState):
                     )
 
     def __repr__(self) -> str:
-        state = "closed" if self._lost_called else "closing" if self._closing else "open"
-        return f"<SwitchableTransport {state} tx={self._tx} rx={self._rx}>"
+        return self._core.owner_repr()

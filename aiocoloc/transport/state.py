@@ -1,28 +1,39 @@
 """The state a ``SwitchableTransport``'s parts share, declared once.
 
 The transport is one object composed of mixins, one module per concern
-(``switchable`` lists them).  They read and write the attributes declared
-here on that one object: a method of the same instance costs nothing more
-per call, which the data paths count on.  Only these modules touch them;
-every other object (the control link, the resizer, the loop watch, the
-connection set-up) goes through methods.
+(``switchable`` lists them), plus its hot half, a ``DataPath``
+(``data_path``, compiled): what runs for every message, with the fields it
+reads.  The mixins read and write the attributes declared here on the
+transport; those the data path owns are properties that reach into it
+(``_tx_pos`` is ``_core.tx_pos``), which costs a little on the cold paths
+and nothing on the hot ones.  Only these modules touch them; every other
+object (the control link, the resizer, the loop watch, the connection
+set-up) goes through methods.
 
-Immutable starting values live on the class: a connection that never
-leaves TCP sets only what it changes (set-up cost counts for short
-connections).  The methods one part calls on another are declared at the
-end, for the type checker only.
+Immutable starting values of the cold attributes live on the class: a
+connection that never leaves TCP sets only what it changes (set-up cost
+counts for short connections).  The methods one part calls on another are
+declared at the end, for the type checker only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import importlib
+import importlib.util
+import logging
+import operator
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from aiocoloc.notify.spin import AFTER_EMPTY, SpinPolicy
-from aiocoloc.transport.loop_watch import NO_TRAFFIC_GOAL, LoopWatch
-from aiocoloc.transport.switch_state import NO_SWITCH, TCP, SwitchState
+from aiocoloc.notify.spin import SpinPolicy
+from aiocoloc.ring import extensions_disabled
+from aiocoloc.transport.loop_watch import LoopWatch
+from aiocoloc.transport.switch_state import SwitchState
 
 if TYPE_CHECKING:
     from aiocoloc.control import ControlChannel, Message
@@ -30,7 +41,46 @@ if TYPE_CHECKING:
     from aiocoloc.transport.shm_path import ShmPath
     from aiocoloc.transport.switchable import SwitchableTransport
 
-__all__ = ["TransportState"]
+__all__ = ["READ_CHUNK", "DataPath", "TransportState", "load_data_path"]
+
+_log = logging.getLogger("aiocoloc.transport")
+
+
+def load_data_path() -> ModuleType:
+    """The ``data_path`` module: compiled, or the pure-Python source when
+    ``AIOCOLOC_NO_EXTENSIONS`` asks for it (even with the compiled one built
+    beside it) or when the extension was not built (with a warning)."""
+    name = "aiocoloc.transport.data_path"
+    if not extensions_disabled():
+        module = importlib.import_module(name)
+        if not module.COMPILED:
+            _log.warning("compiled data path not built; the transport runs its slow reference")
+        return module
+    if name in sys.modules and not sys.modules[name].COMPILED:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("data_path.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# Everything else imports the data path from here, so that one module is used.
+if TYPE_CHECKING:
+    from aiocoloc.transport.data_path import READ_CHUNK, DataPath
+else:
+    _data_path = load_data_path()
+    DataPath, READ_CHUNK = _data_path.DataPath, _data_path.READ_CHUNK
+
+
+def _field(name: str) -> Any:
+    """A transport attribute that lives in its ``DataPath``."""
+
+    def set_field(self: TransportState, value: Any) -> None:
+        setattr(self._core, name, value)
+
+    return property(operator.attrgetter("_core." + name), set_field)
 
 
 class TransportState(asyncio.transports._FlowControlMixin):
@@ -38,70 +88,105 @@ class TransportState(asyncio.transports._FlowControlMixin):
 
     # Set by __init__.
     _loop: asyncio.AbstractEventLoop
-    _protocol: asyncio.BaseProtocol
-    _context: contextvars.Context
+    _core: DataPath  # the hot half, which owns the fields below marked so
     _extra: dict[str, Any]
-    _buffered: bool  # we copy into the protocol's buffers (get_buffer/buffer_updated)
-    _overflow: bytearray  # written, not yet placed in the pipe
-    _tcp_backlog: bytearray  # TCP bytes not delivered yet (a later TCP segment)
-    _rx_held: bytearray | None = None  # pipe bytes taken while the protocol paused reading
     _close_callbacks: list[Callable[[SwitchableTransport], object]]
 
-    _entered = False  # running in the connection's context already
     # _FlowControlMixin's state: asyncio's default limits, 64 KiB / 16 KiB.
     _protocol_paused = False
     _high_water = 64 * 1024
     _low_water = 16 * 1024
-    # Until a shared-memory path is attached, the loop's TCP transport calls
-    # the protocol through the TcpAdapter with nothing in between: in its own
-    # context and under its own guard, as for any asyncio connection.
-    _direct = True
-    _tcp: asyncio.Transport | None = None
-    _shm: ShmPath | None = None
     _link: ControlChannel | None = None
-    # Switching: the state machine (from attach_shm on), and the copies of
-    # its answers that the data paths test.
+    # Switching: the state machine (from attach_shm on); the data paths
+    # test copies of its answers (_tx, _rx, _rx_switch_at).
     _switching: SwitchState | None = None
-    _tx = TCP  # the path our bytes take
-    _rx = TCP  # the path incoming bytes come from
-    _rx_switch_at = NO_SWITCH  # stream offset of the next pending incoming switch
-    # Sending.
-    _tx_pos = 0
-    _eof_pending = False  # write_eof() waits for the overflow
-    _eof_written = False
-    _waiting_space = False
-    _woke_peer = False  # we rang the peer since our incoming pipe last ran empty
-    _resizing: Resizing | None = None  # our pipe's place in the pool's resizer
-    # Receiving.
-    _rx_pos = 0
-    _backlog_paused = False
-    _tcp_reading = True
-    _tcp_eof_seen = False
-    _rx_eof = False
-    _drain_scheduled = False
-    _spin: SpinPolicy | None = None
-    _spin_handle: asyncio.Handle | None = None
-    _rx_asleep = False  # our consumer announced it sleeps
-    _slept_at = 0
-    _slept_for = AFTER_EMPTY  # what we sleep after: the pipe ran empty, or a write
     # Life cycle.
-    _paused_reading = False
-    _closing = False
     _tcp_closed = False
     _tcp_dropped = False  # TCP was lost while we were not closing it
-    _conn_lost = 0
-    _lost_called = False
     _peer_closed_link = False
     _peer_gone = False
     _fallback_reason: str | None = None
     _fallback_detail: str | None = None
+    _backlog_paused = False
+    _tcp_reading = True
+    _tcp_eof_seen = False
     # Traffic: the data paths call _check_traffic once _tx_pos + _rx_pos
-    # reaches this (the upgrade's hook, the loop watch: ``loop_watch``).
-    _traffic_goal = NO_TRAFFIC_GOAL
+    # reaches _traffic_goal (the upgrade's hook, the loop watch: ``loop_watch``).
     _loop_watch: LoopWatch | None = None
     _nudged = False  # the protocol is paused by us, only to let the loop run
     nudges = 0  # times a writer was paused to let the loop run
     switches = 0  # switches of our sending direction
+
+    # Owned by the data path (``_core``; starting values in DataPath.__init__).
+    if TYPE_CHECKING:
+        _protocol: asyncio.BaseProtocol
+        _context: contextvars.Context
+        _buffered: bool  # we copy into the protocol's buffers (get_buffer/buffer_updated)
+        # Until a shared-memory path is attached, the loop's TCP transport
+        # calls the protocol through the TcpAdapter with nothing in between:
+        # in its own context and under its own guard, as for any connection.
+        _direct: bool
+        _entered: bool  # running in the connection's context already
+        _overflow: bytearray  # written, not yet placed in the pipe
+        _tcp_backlog: bytearray  # TCP bytes not delivered yet (a later TCP segment)
+        _rx_held: bytearray | None  # pipe bytes taken while the protocol paused reading
+        _tcp: asyncio.Transport | None
+        _shm: ShmPath | None  # (set through _core.set_shm)
+        _tx: str  # the path our bytes take
+        _rx: str  # the path incoming bytes come from
+        _rx_switch_at: int  # stream offset of the next pending incoming switch
+        _traffic_goal: int
+        _tx_pos: int
+        _rx_pos: int
+        _eof_pending: bool  # write_eof() waits for the overflow
+        _eof_written: bool
+        _waiting_space: bool
+        _woke_peer: bool  # we rang the peer since our incoming pipe last ran empty
+        _resizing: Resizing | None  # our pipe's place in the pool's resizer
+        _rx_eof: bool
+        _drain_scheduled: bool
+        _spin: SpinPolicy | None
+        _spin_handle: asyncio.Handle | None
+        _rx_asleep: bool  # our consumer announced it sleeps
+        _slept_at: int
+        _slept_for: int  # what we sleep after: the pipe ran empty, or a write
+        _paused_reading: bool
+        _closing: bool
+        _conn_lost: int
+        _lost_called: bool
+    else:
+        _protocol = _field("protocol")
+        _context = _field("context")
+        _buffered = _field("buffered")
+        _direct = _field("direct")
+        _entered = _field("entered")
+        _overflow = _field("overflow")
+        _tcp_backlog = _field("tcp_backlog")
+        _rx_held = _field("rx_held")
+        _tcp = _field("tcp")
+        _shm = property(operator.attrgetter("_core.shm"), lambda self, v: self._core.set_shm(v))
+        _tx = _field("tx")
+        _rx = _field("rx")
+        _rx_switch_at = _field("rx_switch_at")
+        _traffic_goal = _field("traffic_goal")
+        _tx_pos = _field("tx_pos")
+        _rx_pos = _field("rx_pos")
+        _eof_pending = _field("eof_pending")
+        _eof_written = _field("eof_written")
+        _waiting_space = _field("waiting_space")
+        _woke_peer = _field("woke_peer")
+        _resizing = _field("resizing")
+        _rx_eof = _field("rx_eof")
+        _drain_scheduled = _field("drain_scheduled")
+        _spin = _field("spin")
+        _spin_handle = _field("spin_handle")
+        _rx_asleep = _field("rx_asleep")
+        _slept_at = _field("slept_at")
+        _slept_for = _field("slept_for")
+        _paused_reading = _field("paused_reading")
+        _closing = _field("closing")
+        _conn_lost = _field("conn_lost")
+        _lost_called = _field("lost_called")
 
     if TYPE_CHECKING:
         # What one part calls on another (defined in the module named).

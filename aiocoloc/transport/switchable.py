@@ -44,6 +44,7 @@ from aiocoloc.transport.loop_watch import LoopWatch
 from aiocoloc.transport.pipe_read import PipeReadPath
 from aiocoloc.transport.pipe_write import PipeWritePath, Resizing
 from aiocoloc.transport.shm_path import ShmPath
+from aiocoloc.transport.state import DataPath
 from aiocoloc.transport.switch_state import SwitchState
 from aiocoloc.transport.switching import Switching
 from aiocoloc.transport.tcp_read import TcpReadPath
@@ -84,21 +85,17 @@ class SwitchableTransport(
         # three calls on every connection.
         self._extra = {} if extra is None else extra
         self._loop = loop
-        self._context = contextvars.copy_context()
-        self._protocol = protocol
         # (The usual protocol answers the first test: no call per connection.)
-        self._buffered = not isinstance(protocol, asyncio.Protocol) and reads_into_buffers(
-            loop, protocol
-        )
-        self._direct = not self._buffered
-        self._overflow = bytearray()
-        self._tcp_backlog = bytearray()
+        buffered = not isinstance(protocol, asyncio.Protocol) and reads_into_buffers(loop, protocol)
+        core = self._core = DataPath(self, loop, protocol, contextvars.copy_context(), buffered)
+        # The data path's write is ours: one call per write, in C when compiled.
+        self.write = core.write  # type: ignore[method-assign]
         self._close_callbacks = []
         debug.live.transports += 1
         if tcp is not None:
             # The loop's TCP transport (asyncio's, or uvloop's, which is not an
             # asyncio.Transport) is our TCP side.
-            self._tcp = tcp  # type: ignore[assignment]
+            core.tcp = tcp
             # On TCP alone we close exactly when the loop's transport does, and
             # it knows first when a send failed: drain() asks us on every call,
             # so it asks the loop's transport itself (attach_shm takes this back).
@@ -121,14 +118,15 @@ class SwitchableTransport(
             if waiting:
                 path.settle(peer_gone=False)
             return
-        self._shm = path
+        self._core.set_shm(path)
         self._link = link
         self._switching = SwitchState()
         self._direct = False  # from now on, every callback goes through _call
-        vars(self).pop("is_closing", None)  # ours again (see __init__)
+        core = self._core
+        self.is_closing = core.is_closing  # type: ignore[method-assign]  # ours again (see __init__)
         if path.spin is not None:
             self._spin = SpinPolicy(path.spin)
-        path.doorbell.listen(self._loop, self._on_doorbell, self._may_be_rung)
+        path.doorbell.listen(self._loop, core.on_doorbell, core.may_be_rung)
         if path.resizer is not None:  # an idle new pipe gives its first slices back
             self._resizing = Resizing(path.resizer, self._loop)
             self._resizing.enroll()
@@ -236,10 +234,10 @@ class TcpAdapter(asyncio.Protocol):
     ``transport`` and ``protocol`` are what the user gets; ``on_adopted`` (if
     any) is called with the new transport, e.g. to start an upgrade.
 
-    A friend of ``SwitchableTransport``: in direct mode (TCP alone) it reads
-    and writes the transport's receiving state itself, since a method call
-    per received segment is what direct mode saves.  It lives here, beside
-    the class whose state it touches; nothing else does.
+    A friend of ``SwitchableTransport``: its ``data_received`` is the
+    transport's data path's (``DataPath.tcp_received``), and in direct mode
+    (TCP alone) its EOF sets the transport's receiving state itself.  It
+    lives here, beside the class whose state it touches; nothing else does.
     """
 
     def __init__(
@@ -278,19 +276,18 @@ class TcpAdapter(asyncio.Protocol):
                 # uvloop starts reading only once connection_made returned: never, now.
                 outer._paused_reading = True
             raise
+        # Segments go to the data path with no call in between (direct mode
+        # included: DataPath.tcp_received).
+        self.data_received = outer._core.tcp_received  # type: ignore[method-assign]
         if self._on_adopted is not None:
             self._on_adopted(outer)
 
     def data_received(self, data: bytes) -> None:
+        # Replaced on the instance by connection_made; a segment before it has
+        # no transport to go to.
         outer = self.transport
         assert outer is not None
-        if outer._direct:  # TCP alone: straight to the protocol, no copy
-            outer._rx_pos += len(data)
-            outer._protocol.data_received(data)  # type: ignore[attr-defined]
-            if outer._tx_pos + outer._rx_pos >= outer._traffic_goal:
-                outer._check_traffic()
-        else:
-            outer._tcp_data(data)
+        outer._core.tcp_received(data)
 
     def eof_received(self) -> bool:
         outer = self.transport

@@ -3,8 +3,9 @@ TCP transport (through the ``TcpAdapter``, ``switchable``) to the protocol,
 up to the next announced switch; the backlog of bytes past it; EOF and the
 loss of the TCP connection.
 
-In direct mode (TCP alone, the usual protocol) the adapter calls the
-protocol itself and none of this runs.
+A segment's way in is the data path's (``DataPath.tcp_received``, compiled:
+in direct mode, TCP alone and the usual protocol, it calls the protocol
+itself); what is here runs only around switches, pauses and EOF.
 """
 
 from __future__ import annotations
@@ -19,19 +20,7 @@ class TcpReadPath(TransportState):
     """TCP segments to the protocol, switches respected."""
 
     def _tcp_data(self, data: bytes) -> None:
-        if self._lost_called:
-            return
-        if (
-            self._rx == TCP
-            and self._rx_switch_at == NO_SWITCH
-            and not (self._tcp_backlog or self._paused_reading)
-        ):
-            self._deliver(data)  # the common case: straight through, no copy
-            if self._tx_pos + self._rx_pos >= self._traffic_goal:
-                self._check_traffic()
-            return
-        self._tcp_backlog += data
-        self._feed_tcp()
+        self._core.tcp_data(data)  # the common case is the data path's
 
     def _feed_tcp(self) -> None:
         """Deliver TCP bytes up to the next switch; keep the rest for later.
