@@ -1,50 +1,82 @@
-"""Searching a pool's tables (``aiocoloc.shm.pipes``): the bytes searches
-find exactly the entries a list of the table's numbers would, whatever the
-neighbouring entries' bytes are, and new pipes take the free entries."""
+"""Searching a pool's tables (``SharedWords.find32``/``count32``, compiled and
+pure Python, as ``aiocoloc.shm.pipes`` uses them): they find exactly the
+entries a list of the table's numbers would, whatever the neighbouring
+entries' bytes are, never outside the buffer, and new pipes take the free
+entries."""
 
 from __future__ import annotations
 
 import struct
+from types import ModuleType
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from aiocoloc.errors import PoolExhausted
-from aiocoloc.shm import MemfdSegment, Pool
+from aiocoloc.shm import MemfdSegment, Pool, _atomic, _atomic_py
 from aiocoloc.shm.layout import PoolConfig
-from aiocoloc.shm.pipes import _entries_equal, _zero_entries
+
+TWINS = [_atomic, _atomic_py]
 
 # Owners (pipe slot + 1) whose bytes make straddling matches likely: zeros,
 # small numbers (three zero bytes) and numbers that are one zero byte away.
 _OWNERS = st.sampled_from([0, 1, 2, 255, 256, 0x10000, 0x1000000, 0xFFFFFFFF, 7, 0x100])
 
 
+@pytest.mark.parametrize("twin", TWINS, ids=lambda m: m.IMPLEMENTATION)
 @given(
-    st.lists(_OWNERS, max_size=300),
-    _OWNERS,
-    st.one_of(st.none(), st.integers(min_value=0, max_value=50)),
+    table=st.lists(_OWNERS, min_size=1, max_size=300),
+    value=_OWNERS,
+    limit=st.integers(min_value=-1, max_value=50),
+    stride_words=st.integers(min_value=1, max_value=4),
 )
-def test_finds_what_a_list_would(table: list[int], value: int, limit: int | None) -> None:
-    raw = struct.pack(f"={len(table)}I", *table)
-    expected = [i for i, owner in enumerate(table) if owner == value]
-    if limit is not None:
-        expected = expected[:limit]
-    assert _entries_equal(raw, value, limit) == expected
+def test_finds_and_counts_what_a_list_would(
+    twin: ModuleType, table: list[int], value: int, limit: int, stride_words: int
+) -> None:
+    buffer = bytearray(struct.pack(f"=4I{len(table)}I", 9, 9, 9, 9, *table))
+    words = twin.SharedWords(buffer)
+    try:
+        count = (len(table) + stride_words - 1) // stride_words
+        seen = table[::stride_words]
+        expected = [i for i, owner in enumerate(seen) if owner == value]
+        if limit >= 0:
+            expected = expected[:limit]
+        assert words.find32(16, count, 4 * stride_words, value, limit) == expected
+        assert words.count32(16, count, 4 * stride_words, value) == seen.count(value)
+    finally:
+        words.release()
 
 
-@given(st.lists(_OWNERS, max_size=300))
-def test_counts_free_entries_as_a_list_would(table: list[int]) -> None:
-    raw = struct.pack(f"={len(table)}I", *table)
-    assert _zero_entries(raw) == table.count(0)
-
-
-def test_a_match_across_two_entries_is_not_an_entry() -> None:
+@pytest.mark.parametrize("twin", TWINS, ids=lambda m: m.IMPLEMENTATION)
+def test_a_match_across_two_entries_is_not_an_entry(twin: ModuleType) -> None:
     # 0x00000100 then 0x00000001: bytes 00 01 00 00 | 01 00 00 00 hold
     # "00 00 01 00" (0x00010000) straddling them, and no entry of it.
-    raw = struct.pack("=2I", 0x100, 1)
-    assert _entries_equal(raw, 0x10000) == []
-    assert _entries_equal(struct.pack("=3I", 1, 0, 0), 0) == [1, 2]
+    words = twin.SharedWords(bytearray(struct.pack("=4I", 0x100, 1, 0, 0)))
+    assert words.find32(0, 2, 4, 0x10000) == []
+    assert words.find32(0, 4, 4, 0) == [2, 3]
+    assert words.count32(0, 0, 4, 0) == 0 and words.find32(0, 0, 4, 0) == []
+    words.release()
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=lambda m: m.IMPLEMENTATION)
+def test_a_search_never_leaves_the_buffer(twin: ModuleType) -> None:
+    """The offsets come from untrusted tables: out of bounds, unaligned or a
+    bad stride is an error, never a read outside the buffer."""
+    words = twin.SharedWords(bytearray(64))
+    with pytest.raises(IndexError, match="outside or unaligned"):
+        words.find32(0, 17, 4, 0)
+    with pytest.raises(IndexError, match="outside or unaligned"):
+        words.count32(60, 2, 4, 0)
+    with pytest.raises(IndexError, match="outside or unaligned"):
+        words.find32(2, 2, 4, 0)
+    with pytest.raises(IndexError, match="outside or unaligned"):
+        words.find32(-4, 1, 4, 0)
+    with pytest.raises(ValueError, match="stride 6"):
+        words.count32(0, 2, 6, 0)
+    words.release()
+    with pytest.raises(ValueError, match="released"):
+        words.find32(0, 1, 4, 0)
 
 
 def test_new_pipes_take_the_lowest_free_entries_until_none_is_left() -> None:

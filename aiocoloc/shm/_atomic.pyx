@@ -54,6 +54,44 @@ cdef class SharedWords:
                              f"in a buffer of {self._buf.len} bytes")
         return self._base + offset
 
+    cdef inline uint8_t *_span(self, Py_ssize_t offset, Py_ssize_t count,
+                               Py_ssize_t stride) except NULL:
+        if stride < 4 or stride % 4:
+            raise ValueError(f"stride {stride} is not a positive multiple of 4")
+        self._at(offset, 4)
+        self._at(offset + (count - 1) * stride, 4)
+        return self._base + offset
+
+    def find32(self, Py_ssize_t offset, Py_ssize_t count, Py_ssize_t stride, uint32_t value,
+               Py_ssize_t limit=-1) -> list:
+        """Indices ``i < count`` of the 32-bit words at ``offset + i * stride``
+        equal to ``value``: the first ``limit`` of them, or all (-1)."""
+        cdef list found = []
+        cdef Py_ssize_t i, n = 0
+        if count <= 0 or limit == 0:
+            return found
+        cdef uint8_t *base = self._span(offset, count, stride)
+        for i in range(count):
+            if acl_load_acquire_u32(<uint32_t *>(base + i * stride)) == value:
+                found.append(i)
+                n += 1
+                if n == limit:
+                    break
+        return found
+
+    def count32(self, Py_ssize_t offset, Py_ssize_t count, Py_ssize_t stride,
+                uint32_t value) -> int:
+        """How many of the 32-bit words at ``offset + i * stride`` (``i < count``)
+        equal ``value``."""
+        cdef Py_ssize_t i, n = 0
+        if count <= 0:
+            return 0
+        cdef uint8_t *base = self._span(offset, count, stride)
+        for i in range(count):
+            if acl_load_acquire_u32(<uint32_t *>(base + i * stride)) == value:
+                n += 1
+        return n
+
     def load64(self, Py_ssize_t offset) -> int:
         return acl_load_acquire_u64(<uint64_t *>self._at(offset, 8))
 

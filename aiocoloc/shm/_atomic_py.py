@@ -45,6 +45,34 @@ class SharedWords:
     def _set(self, offset: int, width: int, value: int) -> None:
         self._slice(offset, width)[:] = value.to_bytes(width, "little")
 
+    def _words(self, offset: int, count: int, stride: int) -> list[int]:
+        if stride < 4 or stride % 4:
+            raise ValueError(f"stride {stride} is not a positive multiple of 4")
+        self._slice(offset, 4)
+        self._slice(offset + (count - 1) * stride, 4)
+        assert self._view is not None
+        with self._view[offset : offset + (count - 1) * stride + 4] as raw:
+            if stride == 4:
+                return raw.cast("I").tolist()
+            return [int.from_bytes(raw[i : i + 4], "little") for i in range(0, len(raw), stride)]
+
+    def find32(
+        self, offset: int, count: int, stride: int, value: int, limit: int = -1
+    ) -> list[int]:
+        """Indices ``i < count`` of the 32-bit words at ``offset + i * stride``
+        equal to ``value``: the first ``limit`` of them, or all (-1)."""
+        if count <= 0 or limit == 0:
+            return []
+        found = [i for i, word in enumerate(self._words(offset, count, stride)) if word == value]
+        return found if limit < 0 else found[:limit]
+
+    def count32(self, offset: int, count: int, stride: int, value: int) -> int:
+        """How many of the 32-bit words at ``offset + i * stride`` (``i < count``)
+        equal ``value``."""
+        if count <= 0:
+            return 0
+        return self._words(offset, count, stride).count(value)
+
     def load64(self, offset: int) -> int:
         return self._get(offset, 8)
 

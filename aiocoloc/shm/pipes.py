@@ -9,7 +9,6 @@ ring's (``_ring.pxd``).
 
 from __future__ import annotations
 
-import struct
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -37,9 +36,6 @@ from aiocoloc.shm.layout import (
 
 __all__ = ["PipeHandle", "PipeInfo", "PipeTable"]
 
-#: One slice-table entry, as ``SharedWords.store32`` writes it.
-_ENTRY = struct.Struct("=I")
-
 
 # Value types read many times a second for every pipe (the resizer keys its
 # tables by handle): named tuples, whose construction and hash are C code.
@@ -62,33 +58,6 @@ class PipeInfo(NamedTuple):
     owned_slices: int
     offered_bytes: int
     blocked_ns: int
-
-
-def _entries_equal(raw: bytes, value: int, limit: int | None = None) -> list[int]:
-    """Indices of the 4-byte entries of ``raw`` equal to ``value`` (at most
-    ``limit``), searched in C (``bytes.find``) without making a Python int
-    per entry: a pool's slice table has thousands, and every new or freed
-    pipe searches it.  A match that straddles two entries is skipped."""
-    pattern = _ENTRY.pack(value)
-    found: list[int] = []
-    index = raw.find(pattern)
-    while index >= 0 and (limit is None or len(found) < limit):
-        misaligned = index % 4
-        if not misaligned:
-            found.append(index // 4)
-        index = raw.find(pattern, index - misaligned + 4)
-    return found
-
-
-def _zero_entries(raw: bytes) -> int:
-    """How many of the 4-byte entries of ``raw`` are 0, in C: the entries'
-    first, second, third and fourth bytes are ORed together as big
-    integers, so that byte k of the result is 0 exactly when entry k is."""
-    count = len(raw) // 4
-    merged = 0
-    for first in range(4):
-        merged |= int.from_bytes(raw[first : 4 * count : 4], "little")
-    return merged.to_bytes(count, "little").count(0)
 
 
 class PipeTable:
@@ -140,12 +109,19 @@ class PipeTable:
             with raw.cast("I") as table:
                 return table.tolist()
 
-    def _slice_bytes(self) -> bytes:
-        """The slice table as bytes (``_entries_equal`` searches it)."""
+    def _slices_owned_by(self, owner: int, limit: int = -1) -> list[int]:
+        """Indices of the slices whose entry is ``owner`` (0: free), the first
+        ``limit`` of them or all, searched in C (``SharedWords.find32``): a
+        pool's slice table has thousands, and every new or freed pipe searches it."""
         g = self.geometry
-        start = g.slice_table_offset
-        with memoryview(self._region) as region, region[start : start + 4 * g.slice_count] as raw:
-            return raw.tobytes()
+        return self._words.find32(g.slice_table_offset, g.slice_count, 4, owner, limit)
+
+    def _free_entries(self, limit: int) -> list[int]:
+        """The first ``limit`` free pipe entries, searched in C."""
+        g = self.geometry
+        return self._words.find32(
+            g.pipe_offset + P_STATE, g.max_pipes, g.pipe_entry_size, FREE, limit
+        )
 
     # -- creating and destroying (under the lock) ---------------------------------
 
@@ -177,12 +153,11 @@ class PipeTable:
         """A new pipe with ``first`` slices (arguments checked by ``bounds``)."""
         g = self.geometry
         load32, store32 = self._words.load32, self._words.store32
-        slot = next(
-            (p for p in range(g.max_pipes) if load32(self._offset(p) + P_STATE) == FREE), None
-        )
-        if slot is None:
+        free = self._free_entries(1)
+        if not free:
             raise PoolExhausted(f"pool {self._name} has no free pipe entry ({g.max_pipes} in use)")
-        slices = _entries_equal(self._slice_bytes(), 0, first)
+        slot = free[0]
+        slices = self._slices_owned_by(0, first)
         if len(slices) < first:
             raise PoolExhausted(
                 f"pool {self._name} has {len(slices)} free slices, a new pipe needs {first}"
@@ -215,7 +190,7 @@ class PipeTable:
 
     def _destroy_slot_locked(self, slot: int) -> int:
         self._close_slot_locked(slot)
-        owned = _entries_equal(self._slice_bytes(), slot + 1)
+        owned = self._slices_owned_by(slot + 1)
         for index in owned:
             self._words.store32(self._slice_entry(index), 0)
         self._words.store32(self._offset(slot) + P_STATE, FREE)
@@ -289,9 +264,10 @@ class PipeTable:
         """Give the pipe up to ``count`` more free slices (fewer if the pool or
         the pipe's maximum runs out); returns their indices."""
         off = self._check(handle)
-        table = self._slice_bytes()
-        room = self._words.load32(off + P_MAX) - len(_entries_equal(table, handle.slot + 1))
-        slices = _entries_equal(table, 0, min(count, max(room, 0)))
+        g = self.geometry
+        owned = self._words.count32(g.slice_table_offset, g.slice_count, 4, handle.slot + 1)
+        room = self._words.load32(off + P_MAX) - owned
+        slices = self._slices_owned_by(0, min(count, max(room, 0)))
         for index in slices:
             self._words.store32(self._slice_entry(index), handle.slot + 1)
         return slices
@@ -312,18 +288,13 @@ class PipeTable:
 
     def free_slice_count(self) -> int:
         """Slices no pipe owns right now (a snapshot: others may be allocating)."""
-        return _zero_entries(self._slice_bytes())
+        g = self.geometry
+        return self._words.count32(g.slice_table_offset, g.slice_count, 4, 0)
 
     def has_free_entries(self, count: int) -> bool:
         """Whether ``count`` pipe entries are free now (a snapshot; the scan
         stops at the ``count``-th free one)."""
-        load32, found = self._words.load32, 0
-        for p in range(self.geometry.max_pipes):
-            if load32(self._offset(p) + P_STATE) == FREE:
-                found += 1
-                if found >= count:
-                    return True
-        return False
+        return count <= 0 or len(self._free_entries(count)) >= count
 
     # -- reading and publishing -----------------------------------------------------
 
