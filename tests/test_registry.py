@@ -224,3 +224,24 @@ def test_default_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert default_directory() == tmp_path / "aiocoloc"
     monkeypatch.delenv("XDG_RUNTIME_DIR")
     assert default_directory().name == f"aiocoloc-{os.getuid()}"
+
+
+def test_a_record_changed_in_place_is_read_again(registry: Registry) -> None:
+    """Lookups keep the records they parsed (by file and its times); a file
+    rewritten in place, settled or not, is read again."""
+    path = registry.publish("127.0.0.1", 7010, "/one")
+    settled = os.stat(path).st_mtime_ns - 10_000_000_000
+    os.utime(path, ns=(settled, settled))
+    assert [r.control for r in registry.lookup("127.0.0.1", 7010)] == ["/one"]
+    assert [r.control for r in registry.lookup("127.0.0.1", 7010)] == ["/one"]  # kept
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "control": "/two"}))  # same size, just now
+    assert [r.control for r in registry.lookup("127.0.0.1", 7010)] == ["/two"]
+    path.write_text(json.dumps({**data, "control": "/six"}))
+    os.utime(path, ns=(settled + 1, settled + 1))  # settled, other times
+    assert [r.control for r in registry.lookup("127.0.0.1", 7010)] == ["/six"]
+    data["start_time"] -= 1  # the process is gone: no record, whatever was kept
+    path.write_text(json.dumps({**data, "control": "/six"}))
+    os.utime(path, ns=(settled + 2, settled + 2))
+    assert registry.lookup("127.0.0.1", 7010) == []
+    assert not path.exists()

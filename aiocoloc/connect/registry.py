@@ -21,12 +21,14 @@ works.  (The discovery sidecar takes precedence when one runs; later issue.)
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
 import os
 import stat
 import tempfile
+import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,13 +47,27 @@ _WILDCARDS = {"", "0.0.0.0", "::"}
 
 def default_directory() -> Path:
     """Where this user's records live (see the module docstring)."""
-    explicit = os.environ.get("AIOCOLOC_RUNTIME_DIR")
+    return _directory_for(os.environ.get("AIOCOLOC_RUNTIME_DIR"), os.environ.get("XDG_RUNTIME_DIR"))
+
+
+@functools.lru_cache(maxsize=8)
+def _directory_for(explicit: str | None, runtime: str | None) -> Path:
+    # (Cached: every client connection's lookup starts here.)
     if explicit:
         return Path(explicit)
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
         return Path(runtime) / "aiocoloc"
     return Path(tempfile.gettempdir()) / f"aiocoloc-{os.getuid()}"
+
+
+#: Records already read, by file (path, inode, modification time, size):
+#: one ``lstat`` instead of reading and parsing the file again.  Liveness
+#: is checked again on every lookup.  Files changed within the last
+#: ``_SETTLED_NS`` are not kept: file times are coarse (a kernel tick), so a
+#: file rewritten in place within one could show the same key.
+_parsed: dict[tuple[str, int, int, int], Record | None] = {}
+_PARSED_MAX = 1024
+_SETTLED_NS = 1_000_000_000
 
 
 def _start_time(pid: int) -> int | None:
@@ -224,9 +240,10 @@ class Registry:
         (a lookup only cleans its own port's); returns how many went."""
         removed = 0
         with os.scandir(self.directory) as entries:
-            paths = [e.path for e in entries if e.name.endswith(".json")]
-        for path in paths:
-            record = self._read(path)
+            files = [e for e in entries if e.name.endswith(".json")]
+        for entry in files:
+            path = entry.path
+            record = self._read(entry)
             if record is not None and not _alive(record.pid, record.start_time):
                 _unlink(path)
                 removed += 1
@@ -245,13 +262,14 @@ class Registry:
         found = []
         prefix = f"{port}-"
         with os.scandir(self.directory) as entries:
-            paths = [
-                entry.path
+            files = [
+                entry
                 for entry in entries
                 if entry.name.startswith(prefix) and entry.name.endswith(".json")
             ]
-        for path in paths:
-            record = self._read(path)
+        for entry in files:
+            path = entry.path
+            record = self._read(entry)
             if record is None or not record.matches(host, port):
                 continue
             if not _alive(record.pid, record.start_time):
@@ -261,9 +279,22 @@ class Registry:
             found.append(record)
         return found
 
-    def _read(self, path: str) -> Record | None:
+    def _read(self, entry: os.DirEntry[str]) -> Record | None:
+        path = entry.path
         try:
-            return _record(json.loads(_read_record_file(path)))
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            return None  # gone meanwhile
+        key = (path, st.st_ino, st.st_mtime_ns, st.st_size)
+        if key in _parsed:
+            return _parsed[key]
+        try:
+            record = _record(json.loads(_read_record_file(path)))
         except (OSError, ValueError, RecursionError) as exc:  # ValueError: JSON's too
             _log.debug("ignoring unreadable registry entry %s: %s", path, exc)
-            return None
+            return None  # (not kept: it may be complete next time)
+        if time.time_ns() - st.st_mtime_ns > _SETTLED_NS:
+            if len(_parsed) >= _PARSED_MAX:
+                _parsed.clear()
+            _parsed[key] = record
+        return record
