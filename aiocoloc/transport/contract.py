@@ -200,20 +200,10 @@ class LifeCycle(TransportState):
     extra info, closing and aborting."""
 
     def pause_reading(self) -> None:
-        if self._closing or self._paused_reading:
-            return
-        self._paused_reading = True
-        self._sync_tcp_reading()
+        self._core.pause_reading()  # (set on the instance once shared memory is attached)
 
     def resume_reading(self) -> None:
-        if self._closing or not self._paused_reading:
-            return
-        self._paused_reading = False
-        self._sync_tcp_reading()
-        if self._rx == SHM:
-            self._schedule_drain()
-        else:
-            self._loop.call_soon(self._feed_tcp)
+        self._core.resume_reading()
 
     def is_reading(self) -> bool:
         if self._paused_reading or self._closing:

@@ -29,6 +29,8 @@ cdef class DataPath:
     cpdef write_after_loss(self, data)
     cpdef str owner_repr(self)
     cpdef bint is_closing(self)
+    cpdef pause_reading(self)
+    cpdef resume_reading(self)
     cpdef deliver(self, data)
     cpdef tcp_received(self, data)
     cpdef tcp_data(self, data)

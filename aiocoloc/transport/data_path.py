@@ -203,6 +203,28 @@ class DataPath:
 
     # ------------------------------------------------------------ receiving
 
+    def pause_reading(self) -> None:
+        """``transport.pause_reading`` once shared memory is attached:
+        ``StreamReader`` pauses and resumes for every chunk past its limit.
+        While bytes come from the pipe the TCP socket reads on whatever the
+        protocol says (``tcp_read._sync_tcp_reading``): only the flag changes."""
+        if self.closing or self.paused_reading:
+            return
+        self.paused_reading = True
+        if self.rx != SHM:
+            self.owner._sync_tcp_reading()
+
+    def resume_reading(self) -> None:
+        """``transport.resume_reading`` once shared memory is attached."""
+        if self.closing or not self.paused_reading:
+            return
+        self.paused_reading = False
+        if self.rx == SHM:
+            self.schedule_drain()
+        else:
+            self.owner._sync_tcp_reading()
+            self.loop.call_soon(self.owner._feed_tcp)
+
     def deliver(self, data: Any) -> None:
         """Give received bytes to the protocol (either path), in the
         connection's context under asyncio's guard."""

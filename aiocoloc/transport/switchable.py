@@ -123,7 +123,12 @@ class SwitchableTransport(
         self._switching = SwitchState()
         self._direct = False  # from now on, every callback goes through _call
         core = self._core
-        self.is_closing = core.is_closing  # type: ignore[method-assign]  # ours again (see __init__)
+        # The data path's own methods from now on (no Python call in between):
+        # is_closing (ours again, see __init__), and pausing and resuming,
+        # which StreamReader does for every chunk past its limit.
+        self.is_closing = core.is_closing  # type: ignore[method-assign]
+        self.pause_reading = core.pause_reading  # type: ignore[method-assign]
+        self.resume_reading = core.resume_reading  # type: ignore[method-assign]
         if path.spin is not None:
             self._spin = SpinPolicy(path.spin)
         path.doorbell.listen(self._loop, core.on_doorbell, core.may_be_rung)
