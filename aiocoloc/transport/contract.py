@@ -245,11 +245,13 @@ class LifeCycle(TransportState):
         return self._core.is_closing()
 
     def close(self) -> None:
-        if self._closing:
+        # (The data path's fields read from it directly: every connection closes.)
+        core = self._core
+        if core.closing:
             return
-        self._closing = True
-        tcp = self._tcp
-        if self._shm is None and tcp is not None and not self._tcp_closed:
+        core.closing = True
+        tcp = core.tcp
+        if core.shm is None and tcp is not None and not self._tcp_closed:
             # TCP alone (most connections): the loop's transport closes, and
             # its connection_lost finishes ours (_finish_close's TCP step,
             # without the call).
@@ -305,20 +307,20 @@ class LifeCycle(TransportState):
         """Release everything; ``connection_lost`` follows via ``call_soon``, or
         at once with ``now`` (when we are in a loop callback already: the TCP
         side's own ``connection_lost``)."""
-        if self._lost_called:
+        core = self._core
+        if core.lost_called:
             return
-        self._lost_called = True
-        self._closing = True
+        core.lost_called = core.closing = True
         debug.live.transports -= 1
         # Hooks often close over this transport: drop them, so that a closed
         # connection is freed by reference counting, not by the cycle
         # collector.  (A loop-watch marker still queued runs once, on the
         # dropped watch: harmless, and cheaper than a call per connection.)
-        self._traffic_goal, self._loop_watch = NO_TRAFFIC_GOAL, None
-        self._conn_lost = self._conn_lost or 1  # close() may have counted already
-        if self._tcp is not None and not self._tcp_closed:
-            self._tcp.abort()
-        if not self._direct:
+        core.traffic_goal, self._loop_watch = NO_TRAFFIC_GOAL, None
+        core.conn_lost = core.conn_lost or 1  # close() may have counted already
+        if core.tcp is not None and not self._tcp_closed:
+            core.tcp.abort()
+        if not core.direct:
             self._release_shared_memory()
         if now:
             self._call_connection_lost(exc)
@@ -326,14 +328,14 @@ class LifeCycle(TransportState):
             self._loop.call_soon(self._call_connection_lost, exc)
 
     def _call_connection_lost(self, exc: BaseException | None) -> None:
+        core = self._core
         try:
-            if self._direct:
-                self._protocol.connection_lost(exc)  # type: ignore[arg-type]
+            if core.direct:
+                core.protocol.connection_lost(exc)
             else:
-                self._in_context(self._protocol.connection_lost, exc)
+                self._in_context(core.protocol.connection_lost, exc)
         finally:
-            self._protocol = None  # type: ignore[assignment]
-            self._core.owner = None  # (no cycle: see DataPath)
+            core.protocol = core.owner = None  # (no cycle: see DataPath)
             callbacks, self._close_callbacks = self._close_callbacks, []
             for callback in callbacks:
                 try:

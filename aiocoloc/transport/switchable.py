@@ -297,11 +297,12 @@ class TcpAdapter(asyncio.Protocol):
     def eof_received(self) -> bool:
         outer = self.transport
         assert outer is not None
-        if outer._direct:  # TCP alone: the loop's transport acts on the answer
-            outer._tcp_eof_seen = outer._rx_eof = True
-            keep_open = bool(outer._protocol.eof_received())  # type: ignore[attr-defined]
+        core = outer._core
+        if core.direct:  # TCP alone: the loop's transport acts on the answer
+            outer._tcp_eof_seen = core.rx_eof = True
+            keep_open = bool(core.protocol.eof_received())
             if not keep_open:
-                outer._closing = True  # the loop's transport closes; _tcp_lost follows
+                core.closing = True  # the loop's transport closes; _tcp_lost follows
             return keep_open
         outer._tcp_eof()
         return True  # half-close: the switchable transport decides when to close

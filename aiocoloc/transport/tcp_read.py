@@ -63,10 +63,11 @@ class TcpReadPath(TransportState):
 
     def _tcp_lost(self, exc: Exception | None) -> None:
         self._tcp_closed = True
-        if self._lost_called:
+        core = self._core  # (its fields read directly: every connection ends here)
+        if core.lost_called:
             return
-        self._tcp_dropped = not self._closing
-        if self._direct:  # the loop's transport has reported any error already
+        self._tcp_dropped = not core.closing
+        if core.direct:  # the loop's transport has reported any error already
             self._force_close(exc, now=True)
         elif self._closing:
             self._finish_close(now=True)
