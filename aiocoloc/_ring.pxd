@@ -225,7 +225,7 @@ cdef class _End:
     cdef int _attach_positions(self, uint64_t *head, uint64_t *tail) except -1
     # Placement: where position ``pos`` lives (both ends): the contiguous
     # ring's, or the pipe's when _is_pipe (a branch on a local flag).
-    cdef Span _locate(self, uint64_t pos) noexcept nogil
+    cdef Span _locate(self, uint64_t pos, uint64_t want) noexcept nogil
     # The highest tail allowed when the consumer is at ``head``.
     cdef uint64_t _limit(self, uint64_t head) noexcept nogil
 

@@ -29,7 +29,7 @@ cdef class _Consumer(_End):
         cdef uint64_t pos = self._head
         cdef Span span
         while n:
-            span = self._locate(pos)
+            span = self._locate(pos, n)
             span.length = _min(span.length, n)
             memcpy(dst, self._base + span.offset, span.length)
             dst += span.length
@@ -110,7 +110,8 @@ cdef class _Consumer(_End):
 
     def peek(self, Py_ssize_t n=-1):
         """A zero-copy view of up to ``n`` readable bytes that are contiguous
-        in memory (up to the wrap point, or the end of a slice).
+        in memory (up to the wrap point, or the end of a run of slices that
+        follow each other in memory).
 
         Nothing is consumed: call ``consume()`` when done with the view.
         Returns ``None`` if the channel is empty, an empty view at EOF.  The
@@ -122,7 +123,7 @@ cdef class _Consumer(_End):
         avail = self._available(<uint64_t>n if n >= 0 else _NO_LIMIT)
         if avail == 0:
             return self._view[:0] if self._at_eof() else None
-        span = self._locate(self._head)
+        span = self._locate(self._head, avail)
         k = _min(span.length, avail)
         if 0 <= n < <Py_ssize_t>k:
             k = <uint64_t>n

@@ -55,13 +55,16 @@ cdef class _End:
         tail[0] = t
         return 0
 
-    cdef Span _locate(self, uint64_t pos) noexcept nogil:
+    cdef Span _locate(self, uint64_t pos, uint64_t want) noexcept nogil:
         cdef Span span
         cdef uint64_t off
         if self._is_pipe:
-            if self._pending and pos >= self._switch:
-                return _pipe_locate(self._geo, &self._next, pos)
-            return _pipe_locate(self._geo, &self._cur, pos)
+            if self._pending:
+                if pos >= self._switch:
+                    return _pipe_locate(self._geo, &self._next, pos, want)
+                # A span of the current layout never runs into the pending one.
+                return _pipe_locate(self._geo, &self._cur, pos, _min(want, self._switch - pos))
+            return _pipe_locate(self._geo, &self._cur, pos, want)
         off = pos & self._mask
         span.offset = RING_HEADER_SIZE + off
         span.length = self._capacity - off

@@ -24,14 +24,26 @@ cdef class _PipeGeometry:
         self.slot_size = geo.slot_size
 
 
-cdef inline Span _pipe_locate(_PipeGeometry geo, Layout *layout, uint64_t pos) noexcept nogil:
+cdef inline Span _pipe_locate(_PipeGeometry geo, Layout *layout, uint64_t pos,
+                              uint64_t want) noexcept nogil:
     cdef Span span
     cdef uint64_t rel = pos - layout.start
     cdef uint64_t off = rel & (geo.slice_size - 1)
+    cdef uint64_t k = rel >> geo.slice_shift
     # layout.count >= 1 and every index < slice_count: validated on copy-in.
-    cdef uint64_t index = layout.slices[(rel >> geo.slice_shift) % layout.count]
+    cdef uint64_t index = layout.slices[k % layout.count]
+    cdef uint64_t following
     span.offset = geo.data_offset + (index << geo.slice_shift) + off
     span.length = geo.slice_size - off
+    # The slices that follow in the layout and in memory make one span, as
+    # far as ``want`` bytes: one copy, or one view, instead of one a slice.
+    while span.length < want:
+        k += 1
+        following = layout.slices[k % layout.count]
+        if following != index + 1:
+            break
+        index = following
+        span.length += geo.slice_size
     return span
 
 

@@ -27,7 +27,7 @@ cdef class _Producer(_End):
         cdef uint64_t pos = self._tail
         cdef Span span
         while n:
-            span = self._locate(pos)
+            span = self._locate(pos, n)
             span.length = _min(span.length, n)
             memcpy(self._base + span.offset, src, span.length)
             src += span.length

@@ -64,7 +64,7 @@ class Consumer(End):
         assert self._view is not None
         pos, done = self._head, 0
         while done < n:
-            offset, length = self._locate(pos)
+            offset, length = self._locate(pos, n - done)
             length = min(length, n - done)
             dst[done : done + length] = self._view[offset : offset + length]
             done += length
@@ -105,7 +105,7 @@ class Consumer(End):
         assert self._view is not None
         if avail == 0:
             return self._view[:0] if self._at_eof() else None
-        offset, length = self._locate(self._head)
+        offset, length = self._locate(self._head, avail)
         k = min(avail, length)
         if 0 <= n < k:
             k = n

@@ -109,7 +109,7 @@ class End:
             self._view = None
 
     # The contiguous ring's placement is the default; pipes override it.
-    def _locate(self, pos: int) -> Span:
+    def _locate(self, pos: int, want: int = 0) -> Span:
         off = pos & (self._capacity - 1)
         return Span(HEADER_SIZE + off, self._capacity - off)
 

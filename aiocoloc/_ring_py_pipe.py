@@ -74,13 +74,26 @@ class _PipeEnd(End):
             raise
         return _Layout(start, tuple(slices))
 
-    def _locate(self, pos: int) -> Span:
+    def _locate(self, pos: int, want: int = 0) -> Span:
         layout = self._next if self._next is not None and pos >= self._next.start else self._cur
+        if layout is self._cur and self._next is not None:
+            want = min(want, self._next.start - pos)  # never into the pending layout
         size = self._geo.slice_size
         rel = pos - layout.start
-        index = layout.slices[(rel // size) % len(layout.slices)]
+        k = rel // size
+        index = layout.slices[k % len(layout.slices)]
         off = rel % size
-        return Span(self._geo.data_offset + index * size + off, size - off)
+        offset = self._geo.data_offset + index * size + off
+        length = size - off
+        # Slices that follow in the layout and in memory: one span, as far as wanted.
+        while length < want:
+            k += 1
+            following = layout.slices[k % len(layout.slices)]
+            if following != index + 1:
+                break
+            index = following
+            length += size
+        return Span(offset, length)
 
     def _limit(self, head: int) -> int:
         size = self._geo.slice_size

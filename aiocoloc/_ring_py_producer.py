@@ -43,7 +43,7 @@ class Producer(End):
         assert self._view is not None
         pos, done = self._tail, 0
         while done < len(src):
-            offset, length = self._locate(pos)
+            offset, length = self._locate(pos, len(src) - done)
             length = min(length, len(src) - done)
             self._view[offset : offset + length] = src[done : done + length]
             done += length

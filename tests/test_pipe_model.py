@@ -91,7 +91,9 @@ class PipeAgainstModel(RuleBasedStateMachine):
         assert view is not None
         seen = bytes(view)
         view.release()
-        assert 0 < len(seen) <= SLICE or n == 0 == len(seen)
+        # Contiguous in memory: up to a slice's end, or further over slices
+        # that follow it in memory; never more than is readable.
+        assert 0 < len(seen) <= len(self.model) or n == 0 == len(seen)
         if n >= 0:
             assert len(seen) <= n
         assert seen == bytes(self.model[: len(seen)])
@@ -183,6 +185,42 @@ def test_grow_takes_effect_at_a_slice_boundary(ring_impl: ModuleType) -> None:
     assert consumer.read() == b"b" * 3 * SLICE
     assert consumer.slices == [0, 1, 2]
     assert producer.can_resize()
+    for end in (producer, consumer):
+        end.release()
+    pipe.region.close()
+
+
+def test_a_view_spans_slices_that_follow_each_other_in_memory(ring_impl: ModuleType) -> None:
+    """``peek`` lends one view over slices adjacent in memory (a 256 KiB read
+    of a pipe of 16 KiB slices is one view, not sixteen), stops where the
+    next slice lives elsewhere, and never runs into a pending layout."""
+    pipe = PipeRegion(ring_impl, [3, 4, 5, 9, 10])
+    producer, consumer = pipe.producer(), pipe.consumer()
+    data = bytes(range(256)) + bytes(range(64))
+    assert producer.write(data) == 5 * SLICE
+    view = consumer.peek()
+    assert bytes(view) == data[: 3 * SLICE]  # slices 3, 4, 5; slice 9 is elsewhere
+    view.release()
+    consumer.consume(SLICE + 10)  # from inside slice 4: to the end of slice 5
+    view = consumer.peek()
+    assert bytes(view) == data[SLICE + 10 : 3 * SLICE]
+    view.release()
+    assert len(consumer.peek(5)) == 5
+    consumer.consume(2 * SLICE - 10)
+    view = consumer.peek()
+    assert bytes(view) == data[3 * SLICE :]  # slices 9, 10
+    view.release()
+    assert consumer.read() == data[3 * SLICE :]
+    # Shrink to [9]: bytes up to the switch stay in the current layout, and a
+    # view of them ends there even though the next slice in memory follows.
+    producer.write(b"s" * (2 * SLICE))  # in slices 3 and 4 (positions 320..447)
+    switch, dropped = producer.resize(1)
+    assert switch == consumer.position + 2 * SLICE
+    assert producer.write(b"t" * 10) == 10  # after the switch: in the new layout
+    view = consumer.peek()  # slice 5 follows slice 4 in memory, but not in the stream
+    assert bytes(view) == b"s" * (2 * SLICE)
+    view.release()
+    assert consumer.read() == b"s" * (2 * SLICE) + b"t" * 10
     for end in (producer, consumer):
         end.release()
     pipe.region.close()
