@@ -214,7 +214,7 @@ def test_a_view_spans_slices_that_follow_each_other_in_memory(ring_impl: ModuleT
     # Shrink to [9]: bytes up to the switch stay in the current layout, and a
     # view of them ends there even though the next slice in memory follows.
     producer.write(b"s" * (2 * SLICE))  # in slices 3 and 4 (positions 320..447)
-    switch, dropped = producer.resize(1)
+    switch, _ = producer.resize(1)
     assert switch == consumer.position + 2 * SLICE
     assert producer.write(b"t" * 10) == 10  # after the switch: in the new layout
     view = consumer.peek()  # slice 5 follows slice 4 in memory, but not in the stream
