@@ -3,6 +3,7 @@ default, and its pure-Python source the reference that passes the same tests."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -36,8 +37,6 @@ def test_environment_selects_the_data_path(env: str, compiled: bool) -> None:
 def test_write_is_the_data_paths_own() -> None:
     """``transport.write`` is the data path's method itself: no Python call in
     between (what the compiled path saves on every write)."""
-    import asyncio
-
     from aiocoloc.transport import SwitchableTransport
 
     loop = asyncio.new_event_loop()
@@ -76,3 +75,63 @@ def test_the_reference_passes_the_transport_tests() -> None:
     tail = "\n".join(result.stdout.splitlines()[-15:])
     assert result.returncode == 0, tail
     assert " passed" in tail and "failed" not in tail, tail
+
+
+class _KeepingReader(asyncio.StreamReader):
+    """A StreamReader that keeps what it is fed (as a subclass may)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kinds: set[type] = set()
+
+    def feed_data(self, data: bytes) -> None:
+        self.kinds.add(type(data))
+        super().feed_data(data)
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_streams_read_straight_from_the_pipe(loop_kind: str) -> None:
+    """asyncio's own stream protocol is lent views of the pipe (it copies at
+    once, one copy less); a protocol whose reader may keep what it gets is
+    given bytes.  Both receive every byte, over runs of many slices."""
+    import uvloop
+
+    import aiocoloc
+
+    from .test_connect import echo, upgraded
+
+    payload = os.urandom(3 << 20)
+
+    async def scenario() -> None:
+        server = await aiocoloc.start_server(echo, "127.0.0.1", 0, upgrade="always")
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            reader, writer = await aiocoloc.open_connection("127.0.0.1", port, upgrade="always")
+            await upgraded(writer)
+            assert writer.transport._core.lends  # type: ignore[attr-defined]
+            writer.write(payload)
+            assert await reader.readexactly(len(payload)) == payload
+            writer.close()
+            await writer.wait_closed()
+
+            loop = asyncio.get_running_loop()
+            keeping = _KeepingReader()
+            transport, _ = await aiocoloc.create_connection(
+                loop,
+                lambda: asyncio.StreamReaderProtocol(keeping),
+                "127.0.0.1",
+                port,
+                upgrade="always",
+            )
+            writer = asyncio.StreamWriter(transport, transport.get_protocol(), keeping, loop)  # type: ignore[arg-type]
+            await upgraded(writer)
+            assert not transport._core.lends  # type: ignore[attr-defined]
+            writer.write(payload)
+            assert await keeping.readexactly(len(payload)) == payload
+            assert keeping.kinds == {bytes}
+            writer.close()
+            await writer.wait_closed()
+
+    factory = uvloop.new_event_loop if loop_kind == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(asyncio.wait_for(scenario(), 30))

@@ -212,10 +212,7 @@ class LifeCycle(TransportState):
         return not self._rx_eof or isinstance(self._loop, asyncio.BaseEventLoop)
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._protocol = protocol
-        self._buffered = reads_into_buffers(self._loop, protocol)
-        if self._buffered:  # we copy into its buffers: no direct calls
-            self._direct = False
+        self._core.set_protocol(protocol, reads_into_buffers(self._loop, protocol))
 
     def get_protocol(self) -> asyncio.BaseProtocol:
         return self._protocol

@@ -17,7 +17,7 @@ cdef class DataPath:
     cdef public int slept_for
     cdef public bint buffered, direct, entered, eof_pending, eof_written, waiting_space
     cdef public bint woke_peer, rx_eof, rx_asleep, drain_scheduled, paused_reading
-    cdef public bint closing, lost_called
+    cdef public bint closing, lost_called, lends
 
     cpdef set_shm(self, shm)
 
@@ -32,6 +32,8 @@ cdef class DataPath:
     cpdef pause_reading(self)
     cpdef resume_reading(self)
     cpdef deliver(self, data)
+    cpdef call_data_received(self, data)
+    cpdef set_protocol(self, protocol, bint buffered)
     cpdef tcp_received(self, data)
     cpdef tcp_data(self, data)
     cpdef on_doorbell(self)
@@ -40,7 +42,7 @@ cdef class DataPath:
     cpdef schedule_drain(self)
     cpdef drain_soon(self)
 
-    @cython.locals(moved=Py_ssize_t, limit=cython.longlong)
+    @cython.locals(moved=Py_ssize_t, limit=cython.longlong, n=object)
     cpdef drain(self)
 
     @cython.locals(probe_from=cython.longlong)

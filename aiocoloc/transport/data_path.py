@@ -48,6 +48,17 @@ READ_CHUNK = 256 * 1024
 LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
 
 
+def _copies_at_once(protocol: Any) -> bool:
+    """asyncio's own stream protocol copies what it is given at once
+    (``StreamReader.feed_data`` extends its buffer): it may read straight
+    from the pipe, one copy less.  Any other protocol may keep what it gets,
+    and the peer may overwrite pipe bytes once they are consumed."""
+    return (
+        type(protocol) is asyncio.StreamReaderProtocol
+        and type(getattr(protocol, "_stream_reader", None)) is asyncio.StreamReader
+    )
+
+
 class DataPath:
     """The per-message state and methods of one ``SwitchableTransport``.
 
@@ -60,15 +71,14 @@ class DataPath:
     def __init__(self, owner: Any, loop: Any, protocol: Any, context: Any, buffered: bool) -> None:
         self.owner: Any = owner
         self.loop = loop
-        self.protocol = protocol
         self.context = context
-        self.buffered = buffered
-        self.direct = not buffered
+        self.direct = True
+        self.shm: Any = None
+        self.set_protocol(protocol, buffered)
         self.overflow = bytearray()
         self.tcp_backlog = bytearray()
         self.rx_held: Any = None
         self.tcp: Any = None
-        self.shm: Any = None
         self.producer: Any = None
         self.consumer: Any = None
         self.doorbell: Any = None
@@ -99,6 +109,7 @@ class DataPath:
     def set_shm(self, shm: Any) -> None:
         """Our shared-memory path (``ShmPath``), or None once it is dropped."""
         self.shm = shm
+        self.lends = shm is not None and _copies_at_once(self.protocol)
         self.producer = None if shm is None else shm.producer
         self.consumer = None if shm is None else shm.consumer
         self.doorbell = None if shm is None else shm.doorbell
@@ -229,13 +240,18 @@ class DataPath:
         """Give received bytes to the protocol (either path), in the
         connection's context under asyncio's guard."""
         self.rx_pos += len(data)
-        owner = self.owner
         if self.buffered:
-            owner._deliver_into_buffers(data)
+            self.owner._deliver_into_buffers(data)
             return
         if type(data) is not bytes:
             data = bytes(data)
-        try:  # (free unless raised) a protocol without one fails as on the loop's
+        self.call_data_received(data)
+
+    def call_data_received(self, data: Any) -> None:
+        """``protocol.data_received(data)`` in the connection's context, under
+        asyncio's guard (a protocol without one fails as on the loop's)."""
+        owner = self.owner
+        try:  # (free unless raised)
             data_received = self.protocol.data_received
         except AttributeError as exc:
             owner._fatal_error(exc, owner._callback_failed("data_received"))
@@ -253,6 +269,14 @@ class DataPath:
             raise
         except BaseException as exc:
             owner._fatal_error(exc, owner._callback_failed("data_received"))
+
+    def set_protocol(self, protocol: Any, buffered: bool) -> None:
+        """The protocol we deliver to, and how."""
+        self.protocol = protocol
+        self.buffered = buffered
+        if buffered:  # we copy into its buffers: no direct calls
+            self.direct = False
+        self.lends = self.shm is not None and _copies_at_once(protocol)
 
     def tcp_received(self, data: bytes) -> None:
         """A TCP segment from the loop's transport (``TcpAdapter.data_received``).
@@ -372,6 +396,23 @@ class DataPath:
                         owner._on_rx_eof()
                         return
                     moved += n
+                elif self.lends:  # straight from the pipe (see set_protocol)
+                    view = consumer.peek(limit)
+                    if view is None:
+                        break
+                    n = len(view)
+                    if n == 0:
+                        owner._on_rx_eof()
+                        return
+                    moved += n
+                    self.rx_pos += n
+                    try:
+                        self.call_data_received(view)
+                    finally:
+                        view.release()
+                    if shm.closed:
+                        return  # the protocol closed us from its callback
+                    consumer.consume(n)
                 else:
                     data = consumer.read(limit)
                     if data is None:
