@@ -17,7 +17,7 @@ cdef class DataPath:
     cdef public int slept_for
     cdef public bint buffered, direct, entered, eof_pending, eof_written, waiting_space
     cdef public bint woke_peer, rx_eof, rx_asleep, drain_scheduled, paused_reading
-    cdef public bint closing, lost_called, lends
+    cdef public bint closing, lost_called, lends, big_reads
 
     cpdef set_shm(self, shm)
 

@@ -31,6 +31,7 @@ from aiocoloc.transport.switch_state import NO_SWITCH, SHM, TCP
 __all__ = [
     "COMPILED",
     "DRAIN_BUDGET",
+    "LEND_MIN",
     "LOG_THRESHOLD_FOR_CONNLOST_WRITES",
     "READ_CHUNK",
     "DataPath",
@@ -44,6 +45,9 @@ COMPILED = not __file__.endswith(".py")
 DRAIN_BUDGET = 4 << 20
 #: Largest chunk handed to ``Protocol.data_received``.
 READ_CHUNK = 256 * 1024
+#: Chunks at least this large are lent to a protocol that copies at once
+#: (a view of the pipe, ``set_protocol``); smaller ones are copied out.
+LEND_MIN = 64 * 1024
 #: asyncio's threshold for warning about writes to a lost connection.
 LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
 
@@ -94,6 +98,7 @@ class DataPath:
         self.conn_lost = 0
         self.slept_at = 0
         self.slept_for = AFTER_EMPTY
+        self.big_reads = False  # the last chunk read was at least LEND_MIN
         self.entered = False
         self.eof_pending = False
         self.eof_written = False
@@ -396,7 +401,7 @@ class DataPath:
                         owner._on_rx_eof()
                         return
                     moved += n
-                elif self.lends:  # straight from the pipe (see set_protocol)
+                elif self.lends and self.big_reads:  # straight from the pipe (set_protocol)
                     view = consumer.peek(limit)
                     if view is None:
                         break
@@ -404,6 +409,7 @@ class DataPath:
                     if n == 0:
                         owner._on_rx_eof()
                         return
+                    self.big_reads = n >= LEND_MIN
                     moved += n
                     self.rx_pos += n
                     try:
@@ -421,6 +427,9 @@ class DataPath:
                         owner._on_rx_eof()
                         return
                     moved += len(data)
+                    # (Lending costs three calls where reading costs one: it
+                    # pays from LEND_MIN bytes a chunk, for a run of them.)
+                    self.big_reads = len(data) >= LEND_MIN
                     self.deliver(data)
                 if shm.closed:
                     return  # the protocol closed us from its callback
