@@ -88,9 +88,10 @@ async def serve(kind: str) -> None:
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
 
-def spawn(kind: str, loop_name: str) -> tuple[subprocess.Popen[str], int]:
+def spawn(kind: str, loop_name: str, script: str = __file__) -> tuple[subprocess.Popen[str], int]:
+    """Start ``script --serve kind`` on ``loop_name``; returns it and the port it printed."""
     child = subprocess.Popen(
-        [sys.executable, __file__, "--serve", kind, "--loop", loop_name],
+        [sys.executable, script, "--serve", kind, "--loop", loop_name],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

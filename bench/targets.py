@@ -28,6 +28,7 @@ TARGETS: dict[str, tuple[str, float, str]] = {
     r"idle_conns_per_64mib_pool": (">=", 1000, "idle upgraded connections a 64 MiB pool holds"),
     r"per_round_\d+": ("<=", 1.0, "N busy connections: time per round no more than TCP's"),
     r"upgraded_\d+": (">=", 1.0, "N connections to one server: every one upgrades"),
+    r"http_body_\d+": (">=", 2.0, "large bodies through aiohttp: twice plain's rate"),
 }
 
 

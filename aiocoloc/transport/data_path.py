@@ -41,10 +41,13 @@ _log = logging.getLogger("aiocoloc.transport")
 
 #: True when this module runs compiled (the interpreter runs ``data_path.py``).
 COMPILED = not __file__.endswith(".py")
-#: Bytes moved from a pipe to the protocol before yielding to the loop.
-DRAIN_BUDGET = 4 << 20
 #: Largest chunk handed to ``Protocol.data_received``.
-READ_CHUNK = 256 * 1024
+READ_CHUNK = 128 * 1024
+#: Bytes moved from a pipe to the protocol before yielding to the loop: one
+#: chunk, as a socket transport reads once per loop iteration.  A protocol
+#: that buffers what it gets (aiohttp's) must get to run between chunks, or
+#: it gathers several and copies them into one.
+DRAIN_BUDGET = READ_CHUNK
 #: Chunks at least this large are lent to a protocol that copies at once
 #: (a view of the pipe, ``set_protocol``); smaller ones are copied out.
 LEND_MIN = 64 * 1024
