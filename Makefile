@@ -61,6 +61,7 @@ bench: build
 	$(PY) bench/proportional.py
 	$(PY) bench/streams.py
 	$(PY) bench/many.py
+	$(PY) bench/http_bodies.py
 	$(PY) bench/discovery.py
 
 clean:
