@@ -42,7 +42,7 @@ cdef class DataPath:
     cpdef schedule_drain(self)
     cpdef drain_soon(self)
 
-    @cython.locals(moved=Py_ssize_t, limit=cython.longlong, n=object)
+    @cython.locals(moved=Py_ssize_t, limit=cython.longlong, chunk=cython.longlong, n=object)
     cpdef drain(self)
 
     @cython.locals(probe_from=cython.longlong)

@@ -1,19 +1,15 @@
 # cython: annotation_typing=False
 """The transport's hot half: what runs for every message.
 
-``DataPath`` holds the state a ``SwitchableTransport``'s data paths read on
-every write, every TCP segment and every pipe wake-up, and the methods that
-run per message: ``write`` (both paths), TCP segments on their way in,
-delivering bytes to the protocol, draining the incoming pipe, waking,
-spinning and going to sleep.  The transport (``owner``) keeps the cold parts
-(switching, closing, flow control, the overflow's flush, holding) in its
-mixins and reads these fields through properties (``state``).
+``DataPath`` holds the state a ``SwitchableTransport``'s data paths read per
+message, and the methods that run per message: ``write``, TCP segments in,
+delivery, the pipe drain, waking, spinning and sleeping.  The transport
+(``owner``) keeps the cold parts in its mixins and reads these fields
+through properties (``state``).
 
-This module is compiled by Cython in pure-Python mode: ``data_path.pxd``
-makes ``DataPath`` a ``cdef class`` with typed fields, so a field read is a
-load from a C struct instead of a dictionary lookup.  The same source, run
-by the interpreter, is the reference that ``AIOCOLOC_NO_EXTENSIONS=1``
-selects (``state.load_data_path``), and the tests run both.
+Compiled by Cython in pure-Python mode (``data_path.pxd`` makes it a ``cdef
+class`` with typed fields); the same source, interpreted, is the reference
+that ``AIOCOLOC_NO_EXTENSIONS=1`` selects (``state.load_data_path``).
 """
 
 from __future__ import annotations
@@ -31,6 +27,7 @@ from aiocoloc.transport.switch_state import NO_SWITCH, SHM, TCP
 __all__ = [
     "COMPILED",
     "DRAIN_BUDGET",
+    "LEND_CHUNK",
     "LEND_MIN",
     "LOG_THRESHOLD_FOR_CONNLOST_WRITES",
     "READ_CHUNK",
@@ -44,13 +41,15 @@ COMPILED = not __file__.endswith(".py")
 #: Largest chunk handed to ``Protocol.data_received``.
 READ_CHUNK = 128 * 1024
 #: Bytes moved from a pipe to the protocol before yielding to the loop: one
-#: chunk, as a socket transport reads once per loop iteration.  A protocol
-#: that buffers what it gets (aiohttp's) must get to run between chunks, or
-#: it gathers several and copies them into one.
+#: chunk, as a socket reads once per loop iteration (aiohttp, say, buffers
+#: what it gets and would copy several chunks into one).
 DRAIN_BUDGET = READ_CHUNK
 #: Chunks at least this large are lent to a protocol that copies at once
 #: (a view of the pipe, ``set_protocol``); smaller ones are copied out.
 LEND_MIN = 64 * 1024
+#: Largest chunk lent: ``StreamReader`` takes it in one copy, and its
+#: reader wakes once per chunk.
+LEND_CHUNK = 256 * 1024
 #: asyncio's threshold for warning about writes to a lost connection.
 LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
 
@@ -223,10 +222,9 @@ class DataPath:
     # ------------------------------------------------------------ receiving
 
     def pause_reading(self) -> None:
-        """``transport.pause_reading`` once shared memory is attached:
-        ``StreamReader`` pauses and resumes for every chunk past its limit.
-        While bytes come from the pipe the TCP socket reads on whatever the
-        protocol says (``tcp_read._sync_tcp_reading``): only the flag changes."""
+        """``transport.pause_reading`` (``StreamReader`` pauses and resumes for
+        every chunk past its limit).  While bytes come from the pipe, the TCP
+        socket reads on whatever the protocol says: only the flag changes."""
         if self.closing or self.paused_reading:
             return
         self.paused_reading = True
@@ -329,13 +327,11 @@ class DataPath:
 
     def may_be_rung(self) -> bool:
         """For a hub (a doorbell shared with other connections): whether a
-        ring may be for us -- our reader sleeps and its writer rang (took
-        the flag) or bytes or EOF came; or our writer waits and its reader
-        rang or room came.  The others stay asleep, flags set.  (A taken
-        flag wakes us even when a drain already took the bytes:
-        ``wait_for_bytes`` leaves a reader that still counts as asleep
-        alone, and a ring that is not followed by a wake-up would leave it
-        so with no flag set.)"""
+        ring may be for us -- our reader sleeps and its writer rang (took the
+        flag) or bytes or EOF came; or our writer waits and its reader rang
+        or room came.  (A taken flag wakes us even when a drain took the
+        bytes already: a reader that still counts as asleep would otherwise
+        stay so with no flag set.)"""
         shm = self.shm
         if shm is None or shm.closed:
             return False
@@ -391,8 +387,9 @@ class DataPath:
         try:
             while moved < DRAIN_BUDGET and not self.paused_reading and not self.lost_called:
                 limit = self.rx_switch_at - self.rx_pos  # room before the next switch
-                if limit > READ_CHUNK:
-                    limit = READ_CHUNK
+                chunk = LEND_CHUNK if self.lends and self.big_reads else READ_CHUNK
+                if limit > chunk:
+                    limit = chunk
                 elif limit == 0:
                     owner._advance_rx()
                     return
