@@ -26,24 +26,18 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import uvloop
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiocoloc
-from bench.many import spawn, stop
+from bench.many import LOOPS, spawn, stop
 from bench.targets import mark
 
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": uvloop.new_event_loop,
-}
 KINDS = ["plain", "shm"]
 #: Alternating blocks of each contender per cell.
 BLOCKS = 4
