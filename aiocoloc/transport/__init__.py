@@ -2,8 +2,9 @@
 connection whose directions move to shared-memory pipes and back at
 announced byte offsets.
 
-``switchable`` composes it: the asyncio contract (``contract``), the read
-and write paths per side (``tcp_read``, ``pipe_read``, ``write``,
+``switchable`` composes it: its hot half, what runs per message
+(``data_path``, compiled), the asyncio contract (``contract``), the cold
+read and write paths per side (``tcp_read``, ``pipe_read``, ``write``,
 ``pipe_write``), switching on the control link (``switching``) by the rules
 of a pure state machine (``switch_state``), the traffic hook and loop watch
 (``loop_watch``), the state they share (``state``); the shared-memory side
