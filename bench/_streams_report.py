@@ -8,6 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from bench.targets import summary
+
 __all__ = ["CPU_SIZES", "RR_SIZES", "STREAM_SIZES", "print_report"]
 
 #: The cells bench/streams.py measures (it takes them from here).
@@ -100,11 +102,7 @@ def _targets(out: Console, marks: dict[str, dict[str, Any]]) -> None:
         shown = f"{value:,.0f}" if "per_64mib" in cell else f"{value:.2f}x"
         table.add_row(cell, shown, m["target"], verdict)
     out.print(table)
-    broken = [cell for cell, m in marks.items() if not m["met"]]
-    out.print(
-        f"{len(marks) - len(broken)} of {len(marks)} cells meet their targets"
-        + (f"; breaking: {', '.join(broken)}" if broken else "")
-    )
+    out.print(summary(marks)[1])
 
 
 def print_report(

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiocoloc
 from bench.many import LOOPS, spawn, stop
-from bench.targets import mark
+from bench.targets import mark, summary
 
 KINDS = ["plain", "shm"]
 #: Alternating blocks of each contender per cell.
@@ -189,11 +189,8 @@ def main() -> int:
     out = Console(width=max(Console().width, 100))
     out.print(table)
     marks = mark({f"{row['loop']}/http_body_{row['size']}": row["ratio"] for row in rows})
-    broken = sorted(cell for cell, m in marks.items() if not m["met"])
-    out.print(
-        f"{len(marks) - len(broken)} of {len(marks)} cells meet their targets (bench/targets.py)"
-        + (f"; breaking: {', '.join(broken)}" if broken else "")
-    )
+    broken, line = summary(marks)
+    out.print(line)
     if args.json:
         print(json.dumps({"benchmark": "http", "rows": rows, "targets": marks, "broken": broken}))
     return 0

@@ -41,7 +41,7 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiocoloc
-from bench.targets import mark
+from bench.targets import mark, summary
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
@@ -274,11 +274,8 @@ def main() -> int:
         cells[f"{row['loop']}/per_round_{n}"] = row["ratio"]
         cells[f"{row['loop']}/upgraded_{n}"] = row["upgraded"] / n
     marks = mark(cells)
-    broken = sorted(cell for cell, m in marks.items() if not m["met"])
-    out.print(
-        f"{len(marks) - len(broken)} of {len(marks)} cells meet their targets (bench/targets.py)"
-        + (f"; breaking: {', '.join(broken)}" if broken else "")
-    )
+    broken, line = summary(marks)
+    out.print(line)
     if args.json:
         print(json.dumps({"benchmark": "many", "rows": rows, "targets": marks, "broken": broken}))
     return 0

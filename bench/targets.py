@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["TARGETS", "mark", "target_for"]
+__all__ = ["TARGETS", "mark", "summary", "target_for"]
 
 #: Cell pattern (``{loop}/`` stripped) -> (comparison, bound, what it means).
 TARGETS: dict[str, tuple[str, float, str]] = {
@@ -52,3 +52,11 @@ def mark(ratios: dict[str, float]) -> dict[str, dict[str, Any]]:
         met = ratio >= bound if op == ">=" else ratio <= bound
         out[cell] = {"ratio": ratio, "target": f"{op} {bound:g}", "met": met, "means": meaning}
     return out
+
+
+def summary(marks: dict[str, dict[str, Any]]) -> tuple[list[str], str]:
+    """The cells of ``mark``'s result that break their targets (sorted), and
+    the line a benchmark prints about them."""
+    broken = sorted(cell for cell, m in marks.items() if not m["met"])
+    line = f"{len(marks) - len(broken)} of {len(marks)} cells meet their targets (bench/targets.py)"
+    return broken, line + (f"; breaking: {', '.join(broken)}" if broken else "")

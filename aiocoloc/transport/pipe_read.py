@@ -31,12 +31,6 @@ class PipeReadPath(TransportState):
     def _schedule_drain(self) -> None:
         self._core.schedule_drain()
 
-    def _drain(self) -> None:
-        self._core.drain()
-
-    def _wait_for_bytes(self, trigger: int) -> None:
-        self._core.wait_for_bytes(trigger)
-
     def _sleep(self) -> None:
         self._core.sleep()
 

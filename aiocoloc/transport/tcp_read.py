@@ -19,9 +19,6 @@ __all__ = ["TcpReadPath"]
 class TcpReadPath(TransportState):
     """TCP segments to the protocol, switches respected."""
 
-    def _tcp_data(self, data: bytes) -> None:
-        self._core.tcp_data(data)  # the common case is the data path's
-
     def _feed_tcp(self) -> None:
         """Deliver TCP bytes up to the next switch; keep the rest for later.
 
