@@ -7,7 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 EXT_SOURCES := aiocoloc/_ring.pyx aiocoloc/_ring.pxd $(wildcard aiocoloc/_ring_*.pxi) aiocoloc/shm/_atomic.pyx aiocoloc/includes/atomics.h \
-	aiocoloc/transport/data_path.py aiocoloc/transport/data_path.pxd
+	aiocoloc/transport/data_path.py aiocoloc/transport/data_path.pxd \
+	aiocoloc/notify/spin_policy.py aiocoloc/notify/spin_policy.pxd aiocoloc/notify/waking.py aiocoloc/notify/waking.pxd
 PYTEST_ARGS ?=
 
 .PHONY: all venv build demo test lint typecheck pytest soak fuzz bench clean
@@ -65,4 +66,4 @@ bench: build
 	$(PY) bench/discovery.py
 
 clean:
-	rm -rf build $(VENV) aiocoloc/*.so aiocoloc/*.c aiocoloc/shm/*.so aiocoloc/shm/*.c aiocoloc/transport/*.so aiocoloc/transport/*.c *.egg-info .pytest_cache .mypy_cache .hypothesis
+	rm -rf build $(VENV) aiocoloc/*.so aiocoloc/*.c aiocoloc/shm/*.so aiocoloc/shm/*.c aiocoloc/transport/*.so aiocoloc/transport/*.c aiocoloc/notify/*.so aiocoloc/notify/*.c *.egg-info .pytest_cache .mypy_cache .hypothesis

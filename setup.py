@@ -1,7 +1,8 @@
 """Builds the Cython ring (``_ring.pyx`` and the ``_ring_*.pxi`` files it includes: one
-extension, so hot-path calls stay inline), the pool's atomics, and the transport's
-data path (``transport/data_path.py``, compiled in Cython's pure-Python mode with the
-``.pxd`` beside it).  AIOCOLOC_NO_EXTENSIONS=1 skips the build."""
+extension, so hot-path calls stay inline), the pool's atomics, and the hot halves
+written in Cython's pure-Python mode, each a ``.py`` compiled with the ``.pxd``
+beside it: the transport's data path, the spin policy and the hub's waking
+(``aiocoloc.compiled``).  AIOCOLOC_NO_EXTENSIONS=1 skips the build."""
 
 import os
 
@@ -23,6 +24,8 @@ if os.environ.get("AIOCOLOC_NO_EXTENSIONS", "") in ("", "0"):
                 ("aiocoloc._ring", ".pyx"),
                 ("aiocoloc.shm._atomic", ".pyx"),
                 ("aiocoloc.transport.data_path", ".py"),
+                ("aiocoloc.notify.spin_policy", ".py"),
+                ("aiocoloc.notify.waking", ".py"),
             )
         ],
         compiler_directives={"language_level": "3"},

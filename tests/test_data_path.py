@@ -1,5 +1,6 @@
-"""The transport's data path (``aiocoloc/transport/data_path.py``): compiled by
-default, and its pure-Python source the reference that passes the same tests."""
+"""The hot halves written in Cython's pure-Python mode (the transport's data
+path, the spin policy, the hub's waking; ``aiocoloc.compiled``): compiled by
+default, and their pure-Python source the reference that passes the same tests."""
 
 from __future__ import annotations
 
@@ -15,12 +16,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(("env", "compiled"), [("1", False), ("", True), ("0", True)])
-def test_environment_selects_the_data_path(env: str, compiled: bool) -> None:
+def test_environment_selects_the_compiled_modules_or_their_source(env: str, compiled: bool) -> None:
+    """Every user gets the module ``aiocoloc.compiled.load`` picked: the
+    transport's data path, the policy the transport spins with, the hub's bell."""
     code = (
-        "import asyncio, aiocoloc.transport as t\n"
+        "import asyncio, sys, aiocoloc.transport as t\n"
+        "from aiocoloc.notify import hub, spin, vfio_bells\n"
         "tr = t.SwitchableTransport(asyncio.new_event_loop(), asyncio.Protocol())\n"
-        "m = __import__('sys').modules[type(tr._core).__module__]\n"
-        "print(m.COMPILED, m.__file__)"
+        "for cls in (type(tr._core), spin.SpinPolicy, hub.HubBell):\n"
+        "    m = sys.modules[cls.__module__]\n"
+        "    print(m.COMPILED, m.__file__)\n"
+        "print(vfio_bells.wake_listeners is sys.modules['aiocoloc.notify.waking'].wake_listeners)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
@@ -30,8 +36,11 @@ def test_environment_selects_the_data_path(env: str, compiled: bool) -> None:
         check=True,
         cwd=ROOT,
     ).stdout.split()
-    assert out[0] == str(compiled)
-    assert out[1].endswith(".py") != compiled
+    assert len(out) == 7, out
+    for flag, path in zip(out[0:6:2], out[1:6:2], strict=True):
+        assert flag == str(compiled)
+        assert path.endswith(".py") != compiled
+    assert out[6] == "True"
 
 
 def test_write_is_the_data_paths_own() -> None:
@@ -53,7 +62,8 @@ def test_write_is_the_data_paths_own() -> None:
 
 def test_the_reference_passes_the_transport_tests() -> None:
     """The pure-Python data path runs the transport's own suite and the write
-    and life-cycle conformance tests, on both loops, every mode."""
+    and life-cycle conformance tests, on both loops, every mode; the pure
+    spin policy and hub bell their own tests."""
     result = subprocess.run(
         [
             sys.executable,
@@ -65,6 +75,10 @@ def test_the_reference_passes_the_transport_tests() -> None:
             "tests/test_transport.py",
             "tests/conformance/test_writes.py",
             "tests/conformance/test_lifecycle.py",
+            "tests/test_spin.py",
+            # (Hubs between processes need the compiled atomics: these run in one.)
+            "tests/test_hub.py::test_rings_coalesce_until_taken_wake_only_their_members_and_the_last_member_closes",
+            "tests/test_hub.py::test_a_failing_member_costs_the_others_nothing",
         ],
         env={**os.environ, "AIOCOLOC_NO_EXTENSIONS": "1"},
         capture_output=True,

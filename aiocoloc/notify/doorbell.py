@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from aiocoloc.control.frames import encode_frame
 from aiocoloc.control.messages import Bell
@@ -28,7 +28,6 @@ __all__ = [
     "Doorbell",
     "SharedDoorbell",
     "new_eventfd",
-    "wake_listeners",
 ]
 
 _log = logging.getLogger("aiocoloc.notify.doorbell")
@@ -40,7 +39,8 @@ class SharedDoorbell:
     """One connection's share of a doorbell that several connections listen
     on (a hub's eventfds, an ivshmem interrupt vector), with the interface
     of ``Doorbell``.  Subclasses say how to ring the peer and how to join
-    and leave the listeners of what they share."""
+    and leave the listeners of what they share; what they share wakes its
+    listeners with ``aiocoloc.notify.waking.wake_listeners``."""
 
     KIND = "shared"
 
@@ -88,27 +88,6 @@ class SharedDoorbell:
 
     def _leave(self) -> None:
         raise NotImplementedError
-
-
-def wake_listeners(
-    listeners: Iterable[SharedDoorbell], loop: asyncio.AbstractEventLoop, owner: object
-) -> None:
-    """After a shared doorbell rang: call every listener whose ``ready()``
-    says the ring may be for it; one listener's failure is reported and
-    costs the others nothing."""
-    for member in list(listeners):
-        if member.closed:
-            continue  # closed by a callback earlier in this round
-        try:
-            if member.ready is None or member.ready():
-                member.wakeups += 1
-                callback = member.callback
-                if callback is not None:
-                    callback()
-        except Exception as exc:
-            loop.call_exception_handler(
-                {"message": "doorbell wake-up callback failed", "exception": exc, "doorbell": owner}
-            )
 
 
 def new_eventfd() -> int:

@@ -54,11 +54,18 @@ import os
 import secrets
 import weakref
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+from aiocoloc import compiled
 from aiocoloc.errors import SegmentError
-from aiocoloc.notify.doorbell import SharedDoorbell, new_eventfd, wake_listeners
+from aiocoloc.notify.doorbell import SharedDoorbell, new_eventfd
 from aiocoloc.shm import MemfdSegment
 from aiocoloc.shm.atomic import SharedWords, atomics_are_process_safe
+
+if TYPE_CHECKING:
+    from aiocoloc.notify.waking import HubBell
+else:
+    HubBell = compiled.load("aiocoloc.notify.waking").HubBell
 
 __all__ = [
     "OFFER",
@@ -73,7 +80,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger("aiocoloc.notify.hub")
-_ONE = (1).to_bytes(8, "little")
 #: Whether this process offers and accepts hubs in handshakes (tests turn
 #: it off to play a peer from before hubs).
 OFFER = True
@@ -123,9 +129,13 @@ class HubDoorbell(SharedDoorbell):
     def __init__(self, hub: Hub) -> None:
         super().__init__()
         self.hub = hub
+        self._bell = hub.bell
 
-    def _ring_peer(self) -> None:
-        self.hub.ring()  # one system call per wake-up of the peer's hub
+    def ring(self) -> None:
+        """Wake the peer: one system call per wake-up of the peer's hub."""
+        if not self.closed:
+            self.rings += 1
+            self._bell.ring()  # (SharedDoorbell.ring in one Python call: this one)
 
     def _check_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         if loop is not self.hub.loop:
@@ -166,24 +176,30 @@ class Hub:
         self.listen_fd = listen_fd
         self.ring_fd = ring_fd
         self.segment = segment
-        self.rings = 0  # eventfd writes
-        self.wakeups = 0  # eventfd reads that found a ring
         self.closed = False
         self._on_closed = on_closed
         self._members = 0  # HubDoorbells not closed yet
         self._rest_timer: asyncio.TimerHandle | None = None
-        # Members that listen, in the order they joined (a dict: ordered, O(1) removal).
-        self._listeners: dict[HubDoorbell, None] = {}
-        self._ring_word = _CLIENT_RINGS if client else _SERVER_RINGS
-        self._listen_word = _SERVER_RINGS if client else _CLIENT_RINGS
         self._map: mmap.mmap | None = None
         self._words: SharedWords | None = None
+        #: The ring and the wake-up (compiled); its ``listeners`` are the
+        #: members that listen, in the order they joined.
+        self.bell = HubBell(
+            loop,
+            self,
+            listen_fd,
+            ring_fd,
+            None,
+            _CLIENT_RINGS if client else _SERVER_RINGS,
+            _SERVER_RINGS if client else _CLIENT_RINGS,
+        )
         try:
             if segment.size < SEGMENT_SIZE:
                 raise SegmentError(f"a hub segment needs {SEGMENT_SIZE} bytes, got {segment.size}")
             self._map = segment.map()
             self._words = SharedWords(self._map)
-            loop.add_reader(listen_fd, self._on_readable)
+            self.bell.words = self._words
+            loop.add_reader(listen_fd, self.bell.on_readable)
         except BaseException:
             self._release()
             raise
@@ -191,6 +207,16 @@ class Hub:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self._members} members"
         return f"<Hub {self.token[:8]} {state}>"
+
+    @property
+    def rings(self) -> int:
+        """Eventfd writes: wake-ups of the peer's loop."""
+        return self.bell.rings
+
+    @property
+    def wakeups(self) -> int:
+        """Eventfd reads that found a ring."""
+        return self.bell.wakeups
 
     @property
     def members(self) -> int:
@@ -212,10 +238,10 @@ class Hub:
         return HubDoorbell(self)
 
     def listening(self, member: HubDoorbell) -> None:
-        self._listeners[member] = None
+        self.bell.listeners[member] = None
 
     def leave(self, member: HubDoorbell) -> None:
-        self._listeners.pop(member, None)
+        self.bell.listeners.pop(member, None)
         self._members -= 1
         if self._members == 0:
             self.rest()
@@ -245,37 +271,9 @@ class Hub:
         if self._members == 0:
             self.close()
 
-    # -------------------------------------------------------------- ringing
-
     def ring(self) -> None:
         """Wake the peer's loop, unless a ring it has not taken is outstanding."""
-        words = self._words
-        if words is None:
-            return  # closed
-        # (A load first: most rings of a batch find the word set, and a
-        # compare-and-swap would take the cache line from the peer.)
-        if words.load32(self._ring_word) == 0 and words.cas32(self._ring_word, 0, 1):
-            try:
-                os.write(self.ring_fd, _ONE)
-                self.rings += 1
-            except BlockingIOError:
-                pass  # counter saturated: the peer has a wake-up pending anyway
-
-    # -------------------------------------------------------------- waking
-
-    def _on_readable(self) -> None:
-        # Read first, then look at the pipes (see the module docstring).
-        words = self._words
-        try:
-            os.read(self.listen_fd, 8)
-        except BlockingIOError:
-            return
-        if words is None:
-            return
-        # Taken: the next write needs a ring again (the looks below fence first).
-        words.store32(self._listen_word, 0)
-        self.wakeups += 1
-        wake_listeners(self._listeners, self.loop, self)
+        self.bell.ring()
 
     # -------------------------------------------------------------- closing
 
@@ -287,7 +285,7 @@ class Hub:
         self.closed = True
         if self._rest_timer is not None:
             self._wake_up()
-        self._listeners.clear()
+        self.bell.close()
         if not self.loop.is_closed():
             self.loop.remove_reader(self.listen_fd)
         self._release()
@@ -296,6 +294,7 @@ class Hub:
             on_closed(self)
 
     def _release(self) -> None:
+        self.bell.close()
         if self._words is not None:
             self._words.release()
             self._words = None

@@ -21,14 +21,21 @@ import logging
 import mmap
 import os
 import threading
+from typing import TYPE_CHECKING
 
-from aiocoloc.notify.doorbell import SharedDoorbell, wake_listeners
+from aiocoloc import compiled
+from aiocoloc.notify.doorbell import SharedDoorbell
 from aiocoloc.notify.vfio import DOORBELL_REGISTER, VfioBarSegment
 from aiocoloc.notify.vfio_grants import Grant
 
 __all__ = ["VfioBells", "VfioDoorbell", "bells_for", "register"]
 
 _log = logging.getLogger("aiocoloc.notify.vfio_bells")
+
+if TYPE_CHECKING:
+    from aiocoloc.notify.waking import wake_listeners
+else:
+    wake_listeners = compiled.load("aiocoloc.notify.waking").wake_listeners
 
 
 class VfioDoorbell(SharedDoorbell):

@@ -20,18 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import importlib
-import importlib.util
 import logging
 import operator
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from aiocoloc import compiled
 from aiocoloc.notify.spin import SpinPolicy
-from aiocoloc.ring import extensions_disabled
 from aiocoloc.transport.loop_watch import LoopWatch
 from aiocoloc.transport.switch_state import SwitchState
 
@@ -47,23 +43,9 @@ _log = logging.getLogger("aiocoloc.transport")
 
 
 def load_data_path() -> ModuleType:
-    """The ``data_path`` module: compiled, or the pure-Python source when
-    ``AIOCOLOC_NO_EXTENSIONS`` asks for it (even with the compiled one built
-    beside it) or when the extension was not built (with a warning)."""
-    name = "aiocoloc.transport.data_path"
-    if not extensions_disabled():
-        module = importlib.import_module(name)
-        if not module.COMPILED:
-            _log.warning("compiled data path not built; the transport runs its slow reference")
-        return module
-    if name in sys.modules and not sys.modules[name].COMPILED:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("data_path.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The ``data_path`` module: compiled, or its pure-Python source when
+    ``AIOCOLOC_NO_EXTENSIONS`` asks for it (``aiocoloc.compiled.load``)."""
+    return compiled.load("aiocoloc.transport.data_path")
 
 
 # Everything else imports the data path from here, so that one module is used.
