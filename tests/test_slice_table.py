@@ -95,3 +95,23 @@ def test_new_pipes_take_the_lowest_free_entries_until_none_is_left() -> None:
         assert [pool.create_pipe(me, me).slot for _ in range(2)] == [2, 5]
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("pipes", [3, 40])  # counted one pipe at a time, and in one pass
+def test_pipe_infos_list_every_pipe_in_use_with_its_slices(pipes: int) -> None:
+    """``infos`` finds the entries in use in C: every active pipe, in slot
+    order, with the slices it owns; freed entries are not listed."""
+    config = PoolConfig(slice_size=4096, max_members=4, max_pipes=64, max_slices_per_pipe=8)
+    pool = Pool.create(MemfdSegment.create(4 << 20), config)
+    try:
+        me = pool.slot
+        handles = [pool.create_pipe(me, me, max_slices=8, initial=1 + i % 5) for i in range(pipes)]
+        pool.destroy_pipe(handles[1])
+        alive = [h for h in handles if h != handles[1]]
+        infos = pool.pipes()
+        assert [i.handle for i in infos] == alive
+        owners = pool.slice_owners()
+        for info in infos:
+            assert info.owned_slices == owners.count(info.handle.slot) == 1 + info.handle.slot % 5
+    finally:
+        pool.close()
