@@ -39,7 +39,9 @@ frames = st.builds(
     lambda op, fields, version: {**fields, "op": op, **({"version": version} if version else {})},
     ops,
     st.dictionaries(
-        st.sampled_from(["pool", "up", "down", "nonce", "reason", "slot", "detail", "hub"]),
+        st.sampled_from(
+            ["pool", "up", "down", "nonce", "reason", "slot", "detail", "hub", "ready"]
+        ),
         values,
         max_size=4,
     ),
@@ -124,6 +126,25 @@ async def _play(script: list[Any], sock: socket.socket) -> None:
     warm=True,
 )
 @example(script=[("read",), ("frame", {"op": "pipes", "nonce": b"x" * 16}, [])], warm=True)
+# Settled at "pipes" (ready) although we proved nothing over our hub.
+@example(
+    script=[
+        ("read",),
+        (
+            "frame",
+            {
+                "op": "pipes",
+                "up": [0, 1],
+                "down": [1, 1],
+                "nonce": b"x" * 16,
+                "hub": True,
+                "ready": True,
+            },
+            [],
+        ),
+    ],
+    warm=True,
+)
 # Our hub offer taken (or asked for) by an endpoint that then fails us.
 @example(
     script=[("read",), ("frame", {"op": "pipes", "up": [0, 1], "down": [1, 1], "hub": True}, [])],

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 import aiocoloc
-from aiocoloc.connect import policy
+from aiocoloc.connect import handshake, policy
 from aiocoloc.connect.agreement import abandon_pipes
 from aiocoloc.connect.colocation import local_pools
 from aiocoloc.connect.handshake import connection_key
@@ -543,5 +543,91 @@ def test_a_known_hub_is_joined_without_descriptors_and_kept_for_its_members(
                 await writer.wait_closed()
             await until(lambda: len(hubs) == 0, "the server's hub to close")
             assert shared.closed and eventfds() == base
+
+    run(loop_kind, scenario)
+
+
+# --- a pool proved over a hub ----------------------------------------------------------------
+
+
+def test_a_pool_proved_over_a_hub_is_not_proved_again(
+    loop_kind: str, no_fd_leak: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second connection over a hub skips the client's proof (hello says
+    proven, pipes says ready: no proof, no ready) and carries its bytes."""
+    sent: list[Any] = []
+    original = handshake.send
+
+    async def recording(channel: Any, message: Any, fds: Any = ()) -> None:
+        sent.append(message)
+        await original(channel, message, fds)
+
+    monkeypatch.setattr(handshake, "send", recording)
+
+    async def scenario() -> None:
+        server = await aiocoloc.start_server(echo, "127.0.0.1", 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            a = await aiocoloc.open_connection("127.0.0.1", port, upgrade="always")
+            await upgraded(a[1])
+            # (In one process the client maps the server's pool already: no pool/join.)
+            assert [m.OP for m in sent] == ["hello", "pipes", "proof", "ready"]
+            (ours,) = client_hubs()
+            (theirs,) = server._endpoint.hubs.hubs()
+            pool = local_pools().get(a[1].transport.get_extra_info("aiocoloc")["pool"])
+            assert pool is not None
+            assert ours.proven == theirs.proven == {(str(pool.id), pool.slot)}
+            sent.clear()
+            b = await aiocoloc.open_connection("127.0.0.1", port, upgrade="always")
+            await upgraded(b[1])
+            assert [m.OP for m in sent] == ["hello", "pipes"]
+            assert sent[0].proven is True and sent[1].ready is True
+            await roundtrip(*b, 300_000)
+            await roundtrip(*a, 300_000)
+            for _, writer in (a, b):
+                writer.close()
+                await writer.wait_closed()
+            await until(lambda: not server._endpoint.hubs.hubs(), "the server's hub to close")
+
+    run(loop_kind, scenario)
+
+
+def test_a_proven_claim_the_server_does_not_share_gets_the_whole_handshake(
+    loop_kind: str, no_fd_leak: None
+) -> None:
+    """``proven`` is the client's claim; a server that did not see that proof
+    over that hub asks for it as always (``pipes`` without ``ready``)."""
+
+    async def scenario() -> None:
+        server = await aiocoloc.start_server(echo, "127.0.0.1", 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            a = await aiocoloc.open_connection("127.0.0.1", port, upgrade="always")
+            await upgraded(a[1])
+            (shared,) = client_hubs()
+            (theirs,) = server._endpoint.hubs.hubs()
+            pool = local_pools().get(a[1].transport.get_extra_info("aiocoloc")["pool"])
+            assert pool is not None
+            theirs.proven.clear()  # (as if the proof had been over another hub)
+            b = await aiocoloc.open_connection("127.0.0.1", port, upgrade="never")
+            conn = connection_key(b[1].get_extra_info("sockname"), b[1].get_extra_info("peername"))
+            control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            control.setblocking(False)
+            loop = asyncio.get_running_loop()
+            await loop.sock_connect(control, "\0" + server.control_address[1:])
+            hello = {"op": "hello", "version": 1, "conn": list(conn), "hub": shared.token}
+            hello.update(pool=str(pool.id), slot=pool.slot, proven=True)
+            await send_message(control, hello)
+            pipes = await recv_message(control)
+            assert pipes["op"] == "pipes" and pipes["hub"] is True and "ready" not in pipes
+            await send_message(control, {"op": "proof", "nonce": _proof(pool, pipes)})
+            assert (await recv_message(control))["op"] == "ready"
+            assert theirs.proven == {(str(pool.id), pool.slot)}
+            control.close()
+            await roundtrip(*a, 100_000)
+            for _, writer in (a, b):
+                writer.close()
+                await writer.wait_closed()
+            await until(lambda: not server._endpoint.hubs.hubs(), "the server's hub to close")
 
     run(loop_kind, scenario)

@@ -50,6 +50,15 @@ puts its pool id and member slot in ``hello``; when that is the server's
 pool, the server skips ``pool``/``join`` and answers with ``pipes`` at once:
 one round trip less for every connection after the first.  The proof still
 shows that the client maps the pool.
+
+The proof is needed once per pool, client slot and hub: the hub is the
+client process's (its token a secret only the two ends hold), so both ends
+remember the pools proved over it (``Hub.proven``).  A client that proved
+the pool over the hub it offers says so (``hello {..., proven: true}``);
+a server that remembers the same answers ``pipes {..., ready: true}``: the
+client checks nonce A as always, writes no nonce B and sends no ``proof``,
+and both sides attach at once -- a round trip less again.  Either side that
+does not remember it runs the handshake above.
 """
 
 from __future__ import annotations
@@ -160,6 +169,9 @@ async def client_handshake(
         if not trust.allows(uid):
             raise HandshakeFailed(fallback.NOT_TRUSTED, f"control socket belongs to uid {uid}")
         pool = agreement.pool = pools.take(offered) if offered is not None else None
+        proven = (
+            hub is not None and pool is not None and (str(pool.id), pool.slot) in hub.hub.proven
+        )
         await send(
             channel,
             Hello(
@@ -168,10 +180,12 @@ async def client_handshake(
                 pool=str(pool.id) if pool is not None else None,  # the server may skip pool/join
                 slot=pool.slot if pool is not None else None,
                 hub=hub.hub.token if hub is not None else None,
+                proven=True if proven else None,  # the server may skip our proof
             ),
         )
         message, fds = await receive(channel)
         if pool is None or not isinstance(message, Pipes):
+            proven = False  # (a pool we map now: never proved over this hub)
             if pool is not None:  # the server did not take our offer
                 agreement.pool = None
                 pools.release(pool)
@@ -196,8 +210,13 @@ async def client_handshake(
                 hub.close()
                 agreement.hub = hub = None
         agreement.send, agreement.receive = PipeHandle(*pipes.up), PipeHandle(*pipes.down)
+        if pipes.ready and not (proven and pipes.hub):
+            raise HandshakeFailed(fallback.PROTOCOL_ERROR, "'pipes': ready without our proof")
         if not secrets.compare_digest(read_nonce(pool, agreement.receive), pipes.nonce):
             raise HandshakeFailed(fallback.PROOF_FAILED, "the server's nonce is not in the pool")
+        if pipes.ready:  # we proved this pool over this hub before: settled
+            agreement.settled = True
+            return agreement
         mine = secrets.token_bytes(NONCE_SIZE)
         write_nonce(pool, agreement.send, mine)
         if hub is None:
@@ -211,6 +230,8 @@ async def client_handshake(
         message, fds = await receive(channel)
         expect(message, fds, Ready, 0)
         agreement.settled = True
+        if hub is not None:  # the next handshake over this hub may skip the proof
+            hub.hub.proven.add((str(pool.id), pool.slot))
         return agreement
     except BaseException:
         agreement.release()
@@ -239,14 +260,18 @@ async def server_handshake(
     return await serve_or_refuse(agreement, steps)
 
 
-async def _make_pipes(agreement: Agreement, hello: Hello, pool: Pool) -> None:
-    """Offer ``pool`` unless the client maps it already, then create the two pipes."""
+async def _make_pipes(agreement: Agreement, hello: Hello, pool: Pool) -> tuple[int, bool]:
+    """Offer ``pool`` unless the client maps it already, then create the two
+    pipes; returns the client's member slot, and whether it mapped the pool
+    already (no ``pool``/``join``)."""
     channel = agreement.channel
     client = hello.slot
-    if hello.pool != str(pool.id) or client is None:
+    mapped = hello.pool == str(pool.id) and client is not None
+    if not mapped:
         await send(channel, PoolOffer(PROTOCOL_VERSION, str(pool.id)), [pool.segment.fd])
         message, fds = await receive(channel)
         client = expect(message, fds, Join, 0).slot
+    assert client is not None
     try:
         agreement.receive = new_pipe(pool, client, pool.slot)
         agreement.send = new_pipe(pool, pool.slot, client)
@@ -254,6 +279,7 @@ async def _make_pipes(agreement: Agreement, hello: Hello, pool: Pool) -> None:
         raise HandshakeFailed(fallback.POOL_EXHAUSTED, str(exc)) from None
     except (PoolError, ValueError) as exc:
         raise HandshakeFailed(fallback.PROTOCOL_ERROR, f"cannot create pipes: {exc}") from None
+    return client, mapped
 
 
 async def _serve(
@@ -281,17 +307,23 @@ async def _serve(
     except (PoolError, SegmentError, OSError) as exc:
         raise HandshakeFailed(fallback.POOL_NOT_MAPPABLE, f"cannot create a pool: {exc}") from None
     try:  # the room reserved in the pool is taken by our pipes, or given up
-        await _make_pipes(agreement, hello, pool)
+        client, mapped = await _make_pipes(agreement, hello, pool)
     finally:
         pools.unreserve(pool)
     assert agreement.receive is not None and agreement.send is not None
     nonce = secrets.token_bytes(NONCE_SIZE)
     write_nonce(pool, agreement.send, nonce)
     pipes = Pipes(pipe_ref(agreement.receive), pipe_ref(agreement.send), nonce)
+    proved = (str(pool.id), client)  # what the client's proof shows, over its hub
     if token is not None:
         assert hubs is not None
-        agreement.hub = hubs.join(token)  # held from here: the hub stays open for us
-        await send(channel, Pipes(pipes.up, pipes.down, nonce, hub=agreement.hub is not None))
+        shared = agreement.hub = hubs.join(token)  # held from here: the hub stays open for us
+        if shared is not None and mapped and hello.proven and proved in shared.hub.proven:
+            # Proved over this hub before (the module docstring): settled.
+            await send(channel, Pipes(pipes.up, pipes.down, nonce, hub=True, ready=True))
+            agreement.settled = True
+            return transport
+        await send(channel, Pipes(pipes.up, pipes.down, nonce, hub=shared is not None))
     else:
         agreement.listen_fd = new_eventfd()
         await send(channel, pipes, [agreement.listen_fd])
@@ -323,6 +355,8 @@ async def _serve(
             raise HandshakeFailed(
                 fallback.PROTOCOL_ERROR, f"'proof': cannot use the hub's segment: {exc}"
             ) from None
+    if agreement.hub is not None:  # the next handshake over this hub may skip the proof
+        agreement.hub.hub.proven.add(proved)
     await send(channel, Ready())
     agreement.settled = True
     return transport

@@ -10,11 +10,13 @@ The upgrade handshake (``aiocoloc.connect.handshake`` tells its order):
     hello  client -> server  version, conn (the TCP 4-tuple as the client sees
                              it), [pool, slot: a pool it maps already], [hub],
                              [auth: a challenge, between kernels],
-                             [bell: (IVPosition, vector) of an ivshmem doorbell]
+                             [bell: (IVPosition, vector) of an ivshmem doorbell],
+                             [proven: it proved that pool over that hub before]
     pool   server -> client  version, pool id            + the pool's memfd
     join   client -> server  slot (ours in the pool)
     pipes  server -> client  up, down (pipe handles), nonce, [hub],
-                             [auth: the server's MAC], [bell]         + 0-1 fd
+                             [auth: the server's MAC], [bell],
+                             [ready: proven taken, no proof follows]  + 0-1 fd
     proof  client -> server  nonce, [auth: the client's MAC]         + 0-3 fds
     ready  server -> client
     refuse either way        reason (a fallback reason), detail
@@ -39,7 +41,8 @@ History: 1 -- the handshake above; ``hello.pool``/``hello.slot`` (skip
 ``hello.hub``/``pipes.hub`` (shared doorbells) and ``hello.auth``/
 ``pipes.auth``/``proof.auth`` (control channels between kernels,
 authenticated with the cluster key) and ``hello.bell``/``pipes.bell``
-(doorbells through ivshmem interrupts) were added within it.
+(doorbells through ivshmem interrupts) and ``hello.proven``/``pipes.ready``
+(no second round trip for a pool proved over a hub) were added within it.
 """
 
 from __future__ import annotations
@@ -180,6 +183,7 @@ class Hello(Message):
         "hub": _text(MAX_TOKEN),
         "auth": _nonce,
         "bell": _bell,
+        "proven": _bool,
     }
     version: int
     conn: ConnKey
@@ -188,6 +192,8 @@ class Hello(Message):
     hub: str | None = None
     auth: bytes | None = None  # the client's challenge: we talk across kernels
     bell: tuple[int, int] | None = None  # (IVPosition, vector): ring us through ivshmem
+    #: True: we proved ``pool`` from ``slot`` over ``hub`` before; skip our proof.
+    proven: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +221,7 @@ class Pipes(Message):
         "hub": _bool,
         "auth": _mac,
         "bell": _bell,
+        "ready": _bool,
     }
     up: PipeRef
     down: PipeRef
@@ -222,6 +229,9 @@ class Pipes(Message):
     hub: bool | None = None  # None: no hub offer taken (a descriptor comes instead)
     auth: bytes | None = None  # the server's MAC, when hello had a challenge
     bell: tuple[int, int] | None = None  # the server's (IVPosition, vector), taking hello's
+    #: True: ``hello.proven`` taken, no ``proof`` follows (settled once the
+    #: client checked ``nonce``).
+    ready: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -177,6 +177,10 @@ class Hub:
         self.ring_fd = ring_fd
         self.segment = segment
         self.closed = False
+        #: (pool id, client's member slot) pairs whose proof both sides of
+        #: this hub completed: a later handshake over it may skip the
+        #: client's proof (``aiocoloc.connect.handshake``).
+        self.proven: set[tuple[str, int]] = set()
         self._on_closed = on_closed
         self._members = 0  # HubDoorbells not closed yet
         self._rest_timer: asyncio.TimerHandle | None = None
