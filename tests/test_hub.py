@@ -550,6 +550,26 @@ def test_a_known_hub_is_joined_without_descriptors_and_kept_for_its_members(
 # --- a pool proved over a hub ----------------------------------------------------------------
 
 
+async def _proved_once(server: Any) -> tuple[Any, Hub, Hub, Any]:
+    """A first connection to ``server``, upgraded (its handshake proves the
+    pool over a new hub): the streams, our hub, the server's, the pool."""
+    port = server.sockets[0].getsockname()[1]
+    first = await aiocoloc.open_connection("127.0.0.1", port, upgrade="always")
+    await upgraded(first[1])
+    (ours,) = client_hubs()
+    (theirs,) = server._endpoint.hubs.hubs()
+    pool = local_pools().get(first[1].transport.get_extra_info("aiocoloc")["pool"])
+    assert pool is not None
+    return first, ours, theirs, pool
+
+
+async def _close_and_rest(server: Any, *connections: Any) -> None:
+    for _, writer in connections:
+        writer.close()
+        await writer.wait_closed()
+    await until(lambda: not server._endpoint.hubs.hubs(), "the server's hub to close")
+
+
 def test_a_pool_proved_over_a_hub_is_not_proved_again(
     loop_kind: str, no_fd_leak: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -567,27 +587,19 @@ def test_a_pool_proved_over_a_hub_is_not_proved_again(
     async def scenario() -> None:
         server = await aiocoloc.start_server(echo, "127.0.0.1", 0)
         async with server:
-            port = server.sockets[0].getsockname()[1]
-            a = await aiocoloc.open_connection("127.0.0.1", port, upgrade="always")
-            await upgraded(a[1])
+            a, ours, theirs, pool = await _proved_once(server)
             # (In one process the client maps the server's pool already: no pool/join.)
             assert [m.OP for m in sent] == ["hello", "pipes", "proof", "ready"]
-            (ours,) = client_hubs()
-            (theirs,) = server._endpoint.hubs.hubs()
-            pool = local_pools().get(a[1].transport.get_extra_info("aiocoloc")["pool"])
-            assert pool is not None
             assert ours.proven == theirs.proven == {(str(pool.id), pool.slot)}
             sent.clear()
+            port = server.sockets[0].getsockname()[1]
             b = await aiocoloc.open_connection("127.0.0.1", port, upgrade="always")
             await upgraded(b[1])
             assert [m.OP for m in sent] == ["hello", "pipes"]
             assert sent[0].proven is True and sent[1].ready is True
             await roundtrip(*b, 300_000)
             await roundtrip(*a, 300_000)
-            for _, writer in (a, b):
-                writer.close()
-                await writer.wait_closed()
-            await until(lambda: not server._endpoint.hubs.hubs(), "the server's hub to close")
+            await _close_and_rest(server, a, b)
 
     run(loop_kind, scenario)
 
@@ -601,14 +613,9 @@ def test_a_proven_claim_the_server_does_not_share_gets_the_whole_handshake(
     async def scenario() -> None:
         server = await aiocoloc.start_server(echo, "127.0.0.1", 0)
         async with server:
-            port = server.sockets[0].getsockname()[1]
-            a = await aiocoloc.open_connection("127.0.0.1", port, upgrade="always")
-            await upgraded(a[1])
-            (shared,) = client_hubs()
-            (theirs,) = server._endpoint.hubs.hubs()
-            pool = local_pools().get(a[1].transport.get_extra_info("aiocoloc")["pool"])
-            assert pool is not None
+            a, shared, theirs, pool = await _proved_once(server)
             theirs.proven.clear()  # (as if the proof had been over another hub)
+            port = server.sockets[0].getsockname()[1]
             b = await aiocoloc.open_connection("127.0.0.1", port, upgrade="never")
             conn = connection_key(b[1].get_extra_info("sockname"), b[1].get_extra_info("peername"))
             control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -625,9 +632,6 @@ def test_a_proven_claim_the_server_does_not_share_gets_the_whole_handshake(
             assert theirs.proven == {(str(pool.id), pool.slot)}
             control.close()
             await roundtrip(*a, 100_000)
-            for _, writer in (a, b):
-                writer.close()
-                await writer.wait_closed()
-            await until(lambda: not server._endpoint.hubs.hubs(), "the server's hub to close")
+            await _close_and_rest(server, a, b)
 
     run(loop_kind, scenario)
