@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from aiocoloc.connect.registry import Registry, default_directory
+from aiocoloc.connect.registry import Record, Registry, default_directory
 from aiocoloc.errors import RegistryError
 
 from .conftest import open_fds
@@ -69,6 +69,81 @@ def test_records_of_dead_processes_are_ignored_and_removed(registry: Registry) -
     child.wait()
     assert registry.lookup("127.0.0.1", 7000) == []
     assert list(registry.directory.glob("7000-*.json")) == []  # cleaned up
+
+
+def _settle(registry: Registry) -> None:
+    """Date the directory's last change two seconds back: its lookups are kept."""
+    past = registry.directory.stat().st_mtime_ns - 2_000_000_000
+    os.utime(registry.directory, ns=(past, past))
+
+
+def test_an_unchanged_directory_is_not_scanned_again(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lookup is on every connection's set-up path: while the directory's
+    entries stay the same, its answer is kept; a new record is seen at once."""
+    registry.publish("127.0.0.1", 7010, "/first")
+    _settle(registry)
+    assert [r.control for r in registry.lookup("127.0.0.1", 7010)] == ["/first"]
+    scans: list[int] = []
+    scan = Registry._scan
+
+    def counted(self: Registry, host: str, port: int) -> list[Record]:
+        scans.append(port)
+        return scan(self, host, port)
+
+    monkeypatch.setattr(Registry, "_scan", counted)
+    for _ in range(3):
+        assert [r.control for r in registry.lookup("127.0.0.1", 7010)] == ["/first"]
+    assert scans == []
+    assert registry.lookup("127.0.0.1", 7011) == []  # another port: its own answer
+    assert scans == [7011]
+    second = registry.publish("127.0.0.1", 7010, "/second")
+    assert sorted(r.control for r in registry.lookup("127.0.0.1", 7010)) == ["/first", "/second"]
+    registry.withdraw(second)
+    assert [r.control for r in registry.lookup("127.0.0.1", 7010)] == ["/first"]
+    assert scans == [7011, 7010, 7010]
+
+
+def test_a_kept_answer_drops_a_publisher_that_died(registry: Registry) -> None:
+    """The directory does not change when a server is killed: the kept
+    answer's liveness probe sees it, and the scan that follows removes it."""
+    code = (
+        "import sys, time; sys.path.insert(0, sys.argv[2]);"
+        "from aiocoloc.connect.registry import Registry;"
+        "Registry(sys.argv[1]).publish('127.0.0.1', 7012, '/ctl'); print('up', flush=True);"
+        "time.sleep(60)"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(registry.directory), str(Path(__file__).parent.parent)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None and child.stdout.readline() == "up\n"
+    _settle(registry)
+    assert [r.pid for r in registry.lookup("127.0.0.1", 7012)] == [child.pid]
+    assert [r.pid for r in registry.lookup("127.0.0.1", 7012)] == [child.pid]  # kept
+    child.kill()
+    child.wait()
+    assert registry.lookup("127.0.0.1", 7012) == []
+    assert list(registry.directory.glob("7012-*.json")) == []
+
+
+def test_a_kept_answer_compares_start_times_again(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between comparisons a probe shows only that the pid exists; the start
+    time (another process under a reused pid) is compared once a second."""
+    from aiocoloc.connect import registry as module
+
+    registry.publish("127.0.0.1", 7013, "/ctl")
+    _settle(registry)
+    assert len(registry.lookup("127.0.0.1", 7013)) == 1
+    monkeypatch.setattr(module, "_start_time", lambda pid: -1)  # the pid is another's now
+    assert len(registry.lookup("127.0.0.1", 7013)) == 1  # within the second: probed only
+    monkeypatch.setattr(module, "_RECHECK_NS", 0)
+    assert registry.lookup("127.0.0.1", 7013) == []
+    assert list(registry.directory.glob("7013-*.json")) == []  # removed as stale
 
 
 def test_a_reused_pid_is_not_mistaken_for_the_publisher(registry: Registry) -> None:

@@ -13,6 +13,10 @@ works.  (The discovery sidecar takes precedence when one runs; later issue.)
 - Records are written atomically (temporary file, then rename) and carry the
   publisher's pid and process start time: a record whose process is gone, or
   whose pid now names another process, is ignored and removed.
+- A lookup's answer is kept while the directory does not change (records
+  are renamed into place and removed, never rewritten): the next lookup of
+  that address costs one ``lstat`` and a signal-0 probe of each publisher;
+  start times are compared again every second (a reused pid).
 - Anything unreadable in the directory is ignored (and logged at DEBUG): a
   lookup never fails or blocks because of a stray file -- not JSON, a field
   of the wrong type, too large or too deeply nested, a FIFO, a symbolic
@@ -68,6 +72,27 @@ def _directory_for(explicit: str | None, runtime: str | None) -> Path:
 _parsed: dict[tuple[str, int, int, int], Record | None] = {}
 _PARSED_MAX = 1024
 _SETTLED_NS = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class _Found:
+    """A lookup's answer, kept while the directory's entries stay the same:
+    publishing, withdrawing and removing all change the directory's
+    modification time (records are renamed into place, never rewritten).
+    Kept only once that time is ``_SETTLED_NS`` old, as for ``_parsed``."""
+
+    directory: tuple[int, int, int]  # device, inode, modification time (ns)
+    records: list[Record]
+    checked_ns: int  # when each record's start time was last compared
+
+
+#: Answers by (directory, host, port): a client's lookup is on every
+#: connection's set-up path, and a directory that did not change needs no
+#: scan.  Liveness is still checked on each use: a signal-0 probe shows the
+#: pid exists; its start time is compared again once ``_RECHECK_NS`` passed.
+_found: dict[tuple[str, str, int], _Found] = {}
+_FOUND_MAX = 256
+_RECHECK_NS = 1_000_000_000
 
 
 def _start_time(pid: int) -> int | None:
@@ -141,6 +166,18 @@ def _alive(pid: int, start_time: int) -> bool:
     return _start_time(pid) == start_time
 
 
+def _exists(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one system call; reuse of the pid
+    by another process is what ``_alive`` tells)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's: it exists
+    return True
+
+
 def _unlink(path: str) -> None:
     try:
         os.unlink(path)
@@ -185,14 +222,15 @@ class Registry:
     def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
         self.directory = Path(directory) if directory is not None else default_directory()
 
-    def _secure_directory(self, create: bool) -> bool:
-        """Check (and with ``create``, make) the directory; False if absent."""
+    def _secure_directory(self, create: bool) -> os.stat_result | None:
+        """Check (and with ``create``, make) the directory; returns its
+        ``lstat``, None if absent."""
         try:
             if create:
                 self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             st = os.lstat(self.directory)
         except FileNotFoundError:
-            return False
+            return None
         if not stat.S_ISDIR(st.st_mode):
             raise RegistryError(f"registry {self.directory} is not a directory")
         if st.st_uid != os.getuid():
@@ -204,7 +242,7 @@ class Registry:
                 f"registry {self.directory} is writable by others "
                 f"(mode {stat.S_IMODE(st.st_mode):04o}); refusing to trust it"
             )
-        return True
+        return st
 
     def publish(self, host: str, port: int, control: str, pool: str | None = None) -> Path:
         """Record that this process serves aiocoloc on ``(host, port)``; returns
@@ -257,8 +295,30 @@ class Registry:
 
     def lookup(self, host: str, port: int) -> list[Record]:
         """Live records for ``(host, port)``; stale ones are removed on the way."""
-        if not self._secure_directory(create=False):
+        st = self._secure_directory(create=False)
+        if st is None:
             return []
+        now = time.time_ns()
+        key = (str(self.directory), host, port)
+        directory = (st.st_dev, st.st_ino, st.st_mtime_ns)
+        kept = _found.get(key)
+        if kept is not None and kept.directory == directory:
+            recheck = now - kept.checked_ns > _RECHECK_NS
+            if all(
+                _alive(r.pid, r.start_time) if recheck else _exists(r.pid) for r in kept.records
+            ):
+                if recheck:
+                    _found[key] = _Found(directory, kept.records, now)
+                return list(kept.records)
+        _found.pop(key, None)  # (a process went away: the scan removes its record)
+        found = self._scan(host, port)
+        if now - st.st_mtime_ns > _SETTLED_NS:
+            if len(_found) >= _FOUND_MAX:
+                _found.clear()
+            _found[key] = _Found(directory, found, now)
+        return found
+
+    def _scan(self, host: str, port: int) -> list[Record]:
         found = []
         prefix = f"{port}-"
         with os.scandir(self.directory) as entries:
