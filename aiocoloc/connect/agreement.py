@@ -43,6 +43,7 @@ class Agreement:
         self.hub: HubDoorbell | None = None
         self.socket_bell = False  # peers in different kernels: doorbells are messages
         self.doorbell: VfioDoorbell | None = None  # ... or ivshmem interrupts
+        self.client_slot: int | None = None  # the client's member slot (server side)
         self.settled = False  # both sides reached ``ready``
         self._done = False  # attached or released
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 import secrets
@@ -15,6 +16,7 @@ import socket
 import weakref
 
 from aiocoloc.connect import sidecar
+from aiocoloc.connect.agreement import Agreement
 from aiocoloc.connect.cluster_auth import cluster_auth
 from aiocoloc.connect.colocation import local_pools
 from aiocoloc.connect.handshake import ConnKey, connection_key, server_handshake
@@ -22,6 +24,7 @@ from aiocoloc.connect.policy import SERVER_WATCH, UPGRADE_WATCH, Settings, Trust
 from aiocoloc.connect.remote_handshake import remote_server_handshake
 from aiocoloc.connect.rendezvous import CONTROL_BACKLOG, until_accepted
 from aiocoloc.connect.rendezvous import describe as _describe
+from aiocoloc.connect.spare_pipes import make_spare
 from aiocoloc.errors import ClientGone, HandshakeAbandoned, HandshakeFailed
 from aiocoloc.notify.hub import HubTable
 from aiocoloc.transport import SwitchableTransport, fallback
@@ -230,6 +233,7 @@ class ControlEndpoint:
                     )
             where = _describe(transport.get_extra_info("peername"))
             agreement.attach(transport)
+            self._prepare_next(agreement)
         except HandshakeFailed as failed:
             if found:
                 where = _describe(found[0].get_extra_info("peername"))
@@ -254,6 +258,16 @@ class ControlEndpoint:
         finally:
             if found:  # upgraded, or its client will not ask again
                 found[0].watch_loop(None)
+
+    def _prepare_next(self, agreement: Agreement) -> None:
+        """When the hub this connection came over rests, make the pipes of
+        the next connection over it (``aiocoloc.connect.spare_pipes``)."""
+        member, pool, client = agreement.hub, agreement.pool, agreement.client_slot
+        if member is None or pool is None or client is None:
+            return
+        hub = member.hub
+        if (str(pool.id), client) in hub.proven:
+            hub.on_rest = functools.partial(make_spare, local_pools(), pool, client)
 
     def close(self) -> None:
         """Stop answering; handshakes in progress are abandoned."""

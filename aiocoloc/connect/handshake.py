@@ -86,6 +86,7 @@ from aiocoloc.connect.handshake_steps import (
     write_nonce,
 )
 from aiocoloc.connect.policy import Trust
+from aiocoloc.connect.spare_pipes import take_spare
 from aiocoloc.control import ControlChannel
 from aiocoloc.control.messages import (
     NONCE_SIZE,
@@ -302,23 +303,40 @@ async def _serve(
     uid = peer_uid(sock)
     if not trust.allows(uid):
         raise HandshakeFailed(fallback.NOT_TRUSTED, f"client runs as uid {uid}")
-    try:
-        pool = agreement.pool = pools.serving(pool_size, reserve=True)
-    except (PoolError, SegmentError, OSError) as exc:
-        raise HandshakeFailed(fallback.POOL_NOT_MAPPABLE, f"cannot create a pool: {exc}") from None
-    try:  # the room reserved in the pool is taken by our pipes, or given up
-        client, mapped = await _make_pipes(agreement, hello, pool)
-    finally:
-        pools.unreserve(pool)
-    assert agreement.receive is not None and agreement.send is not None
-    nonce = secrets.token_bytes(NONCE_SIZE)
-    write_nonce(pool, agreement.send, nonce)
-    pipes = Pipes(pipe_ref(agreement.receive), pipe_ref(agreement.send), nonce)
-    proved = (str(pool.id), client)  # what the client's proof shows, over its hub
+    shared = None
     if token is not None:
         assert hubs is not None
         shared = agreement.hub = hubs.join(token)  # held from here: the hub stays open for us
-        if shared is not None and mapped and hello.proven and proved in shared.hub.proven:
+    claimed = (hello.pool, hello.slot) if hello.proven and hello.slot is not None else None
+    known_claim = shared is not None and claimed in shared.hub.proven
+    spare = None
+    if known_claim:
+        assert shared is not None and hello.pool is not None and hello.slot is not None
+        spare = take_spare(shared.hub, hello.pool, hello.slot)
+    if spare is not None:  # made ahead for this client (``spare_pipes``): owned from here
+        pool = agreement.pool = spare.pool
+        agreement.receive, agreement.send = spare.receive, spare.send
+        client, mapped, nonce = spare.client, True, spare.nonce
+    else:
+        try:
+            pool = agreement.pool = pools.serving(pool_size, reserve=True)
+        except (PoolError, SegmentError, OSError) as exc:
+            raise HandshakeFailed(
+                fallback.POOL_NOT_MAPPABLE, f"cannot create a pool: {exc}"
+            ) from None
+        try:  # the room reserved in the pool is taken by our pipes, or given up
+            client, mapped = await _make_pipes(agreement, hello, pool)
+        finally:
+            pools.unreserve(pool)
+        assert agreement.send is not None
+        nonce = secrets.token_bytes(NONCE_SIZE)
+        write_nonce(pool, agreement.send, nonce)
+    assert agreement.receive is not None and agreement.send is not None
+    agreement.client_slot = client
+    pipes = Pipes(pipe_ref(agreement.receive), pipe_ref(agreement.send), nonce)
+    proved = (str(pool.id), client)  # what the client's proof shows, over its hub
+    if token is not None:
+        if shared is not None and mapped and known_claim and proved == claimed:
             # Proved over this hub before (the module docstring): settled.
             await send(channel, Pipes(pipes.up, pipes.down, nonce, hub=True, ready=True))
             agreement.settled = True

@@ -54,7 +54,7 @@ import os
 import secrets
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from aiocoloc import compiled
 from aiocoloc.errors import SegmentError
@@ -148,6 +148,14 @@ class HubDoorbell(SharedDoorbell):
         self.hub.leave(self)
 
 
+class Spare(Protocol):
+    """Something a server keeps with a hub for its next connection
+    (``aiocoloc.connect.spare_pipes``)."""
+
+    def discard(self) -> None:
+        """Give it back (the hub closed)."""
+
+
 class Hub:
     """Eventfds and a shared word per direction, for the connections
     between two event loops.
@@ -181,6 +189,12 @@ class Hub:
         #: this hub completed: a later handshake over it may skip the
         #: client's proof (``aiocoloc.connect.handshake``).
         self.proven: set[tuple[str, int]] = set()
+        #: Called (soon, with the hub) each time the hub starts resting: a
+        #: server makes the pipes of the next connection over it (``spare``).
+        self.on_rest: Callable[[Hub], None] | None = None
+        #: The server's pipes made ahead for the next connection over this
+        #: hub, if any; given back when the hub closes.
+        self.spare: Spare | None = None
         self._on_closed = on_closed
         self._members = 0  # HubDoorbells not closed yet
         self._rest_timer: asyncio.TimerHandle | None = None
@@ -262,6 +276,8 @@ class Hub:
             stale.close()  # its loop will never run its timer
         self._rest_timer = self.loop.call_later(self.linger, self._rested)
         _resting.add(self)
+        if self.on_rest is not None:
+            self.loop.call_soon(self.on_rest, self)
 
     def _wake_up(self) -> None:
         assert self._rest_timer is not None
@@ -289,6 +305,9 @@ class Hub:
         self.closed = True
         if self._rest_timer is not None:
             self._wake_up()
+        spare, self.spare, self.on_rest = self.spare, None, None
+        if spare is not None:
+            spare.discard()
         self.bell.close()
         if not self.loop.is_closed():
             self.loop.remove_reader(self.listen_fd)

@@ -105,6 +105,14 @@ class PipeTable:
             raise PoolError(f"pipe {handle} no longer exists in pool {self._name}")
         return off
 
+    def is_active(self, handle: PipeHandle) -> bool:
+        """Whether ``handle``'s pipe is active (``_check`` passes)."""
+        try:
+            self._check(handle)
+        except PoolError:
+            return False
+        return True
+
     def _slice_table(self) -> list[int]:
         """A snapshot of every slice's owner entry (0: free), read in bulk.
         Exact under the lock, where every owner change happens."""

@@ -265,6 +265,11 @@ class Pool:
         """Slices no pipe owns right now (a snapshot: others may be allocating)."""
         return self._pipes.free_slice_count()
 
+    def has_pipe(self, handle: PipeHandle) -> bool:
+        """Whether the pipe is still active (not closing, not freed, not
+        another pipe in its entry)."""
+        return self._pipes.is_active(handle)
+
     def has_room_for(self, pipes: int) -> bool:
         """Whether ``pipes`` new pipes of one slice each fit now (a snapshot:
         others may be allocating)."""
