@@ -58,7 +58,9 @@ the pool over the hub it offers says so (``hello {..., proven: true}``);
 a server that remembers the same answers ``pipes {..., ready: true}``: the
 client checks nonce A as always, writes no nonce B and sends no ``proof``,
 and both sides attach at once -- a round trip less again.  Either side that
-does not remember it runs the handshake above.
+does not remember it runs the handshake above.  Such a ``pipes`` may name
+pipes the server made ahead, while the hub rested (``spare_pipes``): the
+nonce in them is as fresh, and was written the same way.
 """
 
 from __future__ import annotations
