@@ -51,19 +51,26 @@ def test_address_matching(registry: Registry, published: str, asked: str, found:
     assert bool(registry.lookup(asked, 9000)) == found
 
 
-def test_records_of_dead_processes_are_ignored_and_removed(registry: Registry) -> None:
+def _publisher(registry: Registry, port: int) -> subprocess.Popen[str]:
+    """A process that published a record for 127.0.0.1:``port`` and sleeps."""
     code = (
         "import sys, time; sys.path.insert(0, sys.argv[2]);"
         "from aiocoloc.connect.registry import Registry;"
-        "Registry(sys.argv[1]).publish('127.0.0.1', 7000, '/ctl'); print('up', flush=True);"
-        "time.sleep(60)"
+        "Registry(sys.argv[1]).publish('127.0.0.1', int(sys.argv[3]), '/ctl');"
+        "print('up', flush=True); time.sleep(60)"
     )
+    root = str(Path(__file__).parent.parent)
     child = subprocess.Popen(
-        [sys.executable, "-c", code, str(registry.directory), str(Path(__file__).parent.parent)],
+        [sys.executable, "-c", code, str(registry.directory), root, str(port)],
         stdout=subprocess.PIPE,
         text=True,
     )
     assert child.stdout is not None and child.stdout.readline() == "up\n"
+    return child
+
+
+def test_records_of_dead_processes_are_ignored_and_removed(registry: Registry) -> None:
+    child = _publisher(registry, 7000)
     assert [r.pid for r in registry.lookup("127.0.0.1", 7000)] == [child.pid]
     child.kill()
     child.wait()
@@ -108,18 +115,7 @@ def test_an_unchanged_directory_is_not_scanned_again(
 def test_a_kept_answer_drops_a_publisher_that_died(registry: Registry) -> None:
     """The directory does not change when a server is killed: the kept
     answer's liveness probe sees it, and the scan that follows removes it."""
-    code = (
-        "import sys, time; sys.path.insert(0, sys.argv[2]);"
-        "from aiocoloc.connect.registry import Registry;"
-        "Registry(sys.argv[1]).publish('127.0.0.1', 7012, '/ctl'); print('up', flush=True);"
-        "time.sleep(60)"
-    )
-    child = subprocess.Popen(
-        [sys.executable, "-c", code, str(registry.directory), str(Path(__file__).parent.parent)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert child.stdout is not None and child.stdout.readline() == "up\n"
+    child = _publisher(registry, 7012)
     _settle(registry)
     assert [r.pid for r in registry.lookup("127.0.0.1", 7012)] == [child.pid]
     assert [r.pid for r in registry.lookup("127.0.0.1", 7012)] == [child.pid]  # kept
