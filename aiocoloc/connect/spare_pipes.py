@@ -11,8 +11,9 @@ client slot.  So when the hub starts resting, the server makes that pair
 ``hello`` that skips the proof takes it instead of making its own -- made
 while the client closes and connects again, not while it waits.
 
-- A pair is made only while the pool is at most half full: pipes made
-  ahead never take room a connection needs.
+- A pair is made only while the pool is at most half full, so pipes made
+  ahead hold at most about half a pool, each pair for at most its hub's
+  linger (``hub_linger``); a server whose pools fill opens another.
 - On take, both pipes must still be active (the client's slot may have
   been reclaimed meanwhile, which closes its pipes); otherwise the pair
   is given back and the handshake makes its own.
