@@ -2,8 +2,8 @@
 
 ``MemberTable`` is the shared table as this process sees and judges it;
 ``Membership`` is this process's own place in it (its slot, the allocator
-lock taken in its name, joining and leaving) and ``Heartbeat`` its daemon
-thread.  Members beat a counter; a member whose counter has not moved for a
+lock taken in its name, joining and leaving); its heartbeat is
+``aiocoloc.shm.heartbeat``'s.  Members beat a counter; a member whose counter has not moved for a
 lease, by the observer's own clock (``aiocoloc.shm.staleness``), is dead:
 any member reaps it under the allocator lock -- its slot is freed and its
 pipes ended (``PipeTable``).  The table also judges, for the allocator lock,
@@ -27,6 +27,7 @@ from typing import Any
 
 from aiocoloc.errors import PoolBusy, PoolCorrupted, PoolError, PoolExhausted
 from aiocoloc.shm.atomic import SharedWords
+from aiocoloc.shm.heartbeat import Heartbeat
 from aiocoloc.shm.layout import (
     ACTIVE,
     FREE,
@@ -44,7 +45,7 @@ from aiocoloc.shm.lock import BACKGROUND_LOCK_WAIT, AllocatorLock, on_event_loop
 from aiocoloc.shm.pipes import PipeTable
 from aiocoloc.shm.staleness import Observed
 
-__all__ = ["DEFERRED_RETRY", "HOLDER_GONE_GRACE", "Heartbeat", "MemberTable", "Membership"]
+__all__ = ["HOLDER_GONE_GRACE", "MemberTable", "Membership"]
 
 _log = logging.getLogger("aiocoloc.shm.members")
 
@@ -53,9 +54,6 @@ _log = logging.getLogger("aiocoloc.shm.members")
 HOLDER_GONE_GRACE = 0.05
 #: Longest a thread finishing our leave waits for the allocator lock (seconds).
 LEAVE_WAIT = 1.0
-#: Seconds between the heartbeat thread's tries at deferred work (freeing
-#: pipes an event loop could not free at once).
-DEFERRED_RETRY = 0.01
 
 
 class MemberTable:
@@ -205,72 +203,9 @@ class MemberTable:
         return self._stale(slot, now)
 
 
-class Heartbeat:
-    """A member's daemon thread: ``beat()`` every ``period`` seconds, and
-    ``work()`` whenever ``pending()`` (retried every ``DEFERRED_RETRY``).
-
-    ``PoolBusy`` from either means another member holds the lock: the thread
-    tries again next time.  The callbacks' lock attempts must be short, so a
-    busy lock never delays a beat (or a ``stop()`` waiting for the thread).
-    """
-
-    def __init__(
-        self,
-        period: float,
-        *,
-        beat: Callable[[], None],
-        pending: Callable[[], bool],
-        work: Callable[[], None],
-        name: str,
-        pool_name: str,
-    ) -> None:
-        self._period = period
-        self._beat = beat
-        self._pending = pending
-        self._work = work
-        self._pool_name = pool_name
-        self._stop = threading.Event()
-        self._wake = threading.Event()  # pending work, or stopping
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-
-    def start(self) -> None:
-        """Start the thread."""
-        self._thread.start()
-
-    def wake(self) -> None:
-        """Have the thread look for pending work now."""
-        self._wake.set()
-
-    def stop(self) -> None:
-        """Stop the thread and wait for it."""
-        self._stop.set()
-        self._wake.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        next_beat = time.monotonic() + self._period
-        while not self._stop.is_set():
-            try:
-                if time.monotonic() >= next_beat:
-                    next_beat = time.monotonic() + self._period
-                    self._beat()
-                if self._pending():
-                    self._work()
-            except PoolBusy:
-                pass  # another member holds the lock: next time
-            except Exception:  # the pool may be closing under us
-                if not self._stop.is_set():
-                    _log.exception("pool %s heartbeat failed", self._pool_name)
-            wait = next_beat - time.monotonic()
-            if self._pending():
-                wait = min(wait, DEFERRED_RETRY)
-            self._wake.wait(max(wait, 0.0))
-            self._wake.clear()
-
-
 class Membership:
     """This process's place in a pool: its member slot, the allocator lock
-    taken in its name, its heartbeat thread, joining and leaving."""
+    taken in its name, its heartbeat, joining and leaving."""
 
     def __init__(
         self,
@@ -307,7 +242,7 @@ class Membership:
         return self._leaving
 
     def join(self) -> None:
-        """Take a member slot, then start the heartbeat thread."""
+        """Take a member slot, then start beating (``aiocoloc.shm.heartbeat``)."""
         with self.locked():
             joined = self._table.claim_locked(self.endpoint_id)
         # Only now: the lock was released in the name it was taken in.
@@ -317,7 +252,6 @@ class Membership:
             beat=self._beat_and_reap,
             pending=self._pipes.has_deferred,
             work=self._destroy_deferred,
-            name=f"aiocoloc-pool-{self._id.hex[:8]}",
             pool_name=str(self._id),
         )
         self._heartbeat.start()
@@ -370,10 +304,10 @@ class Membership:
     # -- leaving ------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Start leaving: refuse the lock to new work, stop the heartbeat thread."""
+        """Start leaving: refuse the lock to new work, stop beating."""
         self._leaving = True
         if self._heartbeat is not None:
-            self._heartbeat.stop()  # its lock attempts are short
+            self._heartbeat.stop()  # (waits for a beat in progress: they are short)
 
     def leave(self, then: Callable[[], None]) -> None:
         """After ``stop()``: free deferred pipes and our slot, unlock, then

@@ -3,7 +3,7 @@
 The facade of the shared-memory layer.  It owns the life cycle -- format or
 attach, join, leave, unmap -- hands out pipe ends and counts; the rest is
 composed: the region's layout (``layout``), the member table and this
-process's membership with its heartbeat thread and the allocator lock taken
+process's membership with its heartbeat and the allocator lock taken
 in its name (``members``, ``lock``), and the pipe and slice tables
 (``pipes``).  The pool layout and its rules are documented in
 ``aiocoloc.shm.layout``.
@@ -45,8 +45,8 @@ class Pool:
 
     Create one with ``Pool.create`` (format a fresh segment), ``Pool.attach``
     (an existing one) or ``Pool.open_posix`` (create-or-attach a named POSIX
-    pool, race-free).  The pool joins as a member, heartbeats from a daemon
-    thread and reclaims dead members; ``close()`` leaves it.
+    pool, race-free).  The pool joins as a member, heartbeats (the process's
+    heartbeat thread, ``aiocoloc.shm.heartbeat``) and reclaims dead members; ``close()`` leaves it.
     """
 
     def __init__(
@@ -77,7 +77,7 @@ class Pool:
                 pool_id,
             )
         try:
-            self._membership.join()  # and start the heartbeat thread
+            self._membership.join()  # and start beating
         except BaseException:
             self._words.release()
             raise
@@ -187,7 +187,7 @@ class Pool:
         return self._members.entries()
 
     def beat(self) -> None:
-        """Advance this member's heartbeat (the daemon thread does it)."""
+        """Advance this member's heartbeat (the heartbeat thread does it)."""
         self._membership.beat()
 
     def reap(self, lock_timeout: float | None = None) -> list[int]:
