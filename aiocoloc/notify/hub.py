@@ -32,7 +32,9 @@ we listen on, registered once with ``loop.add_reader``, one we ring.
   closes, the hub rests for ``linger`` seconds (``hub_linger`` in
   ``aiocoloc.connect.policy``): a connection that comes meanwhile joins it
   as it is, with no new eventfds, segment or descriptors to pass (the
-  handshake's costliest step when connections come one after the other);
+  handshake's costliest step when connections come one after the other),
+  and a server's resting hub keeps that connection's pipes, made meanwhile
+  (``aiocoloc.connect.spare_pipes``, given back when the hub closes);
   otherwise it closes, its descriptors and mapping with it.  A resting hub
   whose event loop closed is closed by the next hub that rests, or by
   ``close_resting_hubs``; a server's hubs close at rest once its endpoint

@@ -98,17 +98,18 @@ class _Beats:
     """The process's heartbeat thread and the memberships it beats."""
 
     def __init__(self) -> None:
+        self.forget_parent()
+
+    def forget_parent(self) -> None:
+        """Start empty; in a forked child, the thread stayed behind (and may
+        have held the lock at the fork), and the memberships are the parent's."""
         self._cond = threading.Condition()
         self._members: set[Heartbeat] = set()
         self._running: Heartbeat | None = None
         self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
 
     def add(self, heartbeat: Heartbeat) -> None:
         with self._cond:
-            if self._pid != os.getpid():  # a forked child: the thread stayed behind
-                self._members.clear()
-                self._running, self._thread, self._pid = None, None, os.getpid()
             heartbeat.next_beat = time.monotonic() + heartbeat.period
             self._members.add(heartbeat)
             if self._thread is None:
@@ -155,3 +156,4 @@ class _Beats:
 
 
 _beats = _Beats()
+os.register_at_fork(after_in_child=_beats.forget_parent)
