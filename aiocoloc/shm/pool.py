@@ -46,7 +46,8 @@ class Pool:
     Create one with ``Pool.create`` (format a fresh segment), ``Pool.attach``
     (an existing one) or ``Pool.open_posix`` (create-or-attach a named POSIX
     pool, race-free).  The pool joins as a member, heartbeats (the process's
-    heartbeat thread, ``aiocoloc.shm.heartbeat``) and reclaims dead members; ``close()`` leaves it.
+    heartbeat thread, ``aiocoloc.shm.heartbeat``) and reclaims dead members;
+    ``close()`` leaves it.
     """
 
     def __init__(
