@@ -16,19 +16,14 @@ import asyncio
 import contextlib
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-import uvloop
-
 import aiocoloc
+from bench import _processes as processes
+from bench._processes import LOOPS
 
 __all__ = ["LOOPS", "REPLY", "REQUEST", "serve", "spawn", "stop"]
 
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": uvloop.new_event_loop,
-}
 #: The script a server process runs (with ``--serve``).
 SCRIPT = Path(__file__).with_name("streams.py")
 #: Connection cells: request size; the reply to b"E..." is the request itself,
@@ -117,23 +112,9 @@ async def serve(kind: str, args: list[str]) -> None:
 
 def spawn(kind: str, loop_name: str, args: list[str]) -> tuple[subprocess.Popen[str], str]:
     """A server process of ``kind``; returns it and the first line it prints."""
-    child = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--serve", kind, "--loop", loop_name, *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert child.stdout is not None
-    return child, child.stdout.readline().strip()
+    return processes.spawn(SCRIPT, ["--serve", kind, "--loop", loop_name, *args])
 
 
 def stop(child: subprocess.Popen[str]) -> None:
     """Close the server's stdin and reap it (killed if it takes 10 s)."""
-    if child.stdin is not None:
-        with contextlib.suppress(OSError):
-            child.stdin.close()
-    try:
-        child.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
+    processes.stop(child, timeout=10.0)

@@ -35,7 +35,8 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiocoloc
-from bench.many import LOOPS, spawn, stop
+from bench._processes import LOOPS, stop
+from bench.many import spawn
 from bench.targets import mark, summary
 
 KINDS = ["plain", "shm"]

@@ -36,17 +36,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import uvloop
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiocoloc
+from bench import _processes as processes
+from bench._processes import LOOPS, stop
 from bench.targets import mark, summary
 
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": uvloop.new_event_loop,
-}
 KINDS = ["tcp", "shm"]
 MESSAGE = 64
 #: How long the connections may take to upgrade (or fall back) in all.
@@ -90,25 +86,8 @@ async def serve(kind: str) -> None:
 
 def spawn(kind: str, loop_name: str, script: str = __file__) -> tuple[subprocess.Popen[str], int]:
     """Start ``script --serve kind`` on ``loop_name``; returns it and the port it printed."""
-    child = subprocess.Popen(
-        [sys.executable, script, "--serve", kind, "--loop", loop_name],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert child.stdout is not None
-    return child, int(child.stdout.readline())
-
-
-def stop(child: subprocess.Popen[str]) -> None:
-    if child.stdin is not None:
-        with contextlib.suppress(OSError):
-            child.stdin.close()
-    try:
-        child.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
+    child, port = processes.spawn(script, ["--serve", kind, "--loop", loop_name])
+    return child, int(port)
 
 
 # --- the client side ---------------------------------------------------------------------
